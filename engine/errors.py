@@ -1,0 +1,215 @@
+"""Errors the engine raises. All derive from ``FlowError`` (see ``agentainer_flow.errors``).
+
+    FlowError
+    ├── WorkflowDefinitionError     a @workflow class is invalid (cycle, unknown step...)
+    ├── NonDeterminismError         code no longer matches the recorded history
+    ├── SerializationError          a value cannot be stored in the event log
+    ├── SecretNotFoundError         a secret the execution needs is not available
+    ├── StepError                   raised inside steps by engine operations
+    │   ├── AgentFailedError        an agent exited non-zero, timed out or was lost
+    │   │   └── AgentTimeoutError
+    │   ├── StepTimeoutError        a step attempt ran past its timeout
+    │   └── ChildWorkflowError      a child execution did not succeed
+    ├── WorkflowFailedError         ``get_result`` of a failed execution
+    │   ├── WorkflowTimeoutError    the execution ran past the workflow timeout
+    │   └── WorkflowCancelledError  the execution was cancelled
+    ├── WorkflowNotRegisteredError  resuming an execution whose class is not importable
+    └── ConfigurationError          bad client/runtime options
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentainer_flow.store.errors import FlowError
+
+__all__ = [
+    "AgentFailedError",
+    "AgentTimeoutError",
+    "ChildWorkflowError",
+    "ConfigurationError",
+    "EngineSignal",
+    "FlowError",
+    "NonDeterminismError",
+    "SecretNotFoundError",
+    "SerializationError",
+    "StepError",
+    "StepTimeoutError",
+    "WorkflowCancelledError",
+    "WorkflowDefinitionError",
+    "WorkflowFailedError",
+    "WorkflowNotRegisteredError",
+    "WorkflowTimeoutError",
+]
+
+
+class WorkflowDefinitionError(FlowError):
+    """A workflow class is invalid; lists every problem found, each naming its step."""
+
+    code = "workflow_definition"
+
+    def __init__(self, workflow: str, problems: list[str]) -> None:
+        self.workflow = workflow
+        self.problems = problems
+        if len(problems) == 1:
+            msg = f"invalid workflow {workflow!r}: {problems[0]}"
+        else:
+            lines = "\n".join(f"  - {p}" for p in problems)
+            msg = f"invalid workflow {workflow!r} for {len(problems)} reasons:\n{lines}"
+        super().__init__(msg)
+
+
+class NonDeterminismError(FlowError):
+    """The workflow code did something different from what its history recorded."""
+
+    code = "non_determinism"
+
+    def __init__(
+        self,
+        *,
+        execution_id: str,
+        step: str,
+        instance: int,
+        attempt: int,
+        index: int,
+        recorded: str,
+        actual: str,
+    ) -> None:
+        self.execution_id = execution_id
+        self.step = step
+        self.instance = instance
+        self.attempt = attempt
+        self.index = index
+        self.recorded = recorded
+        self.actual = actual
+        super().__init__(
+            f"execution {execution_id}, step {step!r} (instance {instance}, attempt {attempt}), "
+            f"command {index}: the history recorded {recorded} but the code now does {actual}. "
+            "The workflow code changed in a way that does not match this execution's history; "
+            "restore the previous code to finish this execution, or bump the workflow's "
+            "version and start a new execution"
+        )
+
+
+class SerializationError(FlowError):
+    """A value (step result, state value, input) cannot be encoded for the event log."""
+
+    code = "serialization"
+
+
+class SecretNotFoundError(FlowError, KeyError):
+    """A secret is not available to this execution. Never carries the value of any secret."""
+
+    code = "secret_not_found"
+
+    def __init__(self, name: str, hint: str = "") -> None:
+        self.name = name
+        super().__init__(
+            f"secret {name!r} is not available: pass secrets={{{name!r}: ...}} when running or "
+            f"resuming, or set the environment variable FLOW_SECRET_{name.upper()}"
+            + (f" ({hint})" if hint else "")
+        )
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class StepError(FlowError):
+    """Base of the errors engine operations raise inside a step."""
+
+    code = "step_error"
+
+
+class AgentFailedError(StepError):
+    """An agent exited with a non-zero code, or was lost. ``log_tail`` has its last output."""
+
+    code = "agent_failed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        agent: str = "",
+        exit_code: int | None = None,
+        log_tail: str = "",
+    ) -> None:
+        self.agent = agent
+        self.exit_code = exit_code
+        self.log_tail = log_tail
+        full = message if not log_tail else f"{message}\n--- last output ---\n{log_tail}"
+        super().__init__(full)
+
+
+class AgentTimeoutError(AgentFailedError):
+    """An agent ran past its ``timeout`` and was stopped."""
+
+    code = "agent_timeout"
+
+
+class StepTimeoutError(StepError):
+    """A step attempt ran past the step's ``timeout``."""
+
+    code = "step_timeout"
+
+
+class ChildWorkflowError(StepError):
+    """A child execution started with ``ctx.run_workflow`` failed or was cancelled."""
+
+    code = "child_workflow_failed"
+
+    def __init__(self, message: str, *, child_id: str, status: str) -> None:
+        self.child_id = child_id
+        self.status = status
+        super().__init__(message)
+
+
+class WorkflowFailedError(FlowError):
+    """The execution failed; raised by ``get_result``. ``error_type`` names the cause."""
+
+    code = "workflow_failed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        execution_id: str = "",
+        step: str | None = None,
+        error_type: str = "Exception",
+    ) -> None:
+        self.execution_id = execution_id
+        self.step = step
+        self.error_type = error_type
+        super().__init__(message)
+
+
+class WorkflowTimeoutError(WorkflowFailedError):
+    """The execution ran past the workflow's ``timeout``."""
+
+    code = "workflow_timeout"
+
+
+class WorkflowCancelledError(WorkflowFailedError):
+    """The execution was cancelled."""
+
+    code = "workflow_cancelled"
+
+
+class WorkflowNotRegisteredError(FlowError):
+    """An execution names a workflow this process does not know."""
+
+    code = "workflow_not_registered"
+
+
+class ConfigurationError(FlowError):
+    """Bad options given to a client or runtime."""
+
+    code = "configuration"
+
+
+class EngineSignal(BaseException):  # noqa: N818 - a signal, not an error
+    """Engine control flow raised through user code; ``except Exception`` cannot catch it."""
+
+
+def describe_error(exc: BaseException) -> dict[str, Any]:
+    """Type name and message of an exception, as recorded in events."""
+    return {"error_type": type(exc).__name__, "error": str(exc) or type(exc).__name__}

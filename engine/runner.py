@@ -1,0 +1,570 @@
+"""The replay executor: runs one execution from its history to its end.
+
+The runner folds the history into an ``ExecutionState``, then drives a deterministic DAG
+scheduler: a step whose dependencies are resolved is decided (skipped, or started with its
+instances), instances run as tasks, and their outcomes are turned into events. Events are
+buffered and made durable together (``flush``) before anything outside the process can see
+their effect: one commit per scheduling round in a chain of steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+
+from agentainer_flow.store.base import UNSET, ExecutionRecord, ExecutionStatus, StoredEvent
+from agentainer_flow.store.errors import StoreError
+from agentainer_flow.store.events import (
+    CancelRequested,
+    Event,
+    ExecutionCancelled,
+    ExecutionCompleted,
+    ExecutionFailed,
+    StepCompleted,
+    StepFailed,
+    StepRetryScheduled,
+    StepSkipped,
+    StepStarted,
+)
+
+from . import values
+from .commands import StepRuntime
+from .errors import (
+    EngineSignal,
+    NonDeterminismError,
+    SerializationError,
+    StepTimeoutError,
+)
+from .history import ExecutionState
+from .secrets import Redactor, SecretStore
+from .spec import ErrorHandler, RetryPolicy, StepSpec, WorkflowSpec
+
+if TYPE_CHECKING:
+    from .engine import Engine, Outcome
+
+__all__ = ["Runner"]
+
+log = structlog.get_logger("agentainer_flow")
+_NAME_SAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
+
+
+class _Aborted(EngineSignal):
+    """Raised through user code when the runner must stop (lost the history, diverged)."""
+
+
+class Runner:
+    """Runs one execution to its end (or until it must stop)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        record: ExecutionRecord,
+        spec: WorkflowSpec,
+        workflow: object,
+        history: list[StoredEvent],
+        secrets: dict[str, str],
+    ) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.runtime = engine.runtime
+        self.clock = engine.clock
+        self.spec = spec
+        self.workflow = workflow
+        self.record = record
+        self.execution_id = record.id
+        self.secret_store = SecretStore(secrets, engine.secret_fallback)
+        self.redactor = Redactor(secrets)
+        self.h = ExecutionState(spec)
+        for stored in history:
+            self.h.apply(stored.seq, stored.event)
+        self.seq = self.durable_seq = self.h.last_seq
+        started = self.h.started
+        assert started is not None, "history must begin with ExecutionStarted"
+        self.input = values.load(started.input)
+        self.deadline = started.deadline
+        self._pending: list[Event] = []
+        self._after_flush: list[Callable[[], Awaitable[None]]] = []
+        self._flush_lock = asyncio.Lock()
+        self._status: ExecutionStatus | None = (
+            None if record.status is ExecutionStatus.RUNNING else ExecutionStatus.RUNNING
+        )
+        self._fatal: BaseException | None = None
+        self._wake = asyncio.Event()
+        self._tasks: dict[asyncio.Task[tuple[str, Any]], tuple[str, int, int]] = {}
+        self._remaining: dict[str, int] = {}
+        self._ready: list[str] = []
+        self._short_id = _NAME_SAFE.sub("-", self.execution_id)[:40]
+        self._log = log.bind(execution_id=self.execution_id, workflow=spec.name)
+
+    # ids ------------------------------------------------------------------------------
+    def agent_id(self, step: str, instance: int, attempt: int, index: int) -> str:
+        """Deterministic agent (container) name for a command."""
+        return f"flow-{self._short_id}-{_NAME_SAFE.sub('-', step)}-{instance}-{attempt}-{index}"
+
+    def child_id(self, step: str, instance: int, attempt: int, index: int) -> str:
+        """Deterministic id of a child execution started by a command."""
+        return f"{self.execution_id}.{step}.{instance}.{attempt}.{index}"
+
+    # events ---------------------------------------------------------------------------
+    def emit(self, event: Event) -> Any:
+        """Buffer an event (redacting secrets) and fold it into the state; returns it."""
+        if self.redactor:
+            event = _redact_event(event, self.redactor)
+        self.seq += 1
+        self._pending.append(event)
+        self.h.apply(self.seq, event)
+        return event
+
+    def after_flush(self, action: Callable[[], Awaitable[None]]) -> None:
+        """Run ``action`` once everything emitted so far is durable."""
+        self._after_flush.append(action)
+
+    async def flush(self, *, wake_at: float | None = UNSET,
+                    status: ExecutionStatus | None = None, error: str | None = None) -> None:
+        """Make every event emitted so far durable, in as few commits as possible."""
+        target = self.seq
+        async with self._flush_lock:
+            if self.durable_seq >= target and status is None and wake_at is UNSET:
+                return
+            batch, self._pending = self._pending, []
+            actions, self._after_flush = self._after_flush, []
+            if status is None:
+                status = self._status
+            try:
+                result = await self.store.append(
+                    self.execution_id, self.durable_seq + 1, batch,
+                    status=status, error=error, wake_at=wake_at)
+            except StoreError as exc:
+                self._fatal = exc
+                self._wake.set()
+                raise _Aborted() from exc
+            self.durable_seq = result.last_seq
+            self._status = None
+            if result.cancel_requested and not self.h.cancel_requested:
+                self.request_cancel("requested")
+        for action in actions:
+            try:
+                await action()
+            except Exception as exc:  # cleanup is best effort; the outcome is recorded
+                self._log.warning("cleanup_failed", error=str(exc))
+
+    def check_alive(self) -> None:
+        """Raise through user code if the execution must stop."""
+        if self._fatal is not None:
+            raise _Aborted()
+
+    def diverged(self, exc: NonDeterminismError) -> NonDeterminismError:
+        """Note a divergence; the execution stops even if user code swallows the error."""
+        if self._fatal is None:
+            self._fatal = exc
+            self._wake.set()
+        return exc
+
+    def request_cancel(self, reason: str = "") -> None:
+        """Ask the scheduler to cancel (from the client, or seen in the store)."""
+        self._cancel_reason = reason
+        self._cancel_wanted = True
+        self._wake.set()
+
+    _cancel_wanted = False
+    _cancel_reason = ""
+
+    def log_user(self, level: str, message: str, rt: StepRuntime, fields: dict[str, Any]) -> None:
+        getattr(self._log, level)(message, step=rt.step.name, instance=rt.instance,
+                                  attempt=rt.attempt, **fields)
+
+    # the loop -------------------------------------------------------------------------
+    async def run(self) -> Outcome:
+        from .engine import Outcome
+
+        if self.h.terminal is not None:
+            return Outcome.from_event(self.execution_id, self.h.terminal)
+        if self.h.unknown_steps:
+            name = self.h.unknown_steps[0]
+            raise NonDeterminismError(
+                execution_id=self.execution_id, step=name, instance=0, attempt=0, index=0,
+                recorded=f"step {name!r}",
+                actual=f"no step of that name (steps now: {', '.join(self.spec.order)})")
+        self._init_scheduler()
+        deadline_task = (
+            asyncio.ensure_future(self.clock.sleep_until(self.deadline))
+            if self.deadline is not None else None
+        )
+        try:
+            while True:
+                if self._fatal is not None:
+                    raise self._fatal
+                self._check_interrupts(deadline_task)
+                next_retry = self._schedule()
+                if self._fatal is not None:
+                    raise self._fatal
+                if not self._tasks and next_retry is None:
+                    break
+                await self.flush()
+                await self._wait(next_retry, deadline_task)
+            return await self._finish()
+        except BaseException:
+            await self._cancel_tasks()
+            raise
+        finally:
+            if deadline_task is not None:
+                deadline_task.cancel()
+
+    def _init_scheduler(self) -> None:
+        spec, h = self.spec, self.h
+        cleanup_deps = [n for n in spec.order if not spec.steps[n].always_run]
+        self._deps: dict[str, tuple[str, ...]] = {}
+        self._waiting_on: dict[str, list[str]] = {n: [] for n in spec.order}
+        for name in spec.order:
+            step = spec.steps[name]
+            deps = step.depends_on
+            if not deps and step.always_run and name not in cleanup_deps:
+                deps = tuple(cleanup_deps)
+            self._deps[name] = deps
+            self._remaining[name] = sum(1 for d in deps if not h.steps[d].resolved)
+            for d in deps:
+                self._waiting_on[d].append(name)
+        h.newly_resolved.clear()
+        self._ready = [n for n in spec.order if self._remaining[n] == 0 and not
+                       h.steps[n].resolved]
+
+    def _drain_resolved(self) -> None:
+        h = self.h
+        while h.newly_resolved:
+            done = h.newly_resolved.pop(0)
+            for m in self._waiting_on[done]:
+                self._remaining[m] -= 1
+                if self._remaining[m] == 0 and not h.steps[m].resolved:
+                    self._ready.append(m)
+
+    @property
+    def _stopping(self) -> str | None:
+        """Why no ordinary step may start any more, if so."""
+        if self.h.cancel_requested:
+            return "cancelled"
+        if self.h.failure is not None:
+            return "failed"
+        return None
+
+    def _check_interrupts(self, deadline_task: asyncio.Future[None] | None) -> None:
+        if self._cancel_wanted and not self.h.cancel_requested:
+            self.emit(CancelRequested(ts=self.clock.now(), reason=self._cancel_reason))
+            self._log.info("execution_cancel_requested")
+        if (deadline_task is not None and deadline_task.done() and self.h.failure is None
+                and not self.h.cancel_requested):
+            self.h.failure = ("", f"workflow {self.spec.name!r} timed out", "WorkflowTimeoutError")
+        if self._stopping:
+            for task, (name, _, _) in list(self._tasks.items()):
+                if not self.spec.steps[name].always_run:
+                    task.cancel()
+
+    def _schedule(self) -> float | None:
+        """Start what can start; return the earliest pending retry time, if any."""
+        self._drain_resolved()
+        h, spec = self.h, self.spec
+        now = self.clock.now()
+        while self._ready:
+            name = self._ready.pop(0)
+            self._decide(name)
+            self._drain_resolved()
+        next_retry: float | None = None
+        running = {(n, i) for n, i, _ in self._tasks.values()}
+        for name in spec.order:
+            st = h.steps[name]
+            if st.status != "running":
+                continue
+            step = spec.steps[name]
+            stopping = self._stopping and not step.always_run
+            limit = step.max_workers or st.total if step.parallel else 1
+            active = 0
+            for i, inst in st.instances.items():
+                if inst.status in ("running", "retry_wait", "retrying"):
+                    active += 1
+                if inst.status == "running" and (name, i) not in running:
+                    if stopping:
+                        self._fail_instance(step, i, inst.attempt, "cancelled",
+                                            "ExecutionStopped", final=True)
+                    else:
+                        self._start_task(step, i, inst.attempt)  # in flight: replay it
+                elif inst.status == "retry_wait":
+                    assert inst.retry_at is not None
+                    if stopping:
+                        self._fail_instance(step, i, inst.attempt, inst.error or "failed",
+                                            inst.error_type or "Exception", final=True)
+                    elif inst.retry_at <= now:
+                        self._start_instance(step, i, inst.attempt + 1, st.total)
+                    else:
+                        next_retry = min(next_retry or inst.retry_at, inst.retry_at)
+            while st.started < st.total and active < limit and not stopping:
+                self._start_instance(step, st.started, 1, st.total)
+                active += 1
+            if stopping and st.started < st.total and not any(
+                    i.status in ("running", "retry_wait", "retrying")
+                    for i in st.instances.values()):
+                self.emit(StepSkipped(ts=now, step=name,
+                                      reason=f"execution {self._stopping}: "
+                                      f"{st.total - st.started} instances not run"))
+        self._drain_resolved()
+        if self._ready:
+            return self._schedule()
+        return next_retry
+
+    def _decide(self, name: str) -> None:
+        """A step whose dependencies are resolved: skip it or start it."""
+        h, step = self.h, self.spec.steps[name]
+        now = self.clock.now()
+        stopping = self._stopping
+        if stopping and not step.always_run:
+            self.emit(StepSkipped(ts=now, step=name, reason=f"execution {stopping}"))
+            return
+        if not step.always_run:
+            for d in step.depends_on:
+                if h.steps[d].status == "skipped":
+                    self.emit(StepSkipped(ts=now, step=name,
+                                          reason=f"upstream step {d!r} was skipped"))
+                    return
+        if step.when is not None:
+            try:
+                ok = step.when(self._upstream(step)) if step.when_arity else step.when()
+            except Exception as exc:
+                self._fail_undecided(step, f"when= condition raised {exc!r}",
+                                     type(exc).__name__)
+                return
+            if not ok:
+                self.emit(StepSkipped(ts=now, step=name, reason="when= condition was false"))
+                return
+        total = step.static_instances
+        if step.dynamic:
+            items = self._dynamic_items(step)
+            if items is None:
+                return
+            total = len(items)
+        if total == 0:
+            self.emit(StepStarted(ts=now, step=name, instance=0, attempt=0, total=0))
+            return
+        limit = step.max_workers or total if step.parallel else 1
+        for i in range(min(total, limit)):
+            self._start_instance(step, i, 1, total)
+
+    def _dynamic_items(self, step: StepSpec) -> list[Any] | None:
+        source = next(b.dep for b in step.bindings if b.source == "item")
+        assert source is not None
+        items = values.load(self.h.step_result_tree(source))
+        if isinstance(items, tuple):
+            items = list(items)
+        if not isinstance(items, list):
+            self._fail_undecided(
+                step, f"dynamic step {step.name!r} needs a list from step {source!r}, "
+                f"got {type(items).__name__}", "TypeError")
+            return None
+        return items
+
+    def _fail_undecided(self, step: StepSpec, error: str, error_type: str) -> None:
+        """Fail a step before any instance ran (its inputs were unusable)."""
+        self.emit(StepStarted(ts=self.clock.now(), step=step.name, total=1))
+        self._fail_instance(step, 0, 1, error, error_type, final=True)
+
+    def _upstream(self, step: StepSpec) -> Any:
+        if len(step.depends_on) == 1:
+            return values.load(self.h.step_result_tree(step.depends_on[0]))
+        return {d: values.load(self.h.step_result_tree(d)) for d in step.depends_on}
+
+    def _start_instance(self, step: StepSpec, instance: int, attempt: int, total: int) -> None:
+        now = self.clock.now()
+        deadline = now + step.timeout if step.timeout is not None else None
+        self.emit(StepStarted(ts=now, step=step.name, instance=instance, attempt=attempt,
+                              total=total, deadline=deadline))
+        self._start_task(step, instance, attempt)
+
+    def _start_task(self, step: StepSpec, instance: int, attempt: int) -> None:
+        task = asyncio.ensure_future(self._run_instance(step, instance, attempt))
+        task.add_done_callback(lambda _t: self._wake.set())
+        self._tasks[task] = (step.name, instance, attempt)
+
+    async def _run_instance(self, step: StepSpec, instance: int, attempt: int) -> tuple[str, Any]:
+        """Run one attempt; returns ("ok", tree) or ("error", exception)."""
+        h = self.h
+        st = h.steps[step.name]
+        item = None
+        kwargs: dict[str, Any] = {}
+        for b in step.bindings:
+            if b.source == "index":
+                kwargs[b.param] = instance
+            elif b.source == "item":
+                assert b.dep is not None
+                item = values.load(h.step_result_tree(b.dep))[instance]
+                kwargs[b.param] = item
+            else:
+                assert b.dep is not None
+                value = values.load(h.step_result_tree(b.dep))
+                if b.source == "results" and not isinstance(value, list):
+                    value = [value]
+                kwargs[b.param] = value
+        snapshot = h.snapshots.get((step.name, instance, attempt), h.state)
+        rt = StepRuntime(self, step, instance, st.total, attempt, item, snapshot)
+        ctx = self.engine.context_factory(rt)
+        deadline = st.instances[instance].deadline
+        try:
+            coro = step.fn(self.workflow, ctx, **kwargs)
+            if deadline is None:
+                result = await coro
+            else:
+                result = await self._with_deadline(coro, deadline, step)
+            if self._fatal is not None:
+                raise _Aborted()
+            rt.check_finished()
+            tree = values.dump(result, where=f"result of step {step.name!r}")
+            return ("ok", tree)
+        except asyncio.CancelledError:
+            for handle in rt.handles:
+                if not handle.done:
+                    await self.runtime.stop(handle.id)
+            raise
+        except _Aborted:
+            raise
+        except Exception as exc:
+            return ("error", exc)
+
+    async def _with_deadline(self, coro: Any, deadline: float, step: StepSpec) -> Any:
+        body = asyncio.ensure_future(coro)
+        timer = asyncio.ensure_future(self.clock.sleep_until(deadline))
+        try:
+            await asyncio.wait({body, timer}, return_when=asyncio.FIRST_COMPLETED)
+            if body.done():
+                return body.result()
+            body.cancel()
+            try:
+                await body
+            except asyncio.CancelledError:
+                pass
+            raise StepTimeoutError(
+                f"step {step.name!r} timed out after {step.timeout:g}s (timeout= on @step)")
+        finally:
+            timer.cancel()
+            if not body.done():
+                body.cancel()
+                await asyncio.gather(body, return_exceptions=True)
+
+    async def _wait(self, next_retry: float | None,
+                    deadline_task: asyncio.Future[None] | None) -> None:
+        self._wake.clear()
+        if any(t.done() for t in self._tasks):
+            await self._collect()
+            return
+        waiters: set[asyncio.Future[Any]] = set()
+        wake = asyncio.ensure_future(self._wake.wait())
+        waiters.add(wake)
+        retry = None
+        if next_retry is not None:
+            retry = asyncio.ensure_future(self.clock.sleep_until(next_retry))
+            waiters.add(retry)
+        if deadline_task is not None and not deadline_task.done():
+            waiters.add(deadline_task)
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wake.cancel()
+            if retry is not None:
+                retry.cancel()
+        await self._collect()
+
+    async def _collect(self) -> None:
+        """Turn finished instance tasks into events."""
+        for task in [t for t in self._tasks if t.done()]:
+            name, instance, attempt = self._tasks.pop(task)
+            step = self.spec.steps[name]
+            if self._fatal is not None:
+                continue  # the execution stops here; nothing more is recorded
+            if task.cancelled():
+                reason = "cancelled" if self.h.cancel_requested else "stopped: execution failed"
+                self._fail_instance(step, instance, attempt, reason, "ExecutionStopped",
+                                    final=True)
+                continue
+            exc = task.exception()
+            if exc is not None:
+                if self._fatal is None:
+                    self._fatal = exc
+                continue
+            kind, value = task.result()
+            if kind == "ok":
+                self.emit(StepCompleted(ts=self.clock.now(), step=name, instance=instance,
+                                        attempt=attempt, result=value))
+            else:
+                self._handle_error(step, instance, attempt, value)
+
+    def _policy(self, step: StepSpec) -> RetryPolicy:
+        return step.retry_policy or self.spec.retry_policy
+
+    def _handle_error(self, step: StepSpec, instance: int, attempt: int,
+                      exc: BaseException) -> None:
+        policy = self._policy(step)
+        message = self.redactor.text(str(exc) or type(exc).__name__)
+        retryable = policy.is_retryable(exc) and not isinstance(exc, SerializationError)
+        if retryable and attempt < policy.max_attempts and not self._stopping:
+            now = self.clock.now()
+            self._fail_instance(step, instance, attempt, message, type(exc).__name__,
+                                final=False)
+            self.emit(StepRetryScheduled(ts=now, step=step.name, instance=instance,
+                                         attempt=attempt, retry_at=now + policy.delay(attempt)))
+            self._log.info("step_retry_scheduled", step=step.name, instance=instance,
+                           attempt=attempt, error=message)
+            return
+        self._fail_instance(step, instance, attempt, message, type(exc).__name__, final=True,
+                            retryable=retryable)
+        self._log.warning("step_failed", step=step.name, instance=instance, attempt=attempt,
+                          error_type=type(exc).__name__, error=message)
+
+    def _fail_instance(self, step: StepSpec, instance: int, attempt: int, error: str,
+                       error_type: str, *, final: bool, retryable: bool = False) -> None:
+        self.emit(StepFailed(ts=self.clock.now(), step=step.name, instance=instance,
+                             attempt=attempt, error=error, error_type=error_type, final=final,
+                             retryable=retryable))
+
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _finish(self) -> Outcome:
+        from .engine import Outcome
+
+        h, now = self.h, self.clock.now()
+        if h.cancel_requested:
+            ev: Event = ExecutionCancelled(ts=now, reason=h.cancel_reason)
+            status = ExecutionStatus.CANCELLED
+            error: str | None = f"cancelled{': ' + h.cancel_reason if h.cancel_reason else ''}"
+        elif h.failure is not None:
+            step, message, error_type = h.failure
+            where = f"step {step!r} failed: " if step else ""
+            ev = ExecutionFailed(ts=now, error=f"{where}{message}", error_type=error_type,
+                                 step=step or None)
+            status, error = ExecutionStatus.FAILED, f"{where}{message}"
+        else:
+            sinks = self.spec.sinks
+            if len(sinks) == 1:
+                result = h.step_result_tree(sinks[0])
+            else:
+                result = {s: h.step_result_tree(s) for s in sinks}
+            ev = ExecutionCompleted(ts=now, result=result)
+            status, error = ExecutionStatus.COMPLETED, None
+        self.emit(ev)
+        await self.flush(status=status, error=error)
+        self._log.info("execution_finished", status=status.value)
+        return Outcome.from_event(self.execution_id, ev)
+
+
+def _redact_event(event: Event, redactor: Redactor) -> Event:
+    data = msgspec.to_builtins(event)
+    cleaned = redactor.tree(data)
+    if cleaned == data:
+        return event
+    return msgspec.convert(cleaned, type(event))
+

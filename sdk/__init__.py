@@ -1,0 +1,91 @@
+"""agentainer-flow: durable, event-sourced workflows for containerised AI agents.
+
+Write a workflow as a class with ``@workflow``; its ``@step`` methods form a DAG. Every agent
+deployment, state write, timer and step result is recorded in an event log first, so a
+crashed execution resumes where it was: finished work is not done again, and code that no
+longer matches its history fails with ``NonDeterminismError``.
+"""
+
+from __future__ import annotations
+
+from agentainer_flow.engine.commands import AgentHandle, ChildWorkflowHandle
+from agentainer_flow.engine.durations import parse_duration
+from agentainer_flow.engine.secrets import SecretStore
+from agentainer_flow.engine.spec import ErrorHandler, RetryPolicy
+from agentainer_flow.engine.types import AgentResult, ParallelContext, ResourceRequirements
+from agentainer_flow.store import ExecutionRecord, ExecutionStatus
+
+from ._client import ExecutionMode, WorkflowClient, WorkflowExecution, WorkflowMetrics
+from ._context import Context
+from ._decorators import step, workflow
+from ._errors import (
+    AgentFailedError,
+    AgentTimeoutError,
+    AppendConflictError,
+    ChildWorkflowError,
+    ConfigurationError,
+    ExecutionNotFoundError,
+    FlowError,
+    LeaseLostError,
+    NonDeterminismError,
+    SecretNotFoundError,
+    SerializationError,
+    StepError,
+    StepTimeoutError,
+    StoreError,
+    StoreUnavailableError,
+    WorkflowCancelledError,
+    WorkflowDefinitionError,
+    WorkflowFailedError,
+    WorkflowNotRegisteredError,
+    WorkflowTimeoutError,
+)
+from ._events import ExecutionEvent
+
+__version__ = "0.1.0"
+
+WorkflowState = dict  # the seed's name for what ``ctx.state`` holds (a str-keyed mapping)
+
+__all__ = [
+    "AgentFailedError",
+    "AgentHandle",
+    "AgentResult",
+    "AgentTimeoutError",
+    "AppendConflictError",
+    "ChildWorkflowError",
+    "ChildWorkflowHandle",
+    "ConfigurationError",
+    "Context",
+    "ErrorHandler",
+    "ExecutionEvent",
+    "ExecutionMode",
+    "ExecutionNotFoundError",
+    "ExecutionRecord",
+    "ExecutionStatus",
+    "FlowError",
+    "LeaseLostError",
+    "NonDeterminismError",
+    "ParallelContext",
+    "ResourceRequirements",
+    "RetryPolicy",
+    "SecretNotFoundError",
+    "SecretStore",
+    "SerializationError",
+    "StepError",
+    "StepTimeoutError",
+    "StoreError",
+    "StoreUnavailableError",
+    "WorkflowCancelledError",
+    "WorkflowClient",
+    "WorkflowDefinitionError",
+    "WorkflowExecution",
+    "WorkflowFailedError",
+    "WorkflowMetrics",
+    "WorkflowNotRegisteredError",
+    "WorkflowState",
+    "WorkflowTimeoutError",
+    "__version__",
+    "parse_duration",
+    "step",
+    "workflow",
+]

@@ -1,0 +1,420 @@
+"""``WorkflowClient``: the embedded engine behind the seed's client API."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import enum
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Self
+
+from agentainer_flow.engine import Clock, Engine
+from agentainer_flow.engine import values
+from agentainer_flow.engine.durations import Duration, parse_duration
+from agentainer_flow.engine.errors import ConfigurationError
+from agentainer_flow.engine.runtimes.base import AgentRuntime
+from agentainer_flow.store import (
+    EventStore,
+    ExecutionNotFoundError,
+    ExecutionRecord,
+    ExecutionStatus,
+    StoredEvent,
+    create_store,
+)
+from agentainer_flow.store.events import StateSet
+
+from ._context import Context
+from ._events import ExecutionEvent
+
+__all__ = [
+    "DEFAULT_STORE",
+    "ExecutionMode",
+    "WorkflowClient",
+    "WorkflowExecution",
+    "WorkflowMetrics",
+]
+
+DEFAULT_STORE = "sqlite:///.flow/flow.db"
+
+
+class ExecutionMode(enum.Enum):
+    """``SYNC``: ``run_workflow`` returns when the execution ended. ``ASYNC``: at once."""
+
+    SYNC = "sync"
+    ASYNC = "async"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkflowMetrics:
+    """Aggregates over a workflow's executions in a time range."""
+
+    workflow_name: str
+    time_range: str
+    total_executions: int
+    completed: int
+    failed: int
+    cancelled: int
+    running: int
+    success_rate: float  # percent of finished executions that completed
+    avg_duration: float | None  # seconds, over finished executions
+
+
+def make_runtime(runtime: str | AgentRuntime | None, **options: Any) -> AgentRuntime:
+    """The agent runtime a name stands for: ``process`` (default) or ``mock``."""
+    if isinstance(runtime, AgentRuntime):
+        return runtime
+    name = (runtime or os.environ.get("FLOW_RUNTIME") or "process").lower()
+    if name == "process":
+        from agentainer_flow.engine.runtimes.process import ProcessRuntime
+
+        return ProcessRuntime(**options)
+    if name == "mock":
+        from agentainer_flow.engine.runtimes.mock import MockRuntime
+
+        return MockRuntime()
+    raise ConfigurationError(
+        f"unknown agent runtime {name!r}: use 'process' (local subprocesses) or 'mock' "
+        "(tests); the 'docker' runtime is not available in this version"
+    )
+
+
+class WorkflowClient:
+    """Starts, resumes, watches and cancels executions, running them in this process.
+
+    ``store`` is a URL (``sqlite:///path.db``, ``postgresql://user@host/db``,
+    ``memory://``) or an ``EventStore``; it defaults to ``$FLOW_STORE``, else
+    ``sqlite:///.flow/flow.db``. ``runtime`` is ``"process"`` (default) or ``"mock"`` or an
+    ``AgentRuntime``; ``images`` maps container images to local commands for the process
+    runtime. Use as ``async with WorkflowClient(...) as client`` or call ``close()``.
+    """
+
+    def __init__(
+        self,
+        store: str | EventStore | None = None,
+        runtime: str | AgentRuntime | None = None,
+        *,
+        images: Mapping[str, Sequence[str]] | None = None,
+        clock: Clock | None = None,
+        api_url: str | None = None,
+        api_token: str | None = None,
+        **engine_options: Any,
+    ) -> None:
+        if api_url is not None or api_token is not None:
+            raise ConfigurationError(
+                "WorkflowClient(api_url=...) needs a remote agentainer-flow server, which this "
+                "version does not have; it runs workflows in-process: use "
+                "WorkflowClient(store='sqlite:///.flow/flow.db') or "
+                "WorkflowClient(store='postgresql://user@host:5432/db')"
+            )
+        url = store if store is not None else os.environ.get("FLOW_STORE") or DEFAULT_STORE
+        self.store: EventStore = create_store(url) if isinstance(url, str) else url
+        runtime_options = {"images": images} if images else {}
+        self.runtime = make_runtime(runtime, **runtime_options)
+        self.engine = Engine(self.store, self.runtime, clock=clock, context_factory=Context,
+                             **engine_options)
+        self._opened = False
+        self._open_lock: asyncio.Lock | None = None
+
+    # lifecycle --------------------------------------------------------------------------
+    async def open(self) -> Self:
+        """Connect the store (creating or migrating its schema) and the runtime."""
+        if self._opened:
+            return self
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if not self._opened:
+                await self.store.open()
+                await self.runtime.open()
+                self._opened = True
+        return self
+
+    async def close(self) -> None:
+        """Stop executions running in this process (they stay resumable) and disconnect."""
+        if not self._opened:
+            return
+        await self.engine.shutdown()
+        await self.runtime.close()
+        await self.store.close()
+        self._opened = False
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # running ----------------------------------------------------------------------------
+    async def run_workflow(
+        self,
+        workflow: object,
+        mode: ExecutionMode = ExecutionMode.SYNC,
+        *,
+        input: Any = None,
+        secrets: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        execution_id: str | None = None,
+    ) -> WorkflowExecution:
+        """Start an execution of ``workflow`` (an instance of a ``@workflow`` class).
+
+        With an ``idempotency_key`` (or ``execution_id``) already used, returns that
+        execution instead of starting another. ``SYNC`` waits for the end (a failure is
+        raised by ``get_result``, not here); ``ASYNC`` returns at once.
+        """
+        await self.open()
+        record, created = await self.engine.start(
+            workflow, input=input, tags=tags, secrets=secrets,
+            idempotency_key=idempotency_key, execution_id=execution_id)
+        execution = WorkflowExecution(self, record.id)
+        if created or not record.status.is_terminal:
+            task = self.engine.launch(record.id, secrets=secrets,
+                                      workflow=workflow if created else None)
+            if mode is ExecutionMode.SYNC:
+                await asyncio.shield(task)
+        return execution
+
+    def get_execution(self, execution_id: str) -> WorkflowExecution:
+        """A handle on an existing execution."""
+        return WorkflowExecution(self, execution_id)
+
+    async def resume(
+        self, execution_id: str, *, secrets: Mapping[str, str] | None = None, wait: bool = True
+    ) -> WorkflowExecution:
+        """Resume an unfinished execution from its history in this process.
+
+        Its workflow class must be registered (its module imported). Raises
+        ``NonDeterminismError`` if the code no longer matches the history, and
+        ``SecretNotFoundError`` if a secret it needs is unavailable.
+        """
+        await self.open()
+        if await self.store.get_execution(execution_id) is None:
+            raise ExecutionNotFoundError(execution_id)
+        task = self.engine.launch(execution_id, secrets=secrets)
+        if wait:
+            await asyncio.shield(task)
+        return WorkflowExecution(self, execution_id)
+
+    async def recover(
+        self, *, secrets: Mapping[str, str] | None = None, wait: bool = True
+    ) -> list[WorkflowExecution]:
+        """Resume every unfinished top-level execution in the store."""
+        await self.open()
+        rows = await self.store.list_executions(
+            statuses=[ExecutionStatus.PENDING, ExecutionStatus.RUNNING], limit=None)
+        tasks = []
+        out = []
+        for row in rows:
+            if row.parent_id is not None:
+                continue  # children are resumed by their parents' commands
+            tasks.append(self.engine.launch(row.id, secrets=secrets))
+            out.append(WorkflowExecution(self, row.id))
+        if wait and tasks:
+            await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
+        return out
+
+    async def cancel(self, execution_id: str, reason: str = "") -> bool:
+        """Cancel an execution: its agents are stopped and its ``always_run`` steps run.
+
+        Returns ``False`` if it had already finished.
+        """
+        await self.open()
+        if await self.store.get_execution(execution_id) is None:
+            raise ExecutionNotFoundError(execution_id)
+        return await self.engine.cancel(execution_id, reason)
+
+    # reading ----------------------------------------------------------------------------
+    async def describe(self, execution_id: str) -> ExecutionRecord:
+        """The execution's row: status, tags, times, error."""
+        await self.open()
+        record = await self.store.get_execution(execution_id)
+        if record is None:
+            raise ExecutionNotFoundError(execution_id)
+        return record
+
+    async def get_workflow_status(self, execution_id: str) -> ExecutionStatus:
+        """The execution's status (a ``str`` enum: ``"completed"``, ``"running"``...)."""
+        return (await self.describe(execution_id)).status
+
+    async def list_executions(self, **filters: Any) -> list[ExecutionRecord]:
+        """Executions matching the filters of ``EventStore.list_executions``, newest first."""
+        await self.open()
+        return await self.store.list_executions(**filters)
+
+    async def get_history(self, execution_id: str) -> list[ExecutionEvent]:
+        """Every event of the execution, in order."""
+        await self.describe(execution_id)
+        return [ExecutionEvent.from_stored(s) for s in await self.store.load(execution_id)]
+
+    async def get_state(self, execution_id: str) -> dict[str, Any]:
+        """The workflow state after every write recorded so far."""
+        await self.describe(execution_id)
+        state: dict[str, Any] = {}
+        for stored in await self.store.load(execution_id):
+            ev = stored.event
+            if isinstance(ev, StateSet):
+                if ev.deleted:
+                    state.pop(ev.key, None)
+                else:
+                    state[ev.key] = ev.value
+        return {k: values.load(v) for k, v in state.items()}
+
+    async def get_logs(self, execution_id: str) -> list[str]:
+        """Log lines: ``ctx.log`` messages and step/execution milestones."""
+        return [_log_line(e) for e in await self.get_history(execution_id) if _is_log(e)]
+
+    async def stream_logs(self, execution_id: str) -> AsyncIterator[str]:
+        """Log lines as they are written, until the execution ends."""
+        await self.describe(execution_id)
+        async for stored in self.store.subscribe(execution_id):
+            event = ExecutionEvent.from_stored(stored)
+            if _is_log(event):
+                yield _log_line(event)
+
+    async def stream_events(
+        self, execution_id: str, *, after_seq: int = 0
+    ) -> AsyncIterator[ExecutionEvent]:
+        """The execution's events, then new ones as they land, until it ends."""
+        await self.describe(execution_id)
+        async for stored in self.store.subscribe(execution_id, after_seq):
+            yield ExecutionEvent.from_stored(stored)
+
+    async def stream_workflow_events(
+        self,
+        workflow_name: str | None = None,
+        event_types: Sequence[str] | None = None,
+        *,
+        since: dt.datetime | None = None,
+        follow: bool = True,
+        poll_interval: float = 0.25,
+    ) -> AsyncIterator[ExecutionEvent]:
+        """Events of every execution of ``workflow_name`` (all workflows if ``None``).
+
+        Starts with the history of executions created since ``since`` (all by default),
+        then follows new events until the caller stops iterating (or, with
+        ``follow=False``, stops once caught up). ``event_types`` filters by type, as in
+        ``["step_started", "step_completed", "workflow_failed"]``.
+        """
+        await self.open()
+        wanted = set(event_types) if event_types else None
+        seen: dict[str, int] = {}
+        created_after = since.timestamp() if since is not None else None
+        checked_at: float | None = None
+        while True:
+            poll_started = self.engine.clock.now()
+            rows = await self.store.list_executions(
+                workflow_name=workflow_name, created_after=created_after,
+                updated_after=None if checked_at is None else checked_at - 5.0, limit=None)
+            for row in sorted(rows, key=lambda r: (r.created_at, r.id)):
+                if row.last_seq <= seen.get(row.id, 0):
+                    continue
+                for stored in await self.store.load(row.id, seen.get(row.id, 0)):
+                    seen[row.id] = stored.seq
+                    event = ExecutionEvent.from_stored(stored)
+                    if wanted is None or event.type in wanted:
+                        yield event
+            checked_at = poll_started
+            if not follow:
+                return
+            await self.store.wait_for_change(None, poll_interval)
+
+    async def get_workflow_metrics(
+        self, workflow_name: str, time_range: Duration = "24h"
+    ) -> WorkflowMetrics:
+        """Totals, success rate (percent of finished runs) and average duration (seconds)
+        of the workflow's executions created within ``time_range``."""
+        await self.open()
+        seconds = parse_duration(time_range, what="time_range") or 0.0
+        rows = await self.store.list_executions(
+            workflow_name=workflow_name, created_after=self.engine.clock.now() - seconds,
+            limit=None)
+        by = {s: sum(1 for r in rows if r.status is s) for s in ExecutionStatus}
+        finished = [r for r in rows if r.status.is_terminal]
+        durations = [d for r in finished if (d := r.duration) is not None]
+        done = by[ExecutionStatus.COMPLETED]
+        return WorkflowMetrics(
+            workflow_name=workflow_name,
+            time_range=str(time_range),
+            total_executions=len(rows),
+            completed=done,
+            failed=by[ExecutionStatus.FAILED],
+            cancelled=by[ExecutionStatus.CANCELLED],
+            running=by[ExecutionStatus.RUNNING] + by[ExecutionStatus.PENDING],
+            success_rate=round(100.0 * done / len(finished), 2) if finished else 0.0,
+            avg_duration=sum(durations) / len(durations) if durations else None,
+        )
+
+
+def _is_log(event: ExecutionEvent) -> bool:
+    return event.type in ("log_recorded", "workflow_started", "workflow_completed",
+                          "workflow_failed", "workflow_cancelled", "step_completed",
+                          "step_failed", "step_skipped", "step_started")
+
+
+def _log_line(event: ExecutionEvent) -> str:
+    level = event.details.get("level", "info").upper()
+    if event.type in ("step_failed", "workflow_failed"):
+        level = "ERROR"
+    where = f" [{event.step}]" if event.step else ""
+    ts = event.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return f"{ts} {level:<7}{where} {event.message}"
+
+
+class WorkflowExecution:
+    """A handle on one execution."""
+
+    def __init__(self, client: WorkflowClient, execution_id: str) -> None:
+        self.client = client
+        self.id = execution_id
+
+    @property
+    def execution_id(self) -> str:
+        return self.id
+
+    async def status(self) -> ExecutionStatus:
+        return await self.client.get_workflow_status(self.id)
+
+    async def describe(self) -> ExecutionRecord:
+        return await self.client.describe(self.id)
+
+    async def get_result(self, timeout: Duration | None = None) -> Any:
+        """Wait for the end; the result, or ``WorkflowFailedError`` (``WorkflowTimeoutError``,
+        ``WorkflowCancelledError``) saying why it did not complete."""
+        await self.client.open()
+        wait = self.client.engine.wait_outcome(self.id)
+        seconds = parse_duration(timeout, what="timeout")
+        outcome = await (asyncio.wait_for(wait, seconds) if seconds is not None else wait)
+        return outcome.unwrap()
+
+    async def wait(self, timeout: Duration | None = None) -> ExecutionStatus:
+        """Wait for the end without raising on failure; the final status."""
+        await self.client.open()
+        wait = self.client.engine.wait_outcome(self.id)
+        seconds = parse_duration(timeout, what="timeout")
+        await (asyncio.wait_for(wait, seconds) if seconds is not None else wait)
+        return await self.status()
+
+    async def stream_events(self) -> AsyncIterator[ExecutionEvent]:
+        """Events so far, then new ones as they land, until the execution ends."""
+        async for event in self.client.stream_events(self.id):
+            yield event
+
+    async def history(self) -> list[ExecutionEvent]:
+        return await self.client.get_history(self.id)
+
+    async def logs(self) -> list[str]:
+        return await self.client.get_logs(self.id)
+
+    async def state(self) -> dict[str, Any]:
+        return await self.client.get_state(self.id)
+
+    async def cancel(self, reason: str = "") -> bool:
+        """Cancel it (agents stopped, ``always_run`` steps still run)."""
+        return await self.client.cancel(self.id, reason)
+
+    def __repr__(self) -> str:
+        return f"WorkflowExecution(id={self.id!r})"
+
+

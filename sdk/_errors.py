@@ -1,0 +1,66 @@
+"""The public exception hierarchy (defined in the layers below, exported here).
+
+    FlowError
+    ├── StoreError (StoreUnavailableError, AppendConflictError, LeaseLostError,
+    │               ExecutionNotFoundError)
+    ├── WorkflowDefinitionError
+    ├── NonDeterminismError
+    ├── SerializationError
+    ├── SecretNotFoundError
+    ├── StepError (AgentFailedError > AgentTimeoutError, StepTimeoutError, ChildWorkflowError)
+    ├── WorkflowFailedError (WorkflowTimeoutError, WorkflowCancelledError)
+    ├── WorkflowNotRegisteredError
+    └── ConfigurationError
+
+Every class has a stable ``code`` attribute for scripts.
+"""
+
+from __future__ import annotations
+
+from agentainer_flow.engine.errors import (
+    AgentFailedError,
+    AgentTimeoutError,
+    ChildWorkflowError,
+    ConfigurationError,
+    NonDeterminismError,
+    SecretNotFoundError,
+    SerializationError,
+    StepError,
+    StepTimeoutError,
+    WorkflowCancelledError,
+    WorkflowDefinitionError,
+    WorkflowFailedError,
+    WorkflowNotRegisteredError,
+    WorkflowTimeoutError,
+)
+from agentainer_flow.store.errors import (
+    AppendConflictError,
+    ExecutionNotFoundError,
+    FlowError,
+    LeaseLostError,
+    StoreError,
+    StoreUnavailableError,
+)
+
+__all__ = [
+    "AgentFailedError",
+    "AgentTimeoutError",
+    "AppendConflictError",
+    "ChildWorkflowError",
+    "ConfigurationError",
+    "ExecutionNotFoundError",
+    "FlowError",
+    "LeaseLostError",
+    "NonDeterminismError",
+    "SecretNotFoundError",
+    "SerializationError",
+    "StepError",
+    "StepTimeoutError",
+    "StoreError",
+    "StoreUnavailableError",
+    "WorkflowCancelledError",
+    "WorkflowDefinitionError",
+    "WorkflowFailedError",
+    "WorkflowNotRegisteredError",
+    "WorkflowTimeoutError",
+]

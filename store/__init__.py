@@ -1,0 +1,83 @@
+"""The storage layer: event types and codec, the ``EventStore`` interface and its backends.
+
+``open_store(url)`` picks the backend from the URL:
+
+- ``memory://``: in-memory, for tests
+- ``sqlite:///path/to/flow.db`` (or ``sqlite+aiosqlite://``): the embedded default
+- ``postgresql://user@host:port/db`` (or ``postgresql+psycopg://``): production
+"""
+
+from __future__ import annotations
+
+from .base import (
+    TERMINAL_STATUSES,
+    AppendResult,
+    EventStore,
+    ExecutionRecord,
+    ExecutionStatus,
+    NewExecution,
+    StoredEvent,
+)
+from .errors import (
+    AppendConflictError,
+    ExecutionNotFoundError,
+    FlowError,
+    LeaseLostError,
+    StoreError,
+    StoreUnavailableError,
+)
+from .memory import MemoryEventStore
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "AppendConflictError",
+    "AppendResult",
+    "EventStore",
+    "ExecutionNotFoundError",
+    "ExecutionRecord",
+    "ExecutionStatus",
+    "FlowError",
+    "LeaseLostError",
+    "MemoryEventStore",
+    "NewExecution",
+    "StoreError",
+    "StoreUnavailableError",
+    "StoredEvent",
+    "create_store",
+]
+
+
+def create_store(url: str, **options: object) -> EventStore:
+    """Build (but do not open) the backend the URL names.
+
+    Raises ``StoreUnavailableError`` for a URL no backend understands.
+    """
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "memory":
+        return MemoryEventStore()
+    if scheme in ("sqlite", "sqlite+aiosqlite"):
+        from .sqlite import SQLiteEventStore
+
+        return SQLiteEventStore(url, **options)  # type: ignore[arg-type]
+    if scheme in ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg_async"):
+        from .postgres import PostgresEventStore
+
+        return PostgresEventStore(url, **options)  # type: ignore[arg-type]
+    raise StoreUnavailableError(
+        f"unsupported store URL {_safe_url(url)!r}: use sqlite:///path/to/flow.db, "
+        "postgresql://user@host:5432/dbname or memory://"
+    )
+
+
+def _safe_url(url: str) -> str:
+    """The URL with any password masked, for error messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url

@@ -1,0 +1,279 @@
+"""The ``EventStore`` interface every backend implements, and its record types.
+
+One contract (``tests/store/contract.py``) runs against every backend. An execution is a row
+(status, tags, lease) plus an append-only event log numbered 1..n. Appends are optimistic:
+the caller names the seq its first event must get, and the store rejects the batch if that
+seq is taken, so two writers can never both extend one history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Self
+
+from .events import Event, ExecutionStarted
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "AppendResult",
+    "EventStore",
+    "ExecutionRecord",
+    "ExecutionStatus",
+    "NewExecution",
+    "StoredEvent",
+]
+
+
+class ExecutionStatus(StrEnum):
+    """Where an execution is in its life. ``str`` so it prints and compares as its value."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.CANCELLED}
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewExecution:
+    """What ``create_execution`` needs besides the ``ExecutionStarted`` event."""
+
+    id: str
+    workflow_name: str
+    workflow_version: str = "1"
+    tags: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    parent_id: str | None = None
+    secrets: bytes | None = None  # encrypted at rest, never clear text
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionRecord:
+    """One row of the executions table."""
+
+    id: str
+    workflow_name: str
+    workflow_version: str
+    status: ExecutionStatus
+    created_at: float
+    updated_at: float
+    finished_at: float | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    parent_id: str | None = None
+    last_seq: int = 0
+    cancel_requested: bool = False
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    wake_at: float | None = None
+    error: str | None = None
+    secrets: bytes | None = None
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from creation to the end, for finished executions."""
+        return None if self.finished_at is None else self.finished_at - self.created_at
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event with its position in its execution's log."""
+
+    execution_id: str
+    seq: int
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Outcome of an append: the new last seq, and whether a cancel was requested meanwhile."""
+
+    last_seq: int
+    cancel_requested: bool = False
+
+
+class _Unset:
+    """Sentinel type: 'leave this column as it is'."""
+
+
+UNSET: Any = _Unset()
+
+
+class EventStore(ABC):
+    """Durable home of executions and their event logs. Use as an async context manager."""
+
+    #: seconds between polls when a backend has no push notification
+    poll_interval: float = 0.2
+
+    def __init__(self) -> None:
+        self._changed: dict[str | None, asyncio.Event] = {}
+
+    # lifecycle --------------------------------------------------------------------------
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect, and create or migrate the schema."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections. Safe to call twice."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # executions -------------------------------------------------------------------------
+    @abstractmethod
+    async def create_execution(
+        self, new: NewExecution, started: ExecutionStarted
+    ) -> tuple[ExecutionRecord, bool]:
+        """Insert the row and event 1 atomically.
+
+        Idempotent: if the id, or the idempotency key, already exists, returns the existing
+        record and ``False`` and writes nothing.
+        """
+
+    @abstractmethod
+    async def get_execution(self, execution_id: str) -> ExecutionRecord | None:
+        """The row, or ``None``."""
+
+    @abstractmethod
+    async def list_executions(
+        self,
+        *,
+        workflow_name: str | None = None,
+        statuses: Sequence[ExecutionStatus] | None = None,
+        tags: dict[str, str] | None = None,
+        parent_id: str | None = None,
+        created_after: float | None = None,
+        updated_after: float | None = None,
+        limit: int | None = 100,
+    ) -> list[ExecutionRecord]:
+        """Executions matching every filter given, newest first."""
+
+    @abstractmethod
+    async def request_cancel(self, execution_id: str) -> bool:
+        """Flag the execution for cancellation; ``False`` if it already finished."""
+
+    # the log ----------------------------------------------------------------------------
+    @abstractmethod
+    async def append(
+        self,
+        execution_id: str,
+        expected_seq: int,
+        events: Sequence[Event],
+        *,
+        status: ExecutionStatus | None = None,
+        error: str | None = None,
+        wake_at: float | None = UNSET,
+        lease_owner: str | None = None,
+    ) -> AppendResult:
+        """Append ``events`` as seqs ``expected_seq, expected_seq + 1, ...`` in one commit.
+
+        Raises ``AppendConflictError`` if ``expected_seq`` is not the log's next seq, and
+        ``LeaseLostError`` if ``lease_owner`` is given but does not hold a live lease.
+        ``status``/``error``/``wake_at`` update the row in the same commit.
+        """
+
+    @abstractmethod
+    async def load(self, execution_id: str, after_seq: int = 0) -> list[StoredEvent]:
+        """Events with seq > ``after_seq``, in order."""
+
+    # workers ----------------------------------------------------------------------------
+    @abstractmethod
+    async def claim(
+        self, worker_id: str, *, lease_seconds: float, limit: int = 1
+    ) -> list[ExecutionRecord]:
+        """Lease up to ``limit`` unfinished, due executions nobody holds a live lease on."""
+
+    @abstractmethod
+    async def renew_lease(
+        self, worker_id: str, execution_ids: Sequence[str], lease_seconds: float
+    ) -> list[str]:
+        """Extend the leases this worker still holds; returns the ids it still holds."""
+
+    @abstractmethod
+    async def release(self, worker_id: str, execution_id: str) -> None:
+        """Give up this worker's lease on the execution."""
+
+    @abstractmethod
+    async def due_timers(self, now: float) -> list[tuple[str, float]]:
+        """(execution id, wake_at) of unfinished executions whose wake-up time has come."""
+
+    # change notification ----------------------------------------------------------------
+    def _notify(self, execution_id: str) -> None:
+        """Wake in-process waiters on this execution (and on 'any execution')."""
+        for key in (execution_id, None):
+            ev = self._changed.pop(key, None)
+            if ev is not None:
+                ev.set()
+
+    async def _wait_external(self, timeout: float) -> None:
+        """Wait for a change made by another process; polling by default."""
+        await asyncio.sleep(min(timeout, self.poll_interval))
+
+    async def wait_for_change(self, execution_id: str | None, timeout: float) -> None:
+        """Return when the execution (or, for ``None``, any execution) may have changed.
+
+        A wake-up, not a guarantee: callers re-read the store afterwards.
+        """
+        ev = self._changed.get(execution_id)
+        if ev is None:
+            ev = self._changed[execution_id] = asyncio.Event()
+        waiter = asyncio.ensure_future(ev.wait())
+        external = asyncio.ensure_future(self._wait_external(timeout))
+        try:
+            await asyncio.wait({waiter, external}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            external.cancel()
+
+    async def subscribe(
+        self, execution_id: str, after_seq: int = 0, *, until_terminal: bool = True
+    ) -> AsyncIterator[StoredEvent]:
+        """Yield the execution's events after ``after_seq``, then new ones as they land.
+
+        Ends after the execution's terminal event when ``until_terminal``.
+        """
+        seq = after_seq
+        while True:
+            batch = await self.load(execution_id, seq)
+            for stored in batch:
+                seq = stored.seq
+                yield stored
+            if until_terminal and batch and _is_terminal_event(batch[-1].event):
+                return
+            if not batch:
+                record = await self.get_execution(execution_id)
+                if until_terminal and (record is None or record.status.is_terminal):
+                    if record is None or record.last_seq <= seq:
+                        return
+                    continue
+                await self.wait_for_change(execution_id, 1.0)
+
+
+def _is_terminal_event(event: Event) -> bool:
+    from .events import ExecutionCancelled, ExecutionCompleted, ExecutionFailed
+
+    return isinstance(event, ExecutionCompleted | ExecutionFailed | ExecutionCancelled)
+
+
+def now() -> float:
+    """Wall-clock unix time; one place so backends agree."""
+    return time.time()

@@ -1,0 +1,73 @@
+"""Errors raised by the store layer.
+
+The root of every agentainer-flow error, ``FlowError``, lives here because the store is the
+lowest layer: the engine and the SDK derive their errors from it.
+
+    FlowError
+    ├── StoreError                  the store could not do what was asked
+    │   ├── StoreUnavailableError   the database cannot be reached (URL, server down)
+    │   ├── AppendConflictError     another writer already extended this history
+    │   ├── LeaseLostError          this worker's lease on the execution expired
+    │   └── ExecutionNotFoundError  no execution with that id
+    └── (engine and SDK errors, see ``agentainer_flow.errors``)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AppendConflictError",
+    "ExecutionNotFoundError",
+    "FlowError",
+    "LeaseLostError",
+    "StoreError",
+    "StoreUnavailableError",
+]
+
+
+class FlowError(Exception):
+    """Base class of every error agentainer-flow raises on purpose."""
+
+    code: str = "flow_error"
+
+
+class StoreError(FlowError):
+    """The event store could not complete an operation."""
+
+    code = "store_error"
+
+
+class StoreUnavailableError(StoreError):
+    """The store URL is malformed or its database cannot be reached."""
+
+    code = "store_unavailable"
+
+
+class AppendConflictError(StoreError):
+    """An append's expected sequence number was already taken by another writer."""
+
+    code = "append_conflict"
+
+    def __init__(self, execution_id: str, expected_seq: int, actual_last_seq: int) -> None:
+        self.execution_id = execution_id
+        self.expected_seq = expected_seq
+        self.actual_last_seq = actual_last_seq
+        super().__init__(
+            f"execution {execution_id}: tried to append at seq {expected_seq} but the history "
+            f"already ends at seq {actual_last_seq}; another worker is running this execution"
+        )
+
+
+class LeaseLostError(StoreError):
+    """The worker's lease on an execution expired or was taken by another worker."""
+
+    code = "lease_lost"
+
+
+class ExecutionNotFoundError(StoreError):
+    """No execution with the given id exists in the store."""
+
+    code = "execution_not_found"
+
+    def __init__(self, execution_id: str) -> None:
+        self.execution_id = execution_id
+        super().__init__(f"no execution with id {execution_id!r} in this store")

@@ -1,0 +1,212 @@
+"""An in-memory ``EventStore``: the same contract as the SQL backends, nothing on disk.
+
+Meant for tests (``WorkflowTestCase`` uses it) and for trying things out. Events are kept
+encoded, as a real backend would, so a value that cannot round-trip fails here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from .base import (
+    UNSET,
+    AppendResult,
+    EventStore,
+    ExecutionRecord,
+    ExecutionStatus,
+    NewExecution,
+    StoredEvent,
+    now,
+)
+from .errors import AppendConflictError, LeaseLostError
+from .events import Event, ExecutionStarted, decode_event, encode_event
+
+__all__ = ["MemoryEventStore"]
+
+
+class MemoryEventStore(EventStore):
+    """Executions and logs in dicts. ``url`` is ``memory://``."""
+
+    url = "memory://"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rows: dict[str, ExecutionRecord] = {}
+        self._logs: dict[str, list[bytes]] = {}
+        self._keys: dict[str, str] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def _wait_external(self, timeout: float) -> None:
+        # Nothing outside this process can change memory; only in-process notifications.
+        import asyncio
+
+        await asyncio.sleep(timeout)
+
+    async def create_execution(
+        self, new: NewExecution, started: ExecutionStarted
+    ) -> tuple[ExecutionRecord, bool]:
+        existing = self._rows.get(new.id)
+        if existing is None and new.idempotency_key is not None:
+            key_owner = self._keys.get(new.idempotency_key)
+            existing = self._rows.get(key_owner) if key_owner else None
+        if existing is not None:
+            return existing, False
+        t = now()
+        record = ExecutionRecord(
+            id=new.id,
+            workflow_name=new.workflow_name,
+            workflow_version=new.workflow_version,
+            status=ExecutionStatus.PENDING,
+            created_at=t,
+            updated_at=t,
+            tags=dict(new.tags),
+            idempotency_key=new.idempotency_key,
+            parent_id=new.parent_id,
+            last_seq=1,
+            secrets=new.secrets,
+        )
+        self._rows[new.id] = record
+        self._logs[new.id] = [encode_event(started)]
+        if new.idempotency_key is not None:
+            self._keys[new.idempotency_key] = new.id
+        self._notify(new.id)
+        return record, True
+
+    async def get_execution(self, execution_id: str) -> ExecutionRecord | None:
+        return self._rows.get(execution_id)
+
+    async def list_executions(
+        self,
+        *,
+        workflow_name: str | None = None,
+        statuses: Sequence[ExecutionStatus] | None = None,
+        tags: dict[str, str] | None = None,
+        parent_id: str | None = None,
+        created_after: float | None = None,
+        updated_after: float | None = None,
+        limit: int | None = 100,
+    ) -> list[ExecutionRecord]:
+        rows = [
+            r
+            for r in self._rows.values()
+            if (workflow_name is None or r.workflow_name == workflow_name)
+            and (statuses is None or r.status in statuses)
+            and (tags is None or all(r.tags.get(k) == v for k, v in tags.items()))
+            and (parent_id is None or r.parent_id == parent_id)
+            and (created_after is None or r.created_at >= created_after)
+            and (updated_after is None or r.updated_at >= updated_after)
+        ]
+        rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+        return rows if limit is None else rows[:limit]
+
+    async def request_cancel(self, execution_id: str) -> bool:
+        row = self._rows.get(execution_id)
+        if row is None or row.status.is_terminal:
+            return False
+        self._rows[execution_id] = dataclasses.replace(
+            row, cancel_requested=True, updated_at=now()
+        )
+        self._notify(execution_id)
+        return True
+
+    async def append(
+        self,
+        execution_id: str,
+        expected_seq: int,
+        events: Sequence[Event],
+        *,
+        status: ExecutionStatus | None = None,
+        error: str | None = None,
+        wake_at: float | None = UNSET,
+        lease_owner: str | None = None,
+    ) -> AppendResult:
+        row = self._rows.get(execution_id)
+        if row is None:
+            from .errors import ExecutionNotFoundError
+
+            raise ExecutionNotFoundError(execution_id)
+        log = self._logs[execution_id]
+        if expected_seq != len(log) + 1:
+            raise AppendConflictError(execution_id, expected_seq, len(log))
+        t = now()
+        if lease_owner is not None and (
+            row.lease_owner != lease_owner or (row.lease_expires_at or 0) < t
+        ):
+            raise LeaseLostError(
+                f"worker {lease_owner} no longer holds the lease on execution {execution_id}"
+            )
+        encoded = [encode_event(e) for e in events]
+        log.extend(encoded)
+        changes: dict[str, object] = {"last_seq": len(log), "updated_at": t}
+        if status is not None:
+            changes["status"] = status
+            if status.is_terminal:
+                changes["finished_at"] = t
+                changes["wake_at"] = None
+        if error is not None:
+            changes["error"] = error
+        if wake_at is not UNSET and not (status is not None and status.is_terminal):
+            changes["wake_at"] = wake_at
+        self._rows[execution_id] = row = dataclasses.replace(row, **changes)  # type: ignore[arg-type]
+        self._notify(execution_id)
+        return AppendResult(len(log), row.cancel_requested)
+
+    async def load(self, execution_id: str, after_seq: int = 0) -> list[StoredEvent]:
+        log = self._logs.get(execution_id, [])
+        return [
+            StoredEvent(execution_id, i + 1, decode_event(data))
+            for i, data in enumerate(log[after_seq:], start=after_seq)
+        ]
+
+    async def claim(
+        self, worker_id: str, *, lease_seconds: float, limit: int = 1
+    ) -> list[ExecutionRecord]:
+        t = now()
+        claimed: list[ExecutionRecord] = []
+        for row in sorted(self._rows.values(), key=lambda r: r.created_at):
+            if len(claimed) >= limit:
+                break
+            if row.status.is_terminal:
+                continue
+            if row.lease_owner is not None and (row.lease_expires_at or 0) >= t:
+                continue
+            if row.wake_at is not None and row.wake_at > t:
+                continue
+            new = dataclasses.replace(
+                row, lease_owner=worker_id, lease_expires_at=t + lease_seconds
+            )
+            self._rows[row.id] = new
+            claimed.append(new)
+        return claimed
+
+    async def renew_lease(
+        self, worker_id: str, execution_ids: Sequence[str], lease_seconds: float
+    ) -> list[str]:
+        t = now()
+        held = []
+        for eid in execution_ids:
+            row = self._rows.get(eid)
+            if row and row.lease_owner == worker_id and (row.lease_expires_at or 0) >= t:
+                self._rows[eid] = dataclasses.replace(row, lease_expires_at=t + lease_seconds)
+                held.append(eid)
+        return held
+
+    async def release(self, worker_id: str, execution_id: str) -> None:
+        row = self._rows.get(execution_id)
+        if row and row.lease_owner == worker_id:
+            self._rows[execution_id] = dataclasses.replace(
+                row, lease_owner=None, lease_expires_at=None
+            )
+
+    async def due_timers(self, now: float) -> list[tuple[str, float]]:
+        return sorted(
+            (r.id, r.wake_at)
+            for r in self._rows.values()
+            if r.wake_at is not None and r.wake_at <= now and not r.status.is_terminal
+        )
