@@ -98,6 +98,7 @@ class Runner:
         self._tasks: dict[asyncio.Task[tuple[str, Any]], tuple[str, int, int]] = {}
         self._remaining: dict[str, int] = {}
         self._ready: list[str] = []
+        self._open: list[str] = []  # steps with instances to run, in start order
         self._short_id = _NAME_SAFE.sub("-", self.execution_id)[:40]
         self._log = log.bind(execution_id=self.execution_id, workflow=spec.name)
 
@@ -231,7 +232,8 @@ class Runner:
                 self._waiting_on[d].append(name)
         h.newly_resolved.clear()
         self._ready = [n for n in spec.order if self._remaining[n] == 0 and not
-                       h.steps[n].resolved]
+                       h.steps[n].resolved and h.steps[n].status == "pending"]
+        self._open = [n for n in spec.order if h.steps[n].status == "running"]
 
     def _drain_resolved(self) -> None:
         h = self.h
@@ -274,7 +276,8 @@ class Runner:
             self._drain_resolved()
         next_retry: float | None = None
         running = {(n, i) for n, i, _ in self._tasks.values()}
-        for name in spec.order:
+        self._open = [n for n in self._open if h.steps[n].status == "running"]
+        for name in list(self._open):
             st = h.steps[name]
             if st.status != "running":
                 continue
@@ -291,6 +294,12 @@ class Runner:
                                             "ExecutionStopped", final=True)
                     else:
                         self._start_task(step, i, inst.attempt)  # in flight: replay it
+                elif inst.status == "retrying" and not stopping:
+                    # crashed between a failed attempt and its retry being scheduled
+                    self.emit(StepRetryScheduled(
+                        ts=now, step=name, instance=i, attempt=inst.attempt,
+                        retry_at=now + self._policy(step).delay(inst.attempt)))
+                    next_retry = min(next_retry or now, now)
                 elif inst.status == "retry_wait":
                     assert inst.retry_at is not None
                     if stopping:
@@ -376,6 +385,8 @@ class Runner:
 
     def _start_instance(self, step: StepSpec, instance: int, attempt: int, total: int) -> None:
         now = self.clock.now()
+        if self.h.steps[step.name].status == "pending":
+            self._open.append(step.name)
         deadline = now + step.timeout if step.timeout is not None else None
         self.emit(StepStarted(ts=now, step=step.name, instance=instance, attempt=attempt,
                               total=total, deadline=deadline))
