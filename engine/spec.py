@@ -466,7 +466,11 @@ def _topological_order(steps: dict[str, StepSpec], problems: list[str]) -> tuple
                 ready.append(m)
     if len(order) < len(steps):
         left = [n for n in steps if n not in order]
-        problems.append(f"depends_on forms a cycle: {' -> '.join(_find_cycle(steps, left))}")
+        cycle = " -> ".join(reversed(_find_cycle(steps, left)))
+        problems.append(
+            f"depends_on forms a cycle: {cycle} (each step would have to run before the next); "
+            "remove one of these dependencies"
+        )
     return tuple(order)
 
 
