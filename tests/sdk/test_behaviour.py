@@ -186,7 +186,7 @@ class TestCancel(WorkflowTestCase):
         mock_agent("slow-agent").returns({"ok": True}, delay=30)
         execution = await self.client.run_workflow(Cancellable(), ExecutionMode.ASYNC)
         for _ in range(200):
-            if any(e.type == "agent_started" for e in await execution.history()):
+            if any(e.type == "agent_deploy_requested" for e in await execution.history()):
                 break
             await asyncio.sleep(0.01)
         assert await execution.cancel() is True
