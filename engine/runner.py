@@ -105,7 +105,8 @@ class Runner:
     # ids ------------------------------------------------------------------------------
     def agent_id(self, step: str, instance: int, attempt: int, index: int) -> str:
         """Deterministic agent (container) name for a command."""
-        return f"flow-{self._short_id}-{_NAME_SAFE.sub('-', step)}-{instance}-{attempt}-{index}"
+        step_part = _NAME_SAFE.sub("-", step)[:60]
+        return f"flow-{self._short_id}-{step_part}-{instance}-{attempt}-{index}"
 
     def child_id(self, step: str, instance: int, attempt: int, index: int) -> str:
         """Deterministic id of a child execution started by a command."""

@@ -1,0 +1,588 @@
+"""The ``process`` runtime: agents run as local subprocesses under a small detached supervisor.
+
+Each agent gets a directory ``<root>/<agent_id>`` (``root`` defaults to ``$FLOW_HOME/agents``,
+else ``.flow/agents``) holding:
+
+``spec.json``        non-secret metadata: name, image, command argv, labels, timeout, cwd,
+                     created time. The environment is *not* written: env values may be
+                     secrets, so they reach the agent only through the process environment.
+``supervisor.pid``,  ``{"pid", "start", "boot_id", "started_at"}``; ``start`` is the process
+``agent.pid``        start time (``/proc/<pid>/stat`` field 22) so a reused pid is not taken
+                     for the agent.
+``stdout.log``,      the agent's output streams.
+``stderr.log``
+``output.json``      where ``$FLOW_OUTPUT`` points: the agent's reported output.
+``result.json``      written atomically by the supervisor when the agent is gone: exit code,
+                     start/finish times, ``timed_out``, ``stopped``.
+``supervisor.log``   the supervisor's own errors, if any.
+
+The directory is the agent's identity: ``launch`` creates it atomically (a rename of a
+prepared temp directory), so launching an id twice, concurrently or after an engine crash,
+runs the command once. The supervisor (``_supervisor.py``) double-forks out of the engine into
+its own session, so the agent survives the engine being killed and a new engine adopts it by
+its directory: ``lookup``/``wait`` read the pid files and ``result.json``; a directory with no
+result and nothing alive (a killed supervisor, a reboot) is reported as a lost agent (exit code
+-1). The outcome (output, log tail) is always computed from the files, so every reader gets
+the same one.
+
+The command argv *is* written to ``spec.json`` (and is visible in ``ps``); it is not secret-free
+in general, so the engine must redact secret values before the argv reaches the event log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from . import _supervisor as sup
+from .base import AgentOutcome, AgentRuntime, AgentSpec, AgentState, AgentStatus, parse_output
+
+__all__ = ["ProcessRuntime"]
+
+SPEC = "spec.json"
+#: a directory without ``supervisor.pid`` younger than this is an agent being launched
+_SPAWN_GRACE = 10.0
+_ENGINE_SECRET_PREFIX = "FLOW_SECRET"
+_LOG_TAIL_LINES = 50
+_LOG_TAIL_CHARS = 4096
+_OUTPUT_SCAN_BYTES = 4 * 1024 * 1024  # how much of stdout.log the output protocol reads
+_LOST = (
+    "flow: agent lost: its supervisor is gone and no result was recorded "
+    "(supervisor killed or machine rebooted)"
+)
+
+
+def _supervisor_argv(python: str) -> list[str]:
+    """How to start the supervisor quickly: ``-I -S`` skips ``site`` (the editable-install
+    finder alone costs tens of ms) and ``PYTHON*`` variables; importing the module from its
+    directory, rather than running it as a script, reuses its cached bytecode."""
+    path = os.path.abspath(sup.__file__)
+    if os.path.isfile(path) and path.endswith(".py"):
+        folder = os.path.dirname(path)
+        code = f"import sys; sys.path[:0] = [{folder!r}]; import _supervisor; _supervisor.run()"
+        return [python, "-I", "-S", "-c", code]
+    return [python, "-m", "agentainer_flow.engine.runtimes._supervisor"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Pid:
+    pid: int
+    start: str
+    boot_id: str
+    started_at: float | None
+
+
+def _read_pid(path: Path) -> _Pid | None:
+    data = _read_json(path)
+    if data is None:
+        return None
+    try:
+        started_at = data.get("started_at")
+        return _Pid(
+            pid=int(data["pid"]),
+            start=str(data.get("start") or ""),
+            boot_id=str(data.get("boot_id") or ""),
+            started_at=float(started_at) if started_at is not None else None,
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _alive(p: _Pid) -> bool:
+    """Whether the recorded process still runs (not a zombie, not a reuse of its pid)."""
+    if p.pid <= 0:
+        return False
+    if p.boot_id and p.boot_id != sup.boot_id():
+        return False
+    stat = sup.proc_stat(p.pid)
+    if stat is not None:
+        state, start = stat
+        return state not in ("Z", "X", "x") and (not p.start or start == p.start)
+    if os.path.isdir("/proc/self"):
+        return False  # there is a /proc and the pid is not in it
+    try:  # no /proc (macOS): best effort
+        os.kill(p.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _read_tail(path: Path, max_bytes: int) -> str:
+    """The end of a file (at most ``max_bytes``, starting on a line boundary)."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - max_bytes)
+            f.seek(start)
+            data = f.read()
+    except OSError:
+        return ""
+    if start > 0:
+        newline = data.find(b"\n")
+        data = data[newline + 1 :] if newline >= 0 else b""
+    return data.decode("utf-8", "replace")
+
+
+def _tail_lines(path: Path, lines: int) -> str:
+    if lines <= 0:
+        return ""
+    text = _read_tail(path, max(64 * 1024, lines * 512))
+    kept = text.splitlines(keepends=True)[-lines:]
+    out = "".join(kept)
+    return out if not out or out.endswith("\n") else out + "\n"
+
+
+def _log_tail(agent_dir: Path, note: str = "") -> str:
+    """The last ~50 lines of stderr then stdout, capped at ~4 KB (stdout keeps up to 1 KB)."""
+    err = _tail_lines(agent_dir / sup.STDERR, _LOG_TAIL_LINES)
+    out = _tail_lines(agent_dir / sup.STDOUT, _LOG_TAIL_LINES)
+    budget = _LOG_TAIL_CHARS - len(note)
+    err = _last(err, budget - min(len(out), 1024))
+    out = _last(out, budget - len(err))
+    return err + out + note
+
+
+def _last(text: str, chars: int) -> str:
+    return text[len(text) - chars :] if chars > 0 else ""
+
+
+def _check_agent_id(agent_id: str) -> None:
+    ok = (
+        0 < len(agent_id) <= 200
+        and agent_id[0].isascii()
+        and agent_id[0].isalnum()
+        and all(c.isascii() and (c.isalnum() or c in "_.-") for c in agent_id)
+    )
+    if not ok:
+        raise ValueError(f"invalid agent id {agent_id!r}: use [A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _image_keys(image: str) -> list[str]:
+    """``image`` itself, then without its tag/digest, then with ``:latest`` if it had none."""
+    keys = [image]
+    name = image.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        name = name[:colon]
+    if name not in keys:
+        keys.append(name)
+    if image == name:
+        keys.append(f"{name}:latest")
+    return keys
+
+
+class ProcessRuntime(AgentRuntime):
+    """Runs agents as local subprocesses, one detached supervisor per agent.
+
+    ``images`` maps container images to commands so that workflows written for images run
+    locally; a key without a tag (``"my-fetcher"``) matches any tag of that image. A command
+    given to ``deploy_agent`` wins over the mapping.
+
+    The command argv and labels are written to ``spec.json`` in clear; the environment never
+    is (it reaches the agent through the supervisor's process environment). Secrets placed
+    into the argv are therefore on disk: the engine redacts them from events, not from here.
+    """
+
+    name = "process"
+
+    def __init__(
+        self,
+        *,
+        root: str | Path | None = None,
+        images: Mapping[str, Sequence[str]] | None = None,
+        poll_interval: float = 0.05,
+        python: str = sys.executable,
+        cwd: str | Path | None = None,
+        kill_grace: float = 5.0,
+    ) -> None:
+        """``cwd``: the agents' working directory (default: the engine's at launch time).
+        ``kill_grace``: seconds between SIGTERM and SIGKILL when stopping an agent."""
+        if root is None:
+            home = os.environ.get("FLOW_HOME")
+            root = Path(home) / "agents" if home else Path(".flow") / "agents"
+        self.root = Path(root).absolute()
+        self.images: dict[str, list[str]] = {k: list(v) for k, v in (images or {}).items()}
+        self.poll_interval = poll_interval
+        self.python = python
+        self.cwd = Path(cwd).absolute() if cwd is not None else None
+        self.kill_grace = kill_grace
+
+    # -- paths --
+
+    def agent_dir(self, agent_id: str) -> Path:
+        """The directory of ``agent_id`` (it exists once the agent was launched)."""
+        _check_agent_id(agent_id)
+        return self.root / agent_id
+
+    async def open(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- launch --
+
+    def command_for(self, spec: AgentSpec) -> list[str]:
+        """The argv ``spec`` runs: its command, else its image's mapped command."""
+        if spec.command:
+            return list(spec.command)
+        for key in _image_keys(spec.image):
+            command = self.images.get(key)
+            if command:
+                return list(command)
+        raise ValueError(
+            f"agent '{spec.name}': no command for image '{spec.image}': pass command=[...] to "
+            f"deploy_agent or map the image with ProcessRuntime(images={{'{spec.image}': [...]}})"
+        )
+
+    async def launch(self, spec: AgentSpec) -> None:
+        final = self.agent_dir(spec.agent_id)
+        if final.exists():
+            return  # adopt
+        command = self.command_for(spec)
+        self.root.mkdir(parents=True, exist_ok=True)
+        cwd = self.cwd or Path.cwd()
+        tmp = self.root / f".tmp-{spec.agent_id}-{secrets.token_hex(4)}"
+        tmp.mkdir(mode=0o700)
+        try:
+            meta = {
+                "agent_id": spec.agent_id,
+                "name": spec.name,
+                "image": spec.image,
+                "command": command,
+                "labels": dict(spec.labels),
+                "resources": dict(spec.resources),
+                "network": spec.network,
+                "timeout": spec.timeout,
+                "cwd": str(cwd),
+                "runtime": self.name,
+                "created_at": time.time(),
+            }
+            (tmp / SPEC).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            try:
+                os.rename(tmp, final)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    return  # launched concurrently by someone else: adopt
+                raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            await self._spawn(spec, command, final, cwd)
+        except Exception:  # not started: forget it (a cancelled launch did start)
+            self._discard(final)
+            raise
+
+    async def _spawn(self, spec: AgentSpec, command: list[str], agent_dir: Path, cwd: Path) -> None:
+        # the engine's own secrets (FLOW_SECRET_<NAME>, FLOW_SECRETS_KEY) are not inherited:
+        # an agent gets the secrets its spec passes, nothing else
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_ENGINE_SECRET_PREFIX)}
+        env.update(spec.env)
+        env["FLOW_OUTPUT"] = str(agent_dir / sup.OUTPUT)
+        env["FLOW_AGENT_ID"] = spec.agent_id
+        env["FLOW_AGENT_NAME"] = spec.name
+        argv = [*_supervisor_argv(self.python), str(agent_dir)]
+        if spec.timeout is not None:
+            argv += ["--timeout", repr(float(spec.timeout))]
+        argv += ["--grace", repr(float(self.kill_grace)), "--cwd", str(cwd), "--", *command]
+        proc = _start_supervisor(argv, env, agent_dir)
+        # the first supervisor process forks the real one, records its pid and exits at once
+        try:
+            await self._wait_child(proc)
+        except BaseException:
+            proc.wait()  # cancelled: it only forks and exits, so this is brief; keep the agent
+            raise
+        if proc.returncode != 0 or not (agent_dir / sup.SUPERVISOR_PID).exists():
+            log_text = _read_tail(agent_dir / sup.SUPERVISOR_LOG, 4096).strip()
+            raise RuntimeError(
+                f"agent '{spec.name}': the process supervisor failed to start "
+                f"(exit code {proc.returncode}){': ' + log_text if log_text else ''}"
+            )
+
+    async def _wait_child(self, proc: subprocess.Popen[bytes]) -> None:
+        """Reap a short-lived child without blocking the event loop."""
+        fd = _pidfd_open(proc.pid)
+        if fd is None:
+            await asyncio.to_thread(proc.wait)
+            return
+        try:
+            await _readable(fd, None)
+        finally:
+            os.close(fd)
+        proc.wait()
+
+    def _discard(self, agent_dir: Path) -> None:
+        trash = self.root / f".trash-{agent_dir.name}-{secrets.token_hex(4)}"
+        try:
+            os.rename(agent_dir, trash)
+        except OSError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # -- state --
+
+    async def lookup(self, agent_id: str) -> AgentStatus:
+        return self._status(self.agent_dir(agent_id))
+
+    def _status(self, agent_dir: Path) -> AgentStatus:
+        if not agent_dir.is_dir():
+            return AgentStatus(AgentState.MISSING)
+        result = _read_json(agent_dir / sup.RESULT)
+        if result is not None:
+            return AgentStatus(AgentState.EXITED, self._outcome(agent_dir, result))
+        if self._live_pid(agent_dir) is not None or self._starting(agent_dir):
+            return AgentStatus(AgentState.RUNNING)
+        result = _read_json(agent_dir / sup.RESULT)  # it may have finished meanwhile
+        if result is None:
+            result = {"exit_code": -1, "lost": True}
+        return AgentStatus(AgentState.EXITED, self._outcome(agent_dir, result))
+
+    def _live_pid(self, agent_dir: Path) -> _Pid | None:
+        """The supervisor if it runs, else the agent if it runs (supervisor killed), else None."""
+        for name in (sup.SUPERVISOR_PID, sup.AGENT_PID):
+            p = _read_pid(agent_dir / name)
+            if p is not None and _alive(p):
+                return p
+        return None
+
+    @staticmethod
+    def _starting(agent_dir: Path) -> bool:
+        """No supervisor recorded yet, but the directory is fresh: a launch is under way."""
+        if (agent_dir / sup.SUPERVISOR_PID).exists():
+            return False
+        try:
+            age = time.time() - (agent_dir / SPEC).stat().st_mtime
+        except OSError:
+            return False
+        return age < _SPAWN_GRACE
+
+    @staticmethod
+    def _outcome(agent_dir: Path, result: Mapping[str, Any]) -> AgentOutcome:
+        try:
+            output_text: str | None = (agent_dir / sup.OUTPUT).read_text(errors="replace")
+        except OSError:
+            output_text = None
+        output = parse_output(output_text, _read_tail(agent_dir / sup.STDOUT, _OUTPUT_SCAN_BYTES))
+        started_at = result.get("started_at")
+        finished_at = result.get("finished_at")
+        lost = bool(result.get("lost"))
+        if lost and started_at is None:
+            agent = _read_pid(agent_dir / sup.AGENT_PID)
+            started_at = agent.started_at if agent else None
+        return AgentOutcome(
+            exit_code=int(result.get("exit_code", -1)),
+            output=output,
+            log_tail=_log_tail(agent_dir, _LOST + "\n" if lost else ""),
+            started_at=float(started_at) if started_at is not None else None,
+            finished_at=float(finished_at) if finished_at is not None else None,
+            timed_out=bool(result.get("timed_out", False)),
+        )
+
+    # -- wait / stop --
+
+    async def wait(self, agent_id: str, timeout: float | None = None) -> AgentOutcome:  # noqa: ASYNC109
+        agent_dir = self.agent_dir(agent_id)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            status = self._status(agent_dir)
+            if status.state is AgentState.MISSING:
+                raise LookupError(f"no agent {agent_id!r} under {self.root}")
+            if status.outcome is not None:
+                return status.outcome
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                break
+            live = self._live_pid(agent_dir)
+            if live is None:  # being launched by someone else
+                await asyncio.sleep(self.poll_interval)
+            else:
+                await self._wait_exit(live, remaining)
+        await self._terminate(agent_dir, timed_out=True)
+        outcome = self._status(agent_dir).outcome
+        if outcome is None:  # removed meanwhile
+            raise LookupError(f"no agent {agent_id!r} under {self.root}")
+        return replace(outcome, timed_out=True)
+
+    async def _wait_exit(self, p: _Pid, seconds: float | None) -> bool:
+        """Wait until process ``p`` is gone (a pidfd where the kernel has them, else polling).
+
+        Returns False on timeout. Cancelling only stops the waiting."""
+        fd = _pidfd_open(p.pid)
+        if fd is not None:
+            try:
+                if not _alive(p):  # the pid was reused before we opened it
+                    return True
+                if not await _readable(fd, seconds):
+                    return False
+                _reap_if_ours(fd)
+                return True
+            finally:
+                os.close(fd)
+        loop = asyncio.get_running_loop()
+        deadline = None if seconds is None else loop.time() + seconds
+        while _alive(p):
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            await asyncio.sleep(self.poll_interval)
+        return True
+
+    async def stop(self, agent_id: str) -> None:
+        await self._terminate(self.agent_dir(agent_id), timed_out=False)
+
+    async def _terminate(self, agent_dir: Path, *, timed_out: bool) -> None:
+        """Stop the agent and make sure ``result.json`` exists afterwards."""
+        result_path = agent_dir / sup.RESULT
+        while True:  # a launch under way elsewhere: let it record its pids first
+            if not self._starting(agent_dir):
+                break
+            await asyncio.sleep(self.poll_interval)
+        if self._status(agent_dir).state is not AgentState.RUNNING:
+            return
+        supervisor = _read_pid(agent_dir / sup.SUPERVISOR_PID)
+        if supervisor is not None and _alive(supervisor):
+            # the supervisor stops the agent (SIGTERM, SIGKILL after the grace) and records it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(supervisor.pid, signal.SIGUSR1 if timed_out else signal.SIGTERM)
+            if not await self._wait_exit(supervisor, self.kill_grace + 5.0):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(supervisor.pid, signal.SIGKILL)
+                await self._wait_exit(supervisor, 5.0)
+            if result_path.exists():
+                return
+        # no supervisor to do it: stop the agent's process group ourselves
+        agent = _read_pid(agent_dir / sup.AGENT_PID)
+        exit_code = -1
+        if agent is not None and _alive(agent):
+            exit_code = -signal.SIGTERM
+            _killpg(agent.pid, signal.SIGTERM)
+            if not await self._wait_exit(agent, self.kill_grace):
+                exit_code = -signal.SIGKILL
+                _killpg(agent.pid, signal.SIGKILL)
+                await self._wait_exit(agent, 5.0)
+            _killpg(agent.pid, signal.SIGKILL)
+        result: dict[str, Any] = {
+            "exit_code": exit_code,
+            "started_at": agent.started_at if agent else None,
+            "finished_at": time.time(),
+            "timed_out": timed_out,
+            "stopped": not timed_out,
+        }
+        if exit_code == -1:
+            result["lost"] = True
+        sup.write_atomic(str(result_path), json.dumps(result) + "\n", exclusive=True)
+
+    # -- logs / remove --
+
+    async def logs(self, agent_id: str, tail: int = 100) -> str:
+        """The last ``tail`` lines of stdout, then the last ``tail`` lines of stderr (the two
+        streams are kept in separate files, so their interleaving is not known)."""
+        agent_dir = self.agent_dir(agent_id)
+        return _tail_lines(agent_dir / sup.STDOUT, tail) + _tail_lines(agent_dir / sup.STDERR, tail)
+
+    async def remove(self, agent_id: str) -> None:
+        agent_dir = self.agent_dir(agent_id)
+        if not agent_dir.is_dir():
+            return
+        if self._status(agent_dir).state is AgentState.RUNNING:
+            await self.stop(agent_id)
+        _reap_exited(_read_pid(agent_dir / sup.SUPERVISOR_PID))
+        self._discard(agent_dir)
+
+
+def _start_supervisor(
+    argv: list[str], env: dict[str, str], agent_dir: Path
+) -> subprocess.Popen[bytes]:
+    """Start the supervisor's first process (fork+exec: fast enough to do on the loop)."""
+    with open(agent_dir / sup.SUPERVISOR_LOG, "ab") as log:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=agent_dir,
+            start_new_session=True,
+        )
+
+
+def _reap_exited(p: _Pid | None) -> None:
+    """Reap the recorded process if it is an exited (zombie) child of this process."""
+    if p is None or _alive(p):
+        return
+    stat = sup.proc_stat(p.pid)
+    if stat is None or stat[0] != "Z" or (p.start and stat[1] != p.start):
+        return
+    fd = _pidfd_open(p.pid)
+    if fd is not None:
+        try:
+            _reap_if_ours(fd)
+        finally:
+            os.close(fd)
+
+
+def _reap_if_ours(pidfd: int) -> None:
+    """Reap an exited supervisor if it was reparented to this process (an engine running as
+    PID 1 or as a child subreaper would otherwise collect zombies)."""
+    p_pidfd = getattr(os, "P_PIDFD", None)
+    if p_pidfd is not None:
+        with contextlib.suppress(OSError):
+            os.waitid(p_pidfd, pidfd, os.WEXITED | os.WNOHANG)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(OSError):
+        os.killpg(pgid, sig)
+
+
+def _pidfd_open(pid: int) -> int | None:
+    """A pidfd for ``pid`` (readable once it exits), or None where unsupported or gone."""
+    opener = getattr(os, "pidfd_open", None)
+    if opener is None:
+        return None
+    try:
+        fd: int = opener(pid)
+    except OSError:
+        return None
+    return fd
+
+
+async def _readable(fd: int, seconds: float | None) -> bool:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def on_ready() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, on_ready)
+    try:
+        async with asyncio.timeout(seconds):
+            await ready
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
