@@ -94,7 +94,7 @@ class Runner:
             None if record.status is ExecutionStatus.RUNNING else ExecutionStatus.RUNNING
         )
         self._fatal: BaseException | None = None
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
         self._tasks: dict[asyncio.Task[tuple[str, Any]], tuple[str, int, int]] = {}
         self._remaining: dict[str, int] = {}
         self._ready: list[str] = []
@@ -143,7 +143,7 @@ class Runner:
                     status=status, error=error, wake_at=wake_at)
             except StoreError as exc:
                 self._fatal = exc
-                self._wake.set()
+                self._wakeup()
                 raise _Aborted() from exc
             self.durable_seq = result.last_seq
             self._status = None
@@ -164,14 +164,14 @@ class Runner:
         """Note a divergence; the execution stops even if user code swallows the error."""
         if self._fatal is None:
             self._fatal = exc
-            self._wake.set()
+            self._wakeup()
         return exc
 
     def request_cancel(self, reason: str = "") -> None:
         """Ask the scheduler to cancel (from the client, or seen in the store)."""
         self._cancel_reason = reason
         self._cancel_wanted = True
-        self._wake.set()
+        self._wakeup()
 
     _cancel_wanted = False
     _cancel_reason = ""
@@ -395,7 +395,7 @@ class Runner:
 
     def _start_task(self, step: StepSpec, instance: int, attempt: int) -> None:
         task = asyncio.ensure_future(self._run_instance(step, instance, attempt))
-        task.add_done_callback(lambda _t: self._wake.set())
+        task.add_done_callback(self._wakeup)
         self._tasks[task] = (step.name, instance, attempt)
 
     async def _run_instance(self, step: StepSpec, instance: int, attempt: int) -> tuple[str, Any]:
@@ -462,27 +462,34 @@ class Runner:
                 body.cancel()
                 await asyncio.gather(body, return_exceptions=True)
 
+    def _wakeup(self, *_: object) -> None:
+        """Wake the scheduler loop (an instance finished, a cancel or a fatal error)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def _wait(self, next_retry: float | None,
                     deadline_task: asyncio.Future[None] | None) -> None:
-        self._wake.clear()
-        if any(t.done() for t in self._tasks):
+        if any(t.done() for t in self._tasks) or self._fatal is not None or (
+                self._cancel_wanted and not self.h.cancel_requested):
             await self._collect()
             return
-        waiters: set[asyncio.Future[Any]] = set()
-        wake = asyncio.ensure_future(self._wake.wait())
-        waiters.add(wake)
-        retry = None
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        timers: set[asyncio.Future[Any]] = set()
         if next_retry is not None:
-            retry = asyncio.ensure_future(self.clock.sleep_until(next_retry))
-            waiters.add(retry)
+            timers.add(asyncio.ensure_future(self.clock.sleep_until(next_retry)))
         if deadline_task is not None and not deadline_task.done():
-            waiters.add(deadline_task)
+            timers.add(deadline_task)
         try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if timers:
+                await asyncio.wait({waiter, *timers}, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await waiter
         finally:
-            wake.cancel()
-            if retry is not None:
-                retry.cancel()
+            self._waiter = None
+            for timer in timers:
+                if timer is not deadline_task:
+                    timer.cancel()
         await self._collect()
 
     async def _collect(self) -> None:

@@ -8,6 +8,7 @@ result without doing the work again.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -53,7 +54,7 @@ class WordCount:
 
 
 async def main() -> int:
-    store = "sqlite:///" + str(HERE.parent / ".flow" / "quickstart.db")
+    store = os.environ.get("QUICKSTART_STORE") or "sqlite:///" + str(HERE.parent / ".flow" / "quickstart.db")
     images = {"word-counter:latest": [sys.executable, str(HERE / "agents" / "word_count.py")]}
     async with WorkflowClient(store=store, runtime="process", images=images) as client:
         execution = await client.run_workflow(
