@@ -22,7 +22,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def types(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
-    session.run("mypy")
+    session.run("python", "scripts/typecheck.py")
 
 
 @nox.session

@@ -206,7 +206,7 @@ class ConfigurationError(FlowError):
     code = "configuration"
 
 
-class EngineSignal(BaseException):  # noqa: N818 - a signal, not an error
+class EngineSignal(BaseException):
     """Engine control flow raised through user code; ``except Exception`` cannot catch it."""
 
 

@@ -134,12 +134,12 @@ async def replay_history(
         if not isinstance(ev, StepStarted) or ev.total == 0:
             continue
         key = (ev.step, ev.instance, ev.attempt)
-        error = await _check_attempt(runner, spec, ev, dict(state), outcomes.get(key))
+        found = await _check_attempt(runner, spec, ev, dict(state), outcomes.get(key))
         report.attempts_checked += 1
-        if error == "in_flight":
+        if found == "in_flight":
             report.in_flight.append(f"{ev.step}[{ev.instance}]#{ev.attempt}")
-        elif error is not None:
-            report.error = error
+        elif isinstance(found, NonDeterminismError):
+            report.error = found
             return report
     return report
 

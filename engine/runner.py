@@ -42,7 +42,7 @@ from .errors import (
 )
 from .history import ExecutionState
 from .secrets import Redactor, SecretStore
-from .spec import ErrorHandler, RetryPolicy, StepSpec, WorkflowSpec
+from .spec import RetryPolicy, StepSpec, WorkflowSpec
 
 if TYPE_CHECKING:
     from .engine import Engine, Outcome

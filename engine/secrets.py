@@ -88,8 +88,8 @@ def _fernet(key: str) -> Any:
         return Fernet(key.encode())
     except ValueError as exc:
         raise ConfigurationError(
-            f"{KEY_ENV} is not a valid key ({exc}); generate one with "
-            "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
+            f"{KEY_ENV} is not a valid key ({exc}); generate one with python -c "
+            "'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
         ) from None
 
 

@@ -72,7 +72,9 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
-            raise ValueError(f"RetryPolicy.max_attempts must be at least 1, got {self.max_attempts}")
+            raise ValueError(
+                f"RetryPolicy.max_attempts must be at least 1, got {self.max_attempts}"
+            )
         if self.backoff not in ("exponential", "linear", "fixed"):
             raise ValueError(
                 f"RetryPolicy.backoff must be 'exponential', 'linear' or 'fixed', "

@@ -54,7 +54,8 @@ class WordCount:
 
 
 async def main() -> int:
-    store = os.environ.get("QUICKSTART_STORE") or "sqlite:///" + str(HERE.parent / ".flow" / "quickstart.db")
+    default = "sqlite:///" + str(HERE.parent / ".flow" / "quickstart.db")
+    store = os.environ.get("QUICKSTART_STORE") or default
     images = {"word-counter:latest": [sys.executable, str(HERE / "agents" / "word_count.py")]}
     async with WorkflowClient(store=store, runtime="process", images=images) as client:
         execution = await client.run_workflow(

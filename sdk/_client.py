@@ -10,8 +10,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
-from agentainer_flow.engine import Clock, Engine
-from agentainer_flow.engine import values
+from agentainer_flow.engine import Clock, Engine, values
 from agentainer_flow.engine.durations import Duration, parse_duration
 from agentainer_flow.engine.errors import ConfigurationError
 from agentainer_flow.engine.runtimes.base import AgentRuntime
@@ -20,7 +19,6 @@ from agentainer_flow.store import (
     ExecutionNotFoundError,
     ExecutionRecord,
     ExecutionStatus,
-    StoredEvent,
     create_store,
 )
 from agentainer_flow.store.events import StateSet

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 from agentainer_flow.engine.durations import Duration
 from agentainer_flow.engine.spec import (
@@ -63,7 +63,7 @@ def workflow(
         spec = build_workflow_spec(
             klass, name=name, description=description, version=version,
             max_retries=max_retries, timeout=timeout, retry_policy=retry_policy)
-        original = klass.__init__
+        original: Any = cast(Any, klass).__init__
 
         @functools.wraps(original)
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -71,7 +71,7 @@ def workflow(
                 self.__dict__[ARGS_ATTR] = (args, kwargs)
             original(self, *args, **kwargs)
 
-        klass.__init__ = __init__  # type: ignore[misc]
+        cast(Any, klass).__init__ = __init__
         setattr(klass, SPEC_ATTR, spec)
         register(spec)
         return klass

@@ -98,7 +98,7 @@ def _where(ev: Any) -> str:
     return f"{ev.step}[{ev.instance}]" + (f" attempt {ev.attempt}" if ev.attempt > 1 else "")
 
 
-def _message(ev: Event) -> str:  # noqa: PLR0911 - one line per event type
+def _message(ev: Event) -> str:
     if isinstance(ev, ExecutionStarted):
         return f"workflow {ev.workflow_name!r} (version {ev.workflow_version}) started"
     if isinstance(ev, StepStarted):

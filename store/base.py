@@ -118,6 +118,8 @@ class EventStore(ABC):
 
     #: seconds between polls when a backend has no push notification
     poll_interval: float = 0.2
+    #: the URL the store was opened with (passwords masked where shown)
+    url: str = ""
 
     def __init__(self) -> None:
         self._changed: dict[str | None, asyncio.Event] = {}

@@ -53,7 +53,7 @@ class Event(msgspec.Struct, tag=True, frozen=True, kw_only=True, omit_defaults=T
     ts: float = 0.0
 
 
-class ExecutionStarted(Event, kw_only=True):
+class ExecutionStarted(Event, kw_only=True, frozen=True):
     """First event of every history: what was started, with which inputs."""
 
     workflow_name: str
@@ -66,7 +66,7 @@ class ExecutionStarted(Event, kw_only=True):
     deadline: float | None = None  # absolute workflow timeout
 
 
-class StepEvent(Event, kw_only=True):
+class StepEvent(Event, kw_only=True, frozen=True):
     """An event about one attempt of one instance of a step."""
 
     step: str
@@ -74,20 +74,20 @@ class StepEvent(Event, kw_only=True):
     attempt: int = 1
 
 
-class StepStarted(StepEvent, kw_only=True):
+class StepStarted(StepEvent, kw_only=True, frozen=True):
     """An attempt of a step instance started; ``deadline`` is its absolute timeout."""
 
     total: int = 1
     deadline: float | None = None
 
 
-class StepCompleted(StepEvent, kw_only=True):
+class StepCompleted(StepEvent, kw_only=True, frozen=True):
     """An attempt finished with ``result`` (an encoded value)."""
 
     result: Any = None
 
 
-class StepFailed(StepEvent, kw_only=True):
+class StepFailed(StepEvent, kw_only=True, frozen=True):
     """An attempt failed. ``final`` marks the failure that ends the step (no retry left)."""
 
     error: str
@@ -96,26 +96,26 @@ class StepFailed(StepEvent, kw_only=True):
     retryable: bool = True
 
 
-class StepRetryScheduled(StepEvent, kw_only=True):
+class StepRetryScheduled(StepEvent, kw_only=True, frozen=True):
     """The next attempt of a failed step instance will start at ``retry_at``."""
 
     retry_at: float
 
 
-class StepSkipped(Event, kw_only=True):
+class StepSkipped(Event, kw_only=True, frozen=True):
     """The step will not run (``when`` was false, or an upstream step was skipped)."""
 
     step: str
     reason: str = ""
 
 
-class CommandEvent(StepEvent, kw_only=True):
+class CommandEvent(StepEvent, kw_only=True, frozen=True):
     """An event produced by the ``index``-th ``ctx`` command of a step attempt."""
 
     index: int
 
 
-class AgentDeployRequested(CommandEvent, kw_only=True):
+class AgentDeployRequested(CommandEvent, kw_only=True, frozen=True):
     """Intent to launch an agent under the deterministic ``agent_id``."""
 
     name: str
@@ -127,7 +127,7 @@ class AgentDeployRequested(CommandEvent, kw_only=True):
     deadline: float | None = None
 
 
-class AgentStarted(CommandEvent, kw_only=True):
+class AgentStarted(CommandEvent, kw_only=True, frozen=True):
     """The runtime reports the agent running (or adopted after a crash)."""
 
     agent_id: str
@@ -135,7 +135,7 @@ class AgentStarted(CommandEvent, kw_only=True):
     adopted: bool = False
 
 
-class AgentCompleted(CommandEvent, kw_only=True):
+class AgentCompleted(CommandEvent, kw_only=True, frozen=True):
     """The agent exited with ``exit_code`` 0 and reported ``output``."""
 
     agent_id: str
@@ -145,7 +145,7 @@ class AgentCompleted(CommandEvent, kw_only=True):
     finished_at: float | None = None
 
 
-class AgentFailed(CommandEvent, kw_only=True):
+class AgentFailed(CommandEvent, kw_only=True, frozen=True):
     """The agent exited non-zero, timed out or was lost."""
 
     agent_id: str
@@ -156,7 +156,7 @@ class AgentFailed(CommandEvent, kw_only=True):
     finished_at: float | None = None
 
 
-class StateSet(CommandEvent, kw_only=True):
+class StateSet(CommandEvent, kw_only=True, frozen=True):
     """A write to ``ctx.state`` (``deleted`` marks ``del ctx.state[key]``)."""
 
     key: str
@@ -164,31 +164,31 @@ class StateSet(CommandEvent, kw_only=True):
     deleted: bool = False
 
 
-class TimerStarted(CommandEvent, kw_only=True):
+class TimerStarted(CommandEvent, kw_only=True, frozen=True):
     """A durable timer that fires at the absolute time ``fire_at``."""
 
     fire_at: float
 
 
-class TimerFired(CommandEvent, kw_only=True):
+class TimerFired(CommandEvent, kw_only=True, frozen=True):
     """The timer of command ``index`` fired."""
 
 
-class SideEffectRecorded(CommandEvent, kw_only=True):
+class SideEffectRecorded(CommandEvent, kw_only=True, frozen=True):
     """A non-deterministic value (now, random, uuid) recorded on first execution."""
 
     kind: str
     value: Any = None
 
 
-class ChildWorkflowStarted(CommandEvent, kw_only=True):
+class ChildWorkflowStarted(CommandEvent, kw_only=True, frozen=True):
     """A child execution was started under the deterministic ``child_id``."""
 
     child_id: str
     workflow_name: str
 
 
-class ChildWorkflowCompleted(CommandEvent, kw_only=True):
+class ChildWorkflowCompleted(CommandEvent, kw_only=True, frozen=True):
     """The child execution finished; ``error`` is set when it did not succeed."""
 
     child_id: str
@@ -197,14 +197,14 @@ class ChildWorkflowCompleted(CommandEvent, kw_only=True):
     status: str = "completed"
 
 
-class LogRecorded(CommandEvent, kw_only=True):
+class LogRecorded(CommandEvent, kw_only=True, frozen=True):
     """A ``ctx.log`` message."""
 
     level: str = "info"
     message: str = ""
 
 
-class MetricRecorded(CommandEvent, kw_only=True):
+class MetricRecorded(CommandEvent, kw_only=True, frozen=True):
     """A ``ctx.metric`` sample."""
 
     name: str
@@ -212,19 +212,19 @@ class MetricRecorded(CommandEvent, kw_only=True):
     tags: dict[str, str] = {}
 
 
-class CancelRequested(Event, kw_only=True):
+class CancelRequested(Event, kw_only=True, frozen=True):
     """Someone asked for the execution to stop."""
 
     reason: str = ""
 
 
-class ExecutionCompleted(Event, kw_only=True):
+class ExecutionCompleted(Event, kw_only=True, frozen=True):
     """The execution succeeded with ``result`` (an encoded value)."""
 
     result: Any = None
 
 
-class ExecutionFailed(Event, kw_only=True):
+class ExecutionFailed(Event, kw_only=True, frozen=True):
     """The execution failed."""
 
     error: str
@@ -232,7 +232,7 @@ class ExecutionFailed(Event, kw_only=True):
     step: str | None = None
 
 
-class ExecutionCancelled(Event, kw_only=True):
+class ExecutionCancelled(Event, kw_only=True, frozen=True):
     """The execution was cancelled; its ``always_run`` steps have run."""
 
     reason: str = ""
@@ -264,7 +264,7 @@ AnyEvent = (
 )
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.__name__: cls for cls in AnyEvent.__args__  # type: ignore[attr-defined]
+    cls.__name__: cls for cls in AnyEvent.__args__
 }
 
 _encoder = msgspec.json.Encoder()

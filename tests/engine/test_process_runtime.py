@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from agentainer_flow.engine.runtimes.base import AgentSpec, AgentState
 from agentainer_flow.engine.runtimes.process import ProcessRuntime
 

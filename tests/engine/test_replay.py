@@ -76,7 +76,7 @@ async def run_clean() -> tuple[object, list, object]:
 
 
 async def test_clean_run_types_and_state():
-    result, history, _ = await run_clean()
+    result, _, _ = await run_clean()
     assert isinstance(result, Summary)
     assert result == Summary(total=39, names=["3", "13", "23"])
 
