@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agentainer_flow import Context, step, workflow
+from agentainer_flow import step, workflow
 from agentainer_flow.engine.runtimes.base import AgentSpec
 from agentainer_flow.engine.runtimes.mock import MockRegistry, MockRuntime
 from agentainer_flow.store import MemoryEventStore
