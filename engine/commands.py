@@ -482,7 +482,8 @@ class AgentHandle:
                 with runner.clock.busy():
                     outcome = await runner.runtime.wait(self.id, timeout)
             except BaseException:
-                await runner.runtime.stop(self.id)
+                if not runner.engine.is_shutting_down:  # else left running, to be adopted
+                    await runner.runtime.stop(self.id)
                 raise
         redact = runner.redactor
         if outcome.exit_code == 0 and not outcome.timed_out:

@@ -172,6 +172,8 @@ class Engine:
         if self.tasks.get(execution_id) is task:
             del self.tasks[execution_id]
         self.runners.pop(execution_id, None)
+        self._secrets.pop(execution_id, None)
+        self._objects.pop(execution_id, None)
         if not task.cancelled():
             task.exception()  # retrieved: callers get it through wait_outcome/get_result
 

@@ -210,6 +210,10 @@ class Runner:
                 await self.flush()
                 await self._wait(next_retry, deadline_task)
             return await self._finish()
+        except _Aborted:
+            await self._cancel_tasks()
+            assert self._fatal is not None
+            raise self._fatal from None
         except BaseException:
             await self._cancel_tasks()
             raise
@@ -433,9 +437,10 @@ class Runner:
             tree = values.dump(result, where=f"result of step {step.name!r}")
             return ("ok", tree)
         except asyncio.CancelledError:
-            for handle in rt.handles:
-                if not handle.done:
-                    await self.runtime.stop(handle.id)
+            if not self.engine.is_shutting_down:  # on shutdown agents run on, to be adopted
+                for handle in rt.handles:
+                    if not handle.done:
+                        await self.runtime.stop(handle.id)
             raise
         except _Aborted:
             raise
