@@ -1,0 +1,140 @@
+"""The SQL schema, declared once in SQLAlchemy Core, and its versioned migrations.
+
+Both SQL backends create and query these tables; dialect differences are types
+(``JSONB``/``BYTEA`` on Postgres) and nothing else. Times are unix seconds as floats, the
+same clock the in-memory backend uses, so the backends agree to the microsecond.
+
+Migrations are a list of ``(version, step)`` run in order on ``open()`` for every version
+above the one recorded in ``flow_schema_version``. Version 1 creates everything. Later
+versions must be expand/contract steps (add a nullable column, backfill, then drop in a
+later release) and, once version 2 exists, version 1 must be frozen to the tables as they
+were at version 1 instead of ``metadata.create_all``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+from .errors import StoreError
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "events",
+    "executions",
+    "metadata",
+    "migrate",
+    "schema_version",
+]
+
+metadata = sa.MetaData()
+
+_Json = sa.JSON().with_variant(JSONB(), "postgresql")
+_Time: sa.Double[float] = sa.Double()
+
+executions = sa.Table(
+    "flow_executions",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("workflow_name", sa.Text, nullable=False),
+    sa.Column("workflow_version", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("created_at", _Time, nullable=False),
+    sa.Column("updated_at", _Time, nullable=False),
+    sa.Column("finished_at", _Time, nullable=True),
+    sa.Column("tags", _Json, nullable=False),
+    sa.Column("idempotency_key", sa.Text, nullable=True),
+    sa.Column("parent_id", sa.Text, nullable=True),
+    sa.Column("last_seq", sa.Integer, nullable=False),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False),
+    sa.Column("lease_owner", sa.Text, nullable=True),
+    sa.Column("lease_expires_at", _Time, nullable=True),
+    sa.Column("wake_at", _Time, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("secrets", sa.LargeBinary, nullable=True),
+    sa.UniqueConstraint("idempotency_key", name="uq_flow_executions_idempotency_key"),
+)
+
+# "Unfinished" is ``finished_at IS NULL``: appending a terminal status is the only way to
+# finish and always sets ``finished_at``. Unlike ``status IN (...)`` it needs no parameter,
+# so both planners can match a query's predicate to the partial indexes below.
+_unfinished = executions.c.finished_at.is_(None)
+
+sa.Index("ix_flow_executions_workflow_created", executions.c.workflow_name, executions.c.created_at)
+sa.Index("ix_flow_executions_created", executions.c.created_at)
+sa.Index("ix_flow_executions_parent", executions.c.parent_id)
+# Claim and due_timers look only at unfinished executions: partial indexes keep the finished
+# ones (nearly all, in a long-lived store) out of their way. Claim walks them oldest first,
+# due_timers by wake-up time.
+sa.Index(
+    "ix_flow_executions_unfinished_created",
+    executions.c.created_at,
+    sqlite_where=_unfinished,
+    postgresql_where=_unfinished,
+)
+sa.Index(
+    "ix_flow_executions_unfinished_wake",
+    executions.c.wake_at,
+    sqlite_where=_unfinished,
+    postgresql_where=_unfinished,
+)
+
+events = sa.Table(
+    "flow_events",
+    metadata,
+    sa.Column("execution_id", sa.Text, primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("encoding", sa.Integer, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", _Time, nullable=False),
+    # Clustered on (execution_id, seq) on SQLite: one B-tree to write per append instead of a
+    # table plus its primary-key index, and a history loads as one contiguous range.
+    sqlite_with_rowid=False,
+)
+
+schema_version = sa.Table(
+    "flow_schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+Migration = Callable[[sa.Connection], None]
+
+
+def _v1_create_all(conn: sa.Connection) -> None:
+    metadata.create_all(conn)
+
+
+#: (version, step) in ascending order; each step runs inside the migrating transaction.
+MIGRATIONS: list[tuple[int, Migration]] = [
+    (1, _v1_create_all),
+]
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def migrate(conn: sa.Connection) -> tuple[int, int]:
+    """Run the migrations the database lacks; returns (version before, version after).
+
+    The caller runs this inside one transaction that serialises concurrent openers (SQLite's
+    ``BEGIN IMMEDIATE``, a Postgres advisory lock), so a half-migrated schema never commits.
+    """
+    if sa.inspect(conn).has_table(schema_version.name):
+        current = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
+    else:
+        current = 0
+    if current > SCHEMA_VERSION:
+        raise StoreError(
+            f"the database has schema version {current}, newer than this agentainer-flow "
+            f"understands ({SCHEMA_VERSION}); upgrade agentainer-flow to open it"
+        )
+    for version, step in MIGRATIONS:
+        if version > current:
+            step(conn)
+            conn.execute(sa.delete(schema_version))
+            conn.execute(sa.insert(schema_version).values(version=version))
+    return current, SCHEMA_VERSION

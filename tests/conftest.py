@@ -1,0 +1,83 @@
+"""Fixtures shared by every test tier: store URLs and an opened store on each backend.
+
+Postgres tests get a fresh database each (``CREATE DATABASE`` copies ``template1``, tens of
+milliseconds) on ``$FLOW_TEST_POSTGRES_URL`` (default: postgres on 127.0.0.1:5432, trust
+auth). Without a reachable server they skip, except under CI (``$CI`` set), where a missing
+database is a broken build, not a reason to skip.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from agentainer_flow.store import EventStore, create_store
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "FLOW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _admin_url() -> sa.URL:
+    return sa.make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The admin URL of a reachable PostgreSQL server, or skip (fail under CI)."""
+    shown = _admin_url().render_as_string(hide_password=True)
+    try:
+        import psycopg
+
+        with psycopg.connect(
+            _admin_url().render_as_string(hide_password=False), autocommit=True, connect_timeout=5
+        ) as conn:
+            conn.execute("SELECT 1")
+    except Exception as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        message = f"PostgreSQL not reachable at {shown}: {reason}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI is set: Postgres tests must run)")
+        pytest.skip(message)
+    return POSTGRES_ADMIN_URL
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A SQLite store URL on a fresh file in the test's temporary directory."""
+    return f"sqlite:///{tmp_path / 'flow.db'}"
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database, dropped after the test."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"flow_test_{uuid.uuid4().hex[:12]}"
+    admin = _admin_url().render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield _admin_url().set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[EventStore]:
+    """An opened store on each backend; closed after the test."""
+    if request.param == "memory":
+        url = "memory://"
+    else:
+        url = str(request.getfixturevalue(f"{request.param}_url"))
+    async with create_store(url) as opened:
+        yield opened

@@ -1,0 +1,490 @@
+"""The ``EventStore`` contract: what every backend must do, as plain async functions.
+
+Each case takes an opened, empty ``store``; ``test_contract.py`` runs every case in
+``CASES`` on every backend. A backend is correct when it behaves like ``MemoryEventStore``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from agentainer_flow.store import (
+    AppendConflictError,
+    EventStore,
+    ExecutionNotFoundError,
+    ExecutionRecord,
+    ExecutionStatus,
+    LeaseLostError,
+    NewExecution,
+    StoredEvent,
+)
+from agentainer_flow.store.events import (
+    CancelRequested,
+    Event,
+    ExecutionCompleted,
+    ExecutionFailed,
+    ExecutionStarted,
+    StepCompleted,
+    StepStarted,
+    TimerStarted,
+)
+
+Case = Callable[[EventStore], Awaitable[None]]
+CASES: list[Case] = []
+
+
+def case(fn: Case) -> Case:
+    """Register a contract case."""
+    CASES.append(fn)
+    return fn
+
+
+async def new(
+    store: EventStore,
+    eid: str,
+    *,
+    workflow: str = "wf",
+    tags: dict[str, str] | None = None,
+    key: str | None = None,
+    parent: str | None = None,
+    secrets: bytes | None = None,
+) -> tuple[ExecutionRecord, bool]:
+    """Create an execution with a matching ``ExecutionStarted``."""
+    return await store.create_execution(
+        NewExecution(
+            id=eid,
+            workflow_name=workflow,
+            tags=tags or {},
+            idempotency_key=key,
+            parent_id=parent,
+            secrets=secrets,
+        ),
+        ExecutionStarted(workflow_name=workflow, tags=tags or {}, parent_id=parent, input={"x": 1}),
+    )
+
+
+def steps(name: str, result: object = None) -> list[Event]:
+    """The two events of one finished step, as the engine appends them."""
+    return [StepStarted(step=name, ts=1.0), StepCompleted(step=name, result=result, ts=2.0)]
+
+
+async def get(store: EventStore, eid: str) -> ExecutionRecord:
+    record = await store.get_execution(eid)
+    assert record is not None, eid
+    return record
+
+
+# executions -----------------------------------------------------------------------------
+@case
+async def create_returns_the_new_record(store: EventStore) -> None:
+    before = time.time()
+    record, created = await new(store, "e1", tags={"team": "a"}, parent="p0", key="k1")
+    assert created
+    assert record.id == "e1"
+    assert record.workflow_name == "wf"
+    assert record.workflow_version == "1"
+    assert record.status == ExecutionStatus.PENDING
+    assert record.tags == {"team": "a"}
+    assert record.parent_id == "p0"
+    assert record.idempotency_key == "k1"
+    assert record.last_seq == 1
+    assert not record.cancel_requested
+    assert record.finished_at is None and record.duration is None
+    assert record.lease_owner is None and record.wake_at is None and record.error is None
+    assert before <= record.created_at <= time.time()
+    assert record.updated_at == record.created_at
+    assert await get(store, "e1") == record
+    history = await store.load("e1")
+    assert [s.seq for s in history] == [1]
+    assert history[0].execution_id == "e1"
+    assert history[0].event == ExecutionStarted(
+        workflow_name="wf", tags={"team": "a"}, parent_id="p0", input={"x": 1}
+    )
+
+
+@case
+async def create_is_idempotent_by_id(store: EventStore) -> None:
+    first, created = await new(store, "e1")
+    assert created
+    again, created_again = await new(store, "e1", workflow="other", key="k")
+    assert not created_again
+    assert again == first
+    assert len(await store.load("e1")) == 1
+    # the key of the ignored request was not recorded
+    _, created_third = await new(store, "e2", key="k")
+    assert created_third
+
+
+@case
+async def create_is_idempotent_by_key(store: EventStore) -> None:
+    first, _ = await new(store, "e1", key="order-42")
+    again, created = await new(store, "e2", key="order-42")
+    assert not created
+    assert again == first
+    assert await store.get_execution("e2") is None
+    assert await store.load("e2") == []
+
+
+@case
+async def concurrent_creates_of_one_key_create_once(store: EventStore) -> None:
+    results = await asyncio.gather(*(new(store, f"e{i}", key="same") for i in range(10)))
+    assert sum(created for _, created in results) == 1
+    assert len({record.id for record, _ in results}) == 1
+    assert len(await store.list_executions()) == 1
+
+
+@case
+async def get_unknown_is_none(store: EventStore) -> None:
+    assert await store.get_execution("nope") is None
+    assert await store.load("nope") == []
+
+
+@case
+async def secrets_round_trip_as_bytes(store: EventStore) -> None:
+    blob = bytes(range(256)) + b"\x00\xff end"
+    record, _ = await new(store, "e1", secrets=blob)
+    assert record.secrets == blob
+    stored = await get(store, "e1")
+    assert stored.secrets == blob and isinstance(stored.secrets, bytes)
+    await new(store, "e2")
+    assert (await get(store, "e2")).secrets is None
+
+
+# the log --------------------------------------------------------------------------------
+@case
+async def append_and_load_in_order(store: EventStore) -> None:
+    await new(store, "e1")
+    result = await store.append("e1", 2, steps("a", 1))
+    assert result.last_seq == 3 and not result.cancel_requested
+    result = await store.append(
+        "e1", 4, [*steps("b", {"k": [1, 2]}), TimerStarted(step="b", index=0, fire_at=9.5)]
+    )
+    assert result.last_seq == 6
+    history = await store.load("e1")
+    assert [s.seq for s in history] == [1, 2, 3, 4, 5, 6]
+    assert all(isinstance(s, StoredEvent) and s.execution_id == "e1" for s in history)
+    assert history[2].event == StepCompleted(step="a", result=1, ts=2.0)
+    assert history[4].event == StepCompleted(step="b", result={"k": [1, 2]}, ts=2.0)
+    assert history[5].event == TimerStarted(step="b", index=0, fire_at=9.5)
+    assert [s.seq for s in await store.load("e1", after_seq=3)] == [4, 5, 6]
+    assert await store.load("e1", after_seq=6) == []
+    record = await get(store, "e1")
+    assert record.last_seq == 6
+    assert record.updated_at >= record.created_at
+
+
+@case
+async def append_of_nothing_updates_the_row(store: EventStore) -> None:
+    await new(store, "e1")
+    result = await store.append("e1", 2, [], status=ExecutionStatus.RUNNING)
+    assert result.last_seq == 1
+    record = await get(store, "e1")
+    assert record.status == ExecutionStatus.RUNNING and record.last_seq == 1
+
+
+@case
+async def conflicting_append_raises_and_writes_nothing(store: EventStore) -> None:
+    await new(store, "e1")
+    await store.append("e1", 2, steps("a"))
+    before = await get(store, "e1")
+    for seq in (2, 3, 5, 1):
+        with pytest.raises(AppendConflictError) as info:
+            await store.append(
+                "e1", seq, steps("x"), status=ExecutionStatus.FAILED, error="no", wake_at=1.0
+            )
+        assert info.value.execution_id == "e1"
+        assert info.value.expected_seq == seq
+        assert info.value.actual_last_seq == 3
+    assert [s.seq for s in await store.load("e1")] == [1, 2, 3]
+    assert await get(store, "e1") == before
+    assert (await store.append("e1", 4, steps("b"))).last_seq == 5
+
+
+@case
+async def append_to_unknown_execution_raises(store: EventStore) -> None:
+    with pytest.raises(ExecutionNotFoundError):
+        await store.append("nope", 2, steps("a"))
+
+
+@case
+async def concurrent_appends_at_one_seq_one_wins(store: EventStore) -> None:
+    await new(store, "e1")
+    for round_ in range(3):
+        seq = 2 + round_ * 2
+        outcomes = await asyncio.gather(
+            *(store.append("e1", seq, steps(f"w{i}", i)) for i in range(5)),
+            return_exceptions=True,
+        )
+        winners = [o for o in outcomes if not isinstance(o, BaseException)]
+        losers = [o for o in outcomes if isinstance(o, BaseException)]
+        assert len(winners) == 1, outcomes
+        assert all(isinstance(o, AppendConflictError) for o in losers), outcomes
+        assert winners[0].last_seq == seq + 1
+    history = await store.load("e1")
+    assert [s.seq for s in history] == list(range(1, 8))
+    # each pair is one writer's
+    for i in (1, 3, 5):
+        started, completed = history[i].event, history[i + 1].event
+        assert isinstance(started, StepStarted) and isinstance(completed, StepCompleted)
+        assert started.step == completed.step
+
+
+@case
+async def status_transitions_and_finished_at(store: EventStore) -> None:
+    record, _ = await new(store, "e1")
+    await store.append("e1", 2, steps("a"), status=ExecutionStatus.RUNNING)
+    running = await get(store, "e1")
+    assert running.status == ExecutionStatus.RUNNING and running.finished_at is None
+    await store.append("e1", 4, [ExecutionCompleted(result=3)], status=ExecutionStatus.COMPLETED)
+    done = await get(store, "e1")
+    assert done.status == ExecutionStatus.COMPLETED
+    assert done.finished_at is not None and done.finished_at >= record.created_at
+    assert done.duration is not None and done.duration >= 0
+    assert done.error is None
+
+    await new(store, "e2")
+    await store.append(
+        "e2", 2, [ExecutionFailed(error="boom")], status=ExecutionStatus.FAILED, error="boom"
+    )
+    failed = await get(store, "e2")
+    assert failed.status == ExecutionStatus.FAILED and failed.error == "boom"
+    assert failed.finished_at is not None
+    assert failed.status.is_terminal
+
+
+@case
+async def wake_at_and_due_timers(store: EventStore) -> None:
+    t = time.time()
+    for eid in ("b", "a", "c"):
+        await new(store, eid)
+    await store.append("a", 2, steps("s"), wake_at=t + 100)
+    await store.append("b", 2, steps("s"), wake_at=t + 50)
+    assert (await get(store, "a")).wake_at == t + 100
+    assert await store.due_timers(t) == []
+    assert await store.due_timers(t + 60) == [("b", t + 50)]
+    assert await store.due_timers(t + 100) == [("a", t + 100), ("b", t + 50)]
+    # an append without wake_at leaves it; wake_at=None clears it
+    await store.append("a", 4, steps("s2"))
+    assert (await get(store, "a")).wake_at == t + 100
+    await store.append("a", 6, steps("s3"), wake_at=None)
+    assert (await get(store, "a")).wake_at is None
+    # a terminal status clears it, whatever wake_at says
+    await store.append(
+        "b", 4, [ExecutionCompleted()], status=ExecutionStatus.COMPLETED, wake_at=t + 1
+    )
+    assert (await get(store, "b")).wake_at is None
+    assert await store.due_timers(t + 1000) == []
+
+
+@case
+async def list_filters_newest_first(store: EventStore) -> None:
+    await new(store, "p", workflow="parent")
+    await new(store, "c1", workflow="child", parent="p", tags={"team": "a", "env": "prod"})
+    await new(store, "c2", workflow="child", parent="p", tags={"team": "b"})
+    middle = time.time()
+    await asyncio.sleep(0.002)
+    await new(store, "c3", workflow="child", tags={"team": "a", "app.name": "x y", 'q"\\': "1"})
+    await store.append("c2", 2, [ExecutionCompleted()], status=ExecutionStatus.COMPLETED)
+    await store.append("c3", 2, steps("s"), status=ExecutionStatus.RUNNING)
+
+    def ids(records: list[ExecutionRecord]) -> list[str]:
+        return [r.id for r in records]
+
+    assert ids(await store.list_executions()) == ["c3", "c2", "c1", "p"]
+    assert ids(await store.list_executions(workflow_name="child")) == ["c3", "c2", "c1"]
+    assert ids(await store.list_executions(workflow_name="none")) == []
+    assert ids(await store.list_executions(statuses=[ExecutionStatus.PENDING])) == ["c1", "p"]
+    assert ids(
+        await store.list_executions(statuses=[ExecutionStatus.COMPLETED, ExecutionStatus.RUNNING])
+    ) == ["c3", "c2"]
+    assert ids(await store.list_executions(statuses=[])) == []
+    assert ids(await store.list_executions(tags={"team": "a"})) == ["c3", "c1"]
+    assert ids(await store.list_executions(tags={"team": "a", "env": "prod"})) == ["c1"]
+    assert ids(await store.list_executions(tags={"app.name": "x y"})) == ["c3"]
+    assert ids(await store.list_executions(tags={'q"\\': "1"})) == ["c3"]
+    assert ids(await store.list_executions(tags={"team": "z"})) == []
+    assert ids(await store.list_executions(parent_id="p")) == ["c2", "c1"]
+    assert ids(await store.list_executions(created_after=middle)) == ["c3"]
+    assert ids(await store.list_executions(limit=2)) == ["c3", "c2"]
+    assert ids(await store.list_executions(limit=None)) == ["c3", "c2", "c1", "p"]
+    assert ids(await store.list_executions(workflow_name="child", tags={"team": "a"}, limit=1)) == [
+        "c3"
+    ]
+    since = (await get(store, "c2")).updated_at
+    assert set(ids(await store.list_executions(updated_after=since))) == {"c2", "c3"}
+    assert (await store.list_executions(workflow_name="child"))[0] == await get(store, "c3")
+
+
+@case
+async def request_cancel_flags_unfinished_only(store: EventStore) -> None:
+    await new(store, "e1")
+    assert not (await store.append("e1", 2, steps("a"))).cancel_requested
+    assert await store.request_cancel("e1")
+    assert (await get(store, "e1")).cancel_requested
+    result = await store.append("e1", 4, [CancelRequested(reason="user")])
+    assert result.cancel_requested
+    assert await store.request_cancel("e1")  # asking twice is fine
+    await store.append("e1", 5, [ExecutionCompleted()], status=ExecutionStatus.CANCELLED)
+    assert not await store.request_cancel("e1")
+    assert not await store.request_cancel("nope")
+    await new(store, "e2")
+    await store.append("e2", 2, [ExecutionCompleted()], status=ExecutionStatus.COMPLETED)
+    assert not await store.request_cancel("e2")
+    assert not (await get(store, "e2")).cancel_requested
+
+
+# workers --------------------------------------------------------------------------------
+@case
+async def claim_leases_due_unfinished_executions(store: EventStore) -> None:
+    t = time.time()
+    for eid in ("old", "mid", "done", "later", "new"):
+        await new(store, eid)
+    await store.append("done", 2, [ExecutionCompleted()], status=ExecutionStatus.COMPLETED)
+    await store.append("later", 2, steps("s"), wake_at=t + 3600)
+    await store.append("mid", 2, steps("s"), status=ExecutionStatus.RUNNING, wake_at=t - 1)
+
+    first = await store.claim("w1", lease_seconds=30, limit=2)
+    assert [r.id for r in first] == ["old", "mid"]
+    for r in first:
+        assert r.lease_owner == "w1"
+        assert r.lease_expires_at is not None and r.lease_expires_at >= t + 29
+        assert (await get(store, r.id)).lease_owner == "w1"
+    second = await store.claim("w2", lease_seconds=30, limit=10)
+    assert [r.id for r in second] == ["new"]  # not terminal, not before wake_at, not leased
+    assert await store.claim("w3", lease_seconds=30, limit=10) == []
+    assert await store.claim("w3", lease_seconds=30, limit=0) == []
+
+
+@case
+async def concurrent_claims_never_share(store: EventStore) -> None:
+    for i in range(12):
+        await new(store, f"e{i:02}")
+    batches = await asyncio.gather(
+        *(store.claim(f"w{i}", lease_seconds=30, limit=3) for i in range(6))
+    )
+    claimed = [r.id for batch in batches for r in batch]
+    assert sorted(claimed) == [f"e{i:02}" for i in range(12)]
+
+
+@case
+async def expired_lease_is_reclaimable_and_fences_the_old_worker(store: EventStore) -> None:
+    await new(store, "e1")
+    [claimed] = await store.claim("w1", lease_seconds=0.05)
+    assert claimed.id == "e1"
+    result = await store.append("e1", 2, steps("a"), lease_owner="w1")
+    assert result.last_seq == 3
+    assert await store.claim("w2", lease_seconds=30) == []  # w1's lease is live
+    await asyncio.sleep(0.1)
+    # expired: w1 may no longer append, and nothing is written
+    with pytest.raises(LeaseLostError):
+        await store.append("e1", 4, steps("b"), lease_owner="w1")
+    assert (await get(store, "e1")).last_seq == 3
+    assert await store.renew_lease("w1", ["e1"], 30) == []
+    [reclaimed] = await store.claim("w2", lease_seconds=30)
+    assert reclaimed.id == "e1" and reclaimed.lease_owner == "w2"
+    with pytest.raises(LeaseLostError):
+        await store.append("e1", 4, steps("b"), lease_owner="w1")
+    assert (await store.append("e1", 4, steps("b"), lease_owner="w2")).last_seq == 5
+    # a seq conflict is reported as such even for a worker without the lease
+    with pytest.raises(AppendConflictError):
+        await store.append("e1", 4, steps("c"), lease_owner="w1")
+
+
+@case
+async def append_with_a_lease_never_claimed_raises(store: EventStore) -> None:
+    await new(store, "e1")
+    with pytest.raises(LeaseLostError):
+        await store.append("e1", 2, steps("a"), lease_owner="w1")
+    assert (await get(store, "e1")).last_seq == 1
+    assert (await store.append("e1", 2, steps("a"))).last_seq == 3  # no lease asked: fine
+
+
+@case
+async def renew_and_release(store: EventStore) -> None:
+    for eid in ("a", "b", "c"):
+        await new(store, eid)
+    await store.claim("w1", lease_seconds=30, limit=2)  # a, b
+    await store.claim("w2", lease_seconds=30, limit=1)  # c
+    t = time.time()
+    assert await store.renew_lease("w1", ["a", "b", "c", "nope"], 300) == ["a", "b"]
+    assert (await get(store, "a")).lease_expires_at >= t + 299  # type: ignore[operator]
+    assert await store.renew_lease("w1", [], 300) == []
+    await store.release("w2", "a")  # not w2's: no effect
+    assert (await get(store, "a")).lease_owner == "w1"
+    await store.release("w1", "a")
+    released = await get(store, "a")
+    assert released.lease_owner is None and released.lease_expires_at is None
+    assert await store.renew_lease("w1", ["a"], 300) == []
+    assert [r.id for r in await store.claim("w3", lease_seconds=30)] == ["a"]
+    await store.release("w1", "nope")  # unknown: no error
+
+
+# change notification --------------------------------------------------------------------
+@case
+async def subscribe_yields_history_then_new_events_until_terminal(store: EventStore) -> None:
+    await new(store, "e1")
+    await store.append("e1", 2, steps("a"))
+    seen: list[int] = []
+
+    async def follow() -> None:
+        async for stored in store.subscribe("e1"):
+            seen.append(stored.seq)
+
+    task = asyncio.create_task(follow())
+    for _ in range(100):
+        if seen == [1, 2, 3]:
+            break
+        await asyncio.sleep(0.01)
+    assert seen == [1, 2, 3]
+    await store.append("e1", 4, steps("b"))
+    await store.append("e1", 6, [ExecutionCompleted()], status=ExecutionStatus.COMPLETED)
+    await asyncio.wait_for(task, 5)
+    assert seen == [1, 2, 3, 4, 5, 6]
+    late = [s.seq async for s in store.subscribe("e1", after_seq=4)]
+    assert late == [5, 6]
+
+
+@case
+async def wait_for_change_wakes_on_append(store: EventStore) -> None:
+    await new(store, "e1")
+    waiter = asyncio.create_task(store.wait_for_change("e1", 10))
+    any_waiter = asyncio.create_task(store.wait_for_change(None, 10))
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    await store.append("e1", 2, steps("a"))
+    await asyncio.wait_for(asyncio.gather(waiter, any_waiter), 5)
+    assert time.monotonic() - started < 5
+
+
+# throughput -----------------------------------------------------------------------------
+@case
+async def concurrent_appends_to_many_executions_all_land(store: EventStore) -> None:
+    ids = [f"e{i:03}" for i in range(100)]
+    await asyncio.gather(*(new(store, eid) for eid in ids))
+    commits_before = getattr(store, "commit_count", None)
+    results = await asyncio.gather(*(store.append(eid, 2, steps("s", eid)) for eid in ids))
+    assert [r.last_seq for r in results] == [3] * 100
+    for eid in ids:
+        history = await store.load(eid)
+        assert [s.seq for s in history] == [1, 2, 3]
+        assert history[2].event == StepCompleted(step="s", result=eid, ts=2.0)
+    if commits_before is not None:  # a backend that counts commits: they were grouped
+        commits = store.commit_count - commits_before  # type: ignore[attr-defined]
+        assert commits < 100, commits
+
+
+@case
+async def long_history_loads_whole_and_in_order(store: EventStore) -> None:
+    await new(store, "e1")
+    seq = 2
+    for i in range(20):
+        batch = [StepCompleted(step="s", instance=i * 50 + j, result=j) for j in range(50)]
+        await store.append("e1", seq, batch)
+        seq += len(batch)
+    history = await store.load("e1")
+    assert [s.seq for s in history] == list(range(1, 1002))
+    assert [s.event.instance for s in history[1:]] == list(range(1000))  # type: ignore[attr-defined]
