@@ -469,7 +469,6 @@ class AgentHandle:
     async def _collect(self) -> AgentCompleted | AgentFailed:
         rt = self._rt
         runner = rt.runner
-        base = rt._base(self._index)
         if self.lost:
             outcome = AgentOutcome(
                 exit_code=-1, log_tail="the agent was launched but the runtime no longer "
@@ -486,6 +485,7 @@ class AgentHandle:
                     await runner.runtime.stop(self.id)
                 raise
         redact = runner.redactor
+        base = rt._base(self._index)  # stamped when the agent finished, not when we began
         if outcome.exit_code == 0 and not outcome.timed_out:
             ev: AgentCompleted | AgentFailed = AgentCompleted(
                 **base, agent_id=self.id, output=values.dump(outcome.output, where="agent output"),

@@ -105,8 +105,9 @@ class SecretNotFoundError(FlowError, KeyError):
     def __init__(self, name: str, hint: str = "") -> None:
         self.name = name
         super().__init__(
-            f"secret {name!r} is not available: pass secrets={{{name!r}: ...}} when running or "
-            f"resuming, or set the environment variable FLOW_SECRET_{name.upper()}"
+            f"secret {name!r} is not available: pass it when running or resuming (secrets= "
+            f"in Python, --secret {name}=... on the CLI), or set the environment variable "
+            f"FLOW_SECRET_{name.upper()}"
             + (f" ({hint})" if hint else "")
         )
 

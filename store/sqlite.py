@@ -61,6 +61,11 @@ class SQLiteEventStore(SQLEventStore):
             the last commits may be lost on power loss, never on a process crash).
         busy_timeout: seconds to wait for another process's write lock.
         readers: threads (and connections) serving reads.
+        writer: ``"inline"`` (default) commits on the event loop's thread: every write
+            requested in one turn of the loop goes into one transaction, with no thread
+            hop (measured: a third of the cost of a step). The loop is blocked for the
+            commit (an fsync, a fraction of a millisecond). ``"thread"`` commits on a
+            writer thread instead, for applications that must never block their loop.
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class SQLiteEventStore(SQLEventStore):
         synchronous: str | None = None,
         busy_timeout: float | None = None,
         readers: int = 2,
+        writer: str | None = None,
     ) -> None:
         super().__init__()
         self.url = url
@@ -97,6 +103,14 @@ class SQLiteEventStore(SQLEventStore):
         timeout = busy_timeout if busy_timeout is not None else query.get("busy_timeout", 10.0)
         self.busy_timeout = float(str(timeout))
         self._readers = max(1, readers)
+        self.writer = str(writer or query.get("writer", "inline")).lower()
+        if self.writer not in ("inline", "thread"):
+            raise StoreUnavailableError(
+                f"writer={self.writer} is not a SQLite writer mode: use inline or thread"
+            )
+        self._inline: tuple[sqlite3.Connection, Tx, sqlite3.Cursor, Any] | None = None
+        self._pending: list[_Request] = []
+        self._flush_scheduled = False
         self._engine: sa.Engine | None = None
         self._threads: list[threading.Thread] = []
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -134,11 +148,18 @@ class SQLiteEventStore(SQLEventStore):
         self._dialect = engine.dialect
         self._queue = queue.SimpleQueue()
         self._read_queue = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(
-                target=self._write_loop, args=(writer_conn,), name="flow-sqlite-writer", daemon=True
-            )
-        ] + [
+        writers = []
+        if self.writer == "thread":
+            writers = [
+                threading.Thread(
+                    target=self._write_loop, args=(writer_conn,), name="flow-sqlite-writer",
+                    daemon=True,
+                )
+            ]
+        else:
+            conn: sqlite3.Connection = writer_conn.dbapi_connection
+            self._inline = (conn, Tx(conn), conn.cursor(), writer_conn)
+        self._threads = writers + [
             threading.Thread(
                 target=self._read_loop, args=(engine,), name=f"flow-sqlite-read-{i}", daemon=True
             )
@@ -152,8 +173,17 @@ class SQLiteEventStore(SQLEventStore):
         if engine is None:
             return
         threads, self._threads = self._threads, []
-        self._queue.put(_STOP)
-        for _ in threads[1:]:
+        if self._inline is not None:
+            pending, self._pending = self._pending, []
+            _settle([(r, False, StoreError("the SQLite store was closed")) for r in pending])
+            _, tx, cur, raw = self._inline
+            self._inline = None
+            cur.close()
+            tx.close()
+            raw.close()
+        else:
+            self._queue.put(_STOP)
+        for _ in range(self._readers):
             self._read_queue.put(_STOP)
         for thread in threads:
             await asyncio.to_thread(thread.join)
@@ -213,10 +243,28 @@ class SQLiteEventStore(SQLEventStore):
 
     async def _write(self, op: Callable[[Tx], T]) -> T:
         self._require_open()
-        request = _Request(op, asyncio.get_running_loop())
-        self._queue.put(request)
+        loop = asyncio.get_running_loop()
+        request = _Request(op, loop)
+        if self._inline is None:
+            self._queue.put(request)
+        else:
+            self._pending.append(request)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(self._flush_inline)
         result: T = await request.future
         return result
+
+    def _flush_inline(self) -> None:
+        """Commit every write requested during this turn of the loop, in one transaction."""
+        self._flush_scheduled = False
+        batch, self._pending = self._pending, []
+        if self._inline is None:
+            _settle([(r, False, StoreError("the SQLite store was closed")) for r in batch])
+            return
+        conn, tx, cur, _ = self._inline
+        for start in range(0, len(batch), _MAX_BATCH):
+            self._commit_batch(conn, tx, cur, batch[start : start + _MAX_BATCH])
 
     async def _read(self, op: Callable[[Tx], T]) -> T:
         self._require_open()
@@ -378,7 +426,14 @@ def _settle(outcomes: list[tuple[_Request, bool, Any]]) -> None:
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, bool, Any]]] = {}
     for outcome in outcomes:
         by_loop.setdefault(outcome[0].loop, []).append(outcome)
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
     for loop, items in by_loop.items():
+        if loop is running:  # inline writer: we are on the caller's loop already
+            _resolve(items)
+            continue
         try:
             loop.call_soon_threadsafe(_resolve, items)
         except RuntimeError:  # the caller's loop is closed: nobody is waiting

@@ -72,11 +72,20 @@ def postgres_url(postgres_server: str) -> Iterator[str]:
             )
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        "sqlite-thread",  # the writer-thread mode of the SQLite store
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[EventStore]:
     """An opened store on each backend; closed after the test."""
     if request.param == "memory":
         url = "memory://"
+    elif request.param == "sqlite-thread":
+        url = str(request.getfixturevalue("sqlite_url")) + "?writer=thread"
     else:
         url = str(request.getfixturevalue(f"{request.param}_url"))
     async with create_store(url) as opened:
