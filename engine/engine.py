@@ -39,7 +39,7 @@ from .runtimes.base import AgentRuntime
 from .secrets import Redactor, encrypt_secrets, resolve_secrets
 from .spec import ARGS_ATTR, WorkflowSpec, get_workflow_spec
 
-__all__ = ["Engine", "Outcome"]
+__all__ = ["Engine", "Outcome", "rebuild_workflow"]
 
 log = structlog.get_logger("agentainer_flow")
 
@@ -195,7 +195,7 @@ class Engine:
         if workflow is None:
             workflow = self._objects.pop(execution_id, None)
         if workflow is None:
-            workflow = _rebuild(spec, started)
+            workflow = rebuild_workflow(spec, started)
         given = dict(self._secrets.get(execution_id) or {})
         given.update(secrets or {})
         resolved = resolve_secrets(started.secret_names, given, record.secrets)
@@ -260,7 +260,7 @@ class Engine:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _rebuild(spec: WorkflowSpec, started: ExecutionStarted) -> object:
+def rebuild_workflow(spec: WorkflowSpec, started: ExecutionStarted) -> object:
     """A workflow instance from the constructor arguments recorded at start."""
     args, kwargs = values.load(started.args) if started.args is not None else ([], {})
     try:

@@ -402,7 +402,7 @@ class ProcessRuntime(AgentRuntime):
 
     # -- wait / stop --
 
-    async def wait(self, agent_id: str, timeout: float | None = None) -> AgentOutcome:  # noqa: ASYNC109
+    async def wait(self, agent_id: str, timeout: float | None = None) -> AgentOutcome:
         agent_dir = self.agent_dir(agent_id)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout

@@ -1,0 +1,1093 @@
+"""``flow``: run, watch, replay and operate workflow executions from a shell.
+
+The engine is embedded: whichever process runs ``flow run --wait``, ``flow resume`` or
+``flow worker`` is the one executing the workflow. To let another process pick an execution
+up, ``flow run`` records the workflow file's absolute path in the tag ``flow.source``;
+``resume``, ``worker`` and ``replay`` import that file when the workflow's name is not
+registered yet (``-m PATH`` imports more files first, e.g. a newer version of the code).
+
+Output is for people (tables, progress on stderr) with ``--json`` for scripts. Exit codes:
+0 ok, 1 the workflow failed (or replay diverged), 2 usage error or not found. Secret values
+given with ``--secret`` (or found in ``FLOW_SECRET_*``) are redacted from everything printed.
+See ``docs/cli.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated, Any, NoReturn
+
+import structlog
+import typer
+
+from agentainer_flow.engine import Outcome, values
+from agentainer_flow.engine.engine import rebuild_workflow
+from agentainer_flow.engine.errors import (
+    ConfigurationError,
+    SecretNotFoundError,
+    WorkflowDefinitionError,
+    WorkflowNotRegisteredError,
+)
+from agentainer_flow.engine.replayer import replay_history
+from agentainer_flow.engine.secrets import Redactor
+from agentainer_flow.engine.spec import SPEC_ATTR, WorkflowSpec, registered_workflows
+from agentainer_flow.store import (
+    ExecutionNotFoundError,
+    ExecutionRecord,
+    ExecutionStatus,
+    FlowError,
+    StoreUnavailableError,
+)
+from agentainer_flow.store.events import ExecutionStarted
+
+from ._client import DEFAULT_STORE, ExecutionMode, WorkflowClient
+from ._context import Context
+from ._events import ExecutionEvent
+
+__all__ = ["SOURCE_TAG", "app", "main"]
+
+#: tag recording the workflow file an execution was started from
+SOURCE_TAG = "flow.source"
+LEASE_SECONDS = 30.0
+RENEW_EVERY = 10.0
+
+_PROGRESS_TYPES = frozenset({
+    "step_started", "step_completed", "step_failed", "step_retry_scheduled", "step_skipped",
+    "log_recorded", "child_workflow_started", "child_workflow_completed", "cancel_requested",
+})
+# errors that mean "you asked for something that is not there / not possible": exit 2
+_USAGE_ERRORS: tuple[type[FlowError], ...] = (
+    ExecutionNotFoundError, StoreUnavailableError, ConfigurationError, SecretNotFoundError,
+    WorkflowNotRegisteredError, WorkflowDefinitionError,
+)
+
+
+class UsageError(FlowError):
+    """A bad argument found after parsing (a file that does not import, bad JSON...)."""
+
+    code = "usage"
+
+
+# output ---------------------------------------------------------------------------------
+class _Output:
+    """Everything printed goes through here, so secret values are always redacted."""
+
+    def __init__(self) -> None:
+        self._secrets: dict[str, str] = {
+            k[len("FLOW_SECRET_"):].lower(): v for k, v in os.environ.items()
+            if k.startswith("FLOW_SECRET_") and v
+        }
+        self.redactor = Redactor(self._secrets)
+        self.running: str | None = None  # the execution this process runs, for ^C
+
+    def add_secrets(self, secrets: Mapping[str, str]) -> None:
+        self._secrets.update(secrets)
+        self.redactor = Redactor(self._secrets)
+
+    def clean(self, text: str) -> str:
+        return self.redactor.text(text)
+
+    def out(self, text: str = "") -> None:
+        typer.echo(self.clean(text))
+
+    def info(self, text: str, *, fg: str | None = None) -> None:
+        typer.secho(self.clean(text), err=True, fg=fg)
+
+    def error(self, text: str) -> None:
+        typer.secho("error: " + self.clean(text), err=True, fg="red")
+
+    def json(self, data: Any) -> None:
+        typer.echo(json.dumps(self.redactor.tree(_jsonable(data)), indent=2, ensure_ascii=False))
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]],
+              *, wrap: Sequence[str] = ()) -> None:
+        """A table; wide and unwrapped when stdout is not a terminal, so it greps well."""
+        from rich import box
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
+        tty = sys.stdout.isatty()
+        console = Console(width=None if tty else 400, highlight=False, soft_wrap=not tty)
+        table = Table(box=box.SIMPLE_HEAD if tty else None, show_edge=False, pad_edge=False)
+        for h in headers:
+            table.add_column(h.upper(), overflow="fold",
+                             no_wrap=not (tty and h in wrap))
+        for row in rows:
+            table.add_row(*(Text(self.clean(c)) for c in row))  # Text: no markup parsing
+        if tty:
+            console.print(table)
+            return
+        with console.capture() as captured:
+            console.print(table)
+        typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
+
+
+_out = _Output()
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return values.to_jsonable(value)
+    except FlowError:
+        return str(value)
+
+
+def _configure_logging(verbose: int, quiet_level: int) -> None:
+    """Engine logs go to stderr (stdout is for results), JSON unless stderr is a terminal.
+
+    Without ``-v`` only ``quiet_level`` and above are shown; ``$FLOW_LOG_LEVEL`` overrides.
+    """
+    name = os.environ.get("FLOW_LOG_LEVEL", "").upper()
+    level = {0: quiet_level, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    if name in logging.getLevelNamesMapping():
+        level = logging.getLevelNamesMapping()[name]
+
+    def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
+        redacted: dict[str, Any] = _out.redactor.tree(dict(event))
+        return redacted
+
+    renderer: Any = (structlog.dev.ConsoleRenderer() if sys.stderr.isatty()
+                     else structlog.processors.JSONRenderer(default=str))
+    structlog.configure(
+        processors=[structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True), redact, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def _ts(t: float | None, *, ms: bool = False) -> str:
+    if t is None:
+        return "-"
+    when = dt.datetime.fromtimestamp(t, dt.UTC)
+    return when.isoformat(sep=" ", timespec="milliseconds" if ms else "seconds").replace(
+        "+00:00", "Z")
+
+
+def _dur(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(seconds), 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m"
+
+
+def _record_dict(r: ExecutionRecord) -> dict[str, Any]:
+    return {
+        "id": r.id, "workflow": r.workflow_name, "version": r.workflow_version,
+        "status": r.status.value, "created_at": _iso(r.created_at),
+        "updated_at": _iso(r.updated_at), "finished_at": _iso(r.finished_at),
+        "duration": r.duration, "tags": r.tags, "error": r.error, "parent_id": r.parent_id,
+        "idempotency_key": r.idempotency_key, "cancel_requested": r.cancel_requested,
+        "lease_owner": r.lease_owner, "events": r.last_seq,
+    }
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else dt.datetime.fromtimestamp(t, dt.UTC).isoformat()
+
+
+# parsing arguments ----------------------------------------------------------------------
+def _pairs(items: Sequence[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{what} must look like KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def _parse_secrets(items: Sequence[str] | None) -> dict[str, str]:
+    """``NAME=VALUE``, or ``NAME`` alone for the value of ``$FLOW_SECRET_NAME``."""
+    out: dict[str, str] = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not name:
+            raise UsageError("--secret needs a NAME (as NAME=VALUE or NAME)")  # no value echoed
+        if not sep:
+            env = f"FLOW_SECRET_{name.upper()}"
+            found = os.environ.get(env)
+            if found is None:
+                raise SecretNotFoundError(name, f"--secret {name} reads ${env}, which is not set")
+            value = found
+        out[name] = value
+    _out.add_secrets(out)
+    return out
+
+
+def _parse_images(items: Sequence[str] | None) -> dict[str, list[str]]:
+    images: dict[str, list[str]] = {}
+    for image, command in _pairs(items, "--image").items():
+        argv = shlex.split(command)
+        if not argv:
+            raise UsageError(f"--image {image}= needs a command")
+        images[image] = argv
+    return images
+
+
+def _read_data(path: Path, what: str) -> Any:
+    """A JSON file, or YAML (``.yaml``/``.yml``) when PyYAML is installed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            yaml = importlib.import_module("yaml")
+        except ImportError:
+            raise UsageError(f"{what} {path} is YAML but PyYAML is not installed; "
+                             "pip install pyyaml, or use a JSON file") from None
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{what} {path} is not valid YAML: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
+def _parse_input(text: str | None) -> Any:
+    if text is None:
+        return None
+    if text.startswith("@"):
+        return _read_data(Path(text[1:]), "input file")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--input is not valid JSON ({exc}); quote strings as '\"text\"' "
+                         "or pass a file as @path.json") from None
+
+
+# loading workflow code ------------------------------------------------------------------
+def import_file(path: str | Path) -> ModuleType:
+    """Import a Python file as a module named after it, its folder first on ``sys.path``.
+
+    Importing the same file twice returns the module already loaded; a different file with
+    the same name gets a name made unique by a hash of its path.
+    """
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise UsageError(f"no such workflow file: {path}")
+    folder = str(file.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    name = file.stem if file.stem.isidentifier() else "flow_module"
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        if _module_file(loaded) == file:
+            return loaded
+        name = f"{name}_{hashlib.sha1(str(file).encode()).hexdigest()[:10]}"
+        if name in sys.modules:
+            return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"cannot import {file}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except FlowError:
+        del sys.modules[name]
+        raise
+    except Exception as exc:
+        del sys.modules[name]
+        raise UsageError(f"cannot import {file}: {type(exc).__name__}: {exc}") from None
+    return module
+
+
+def _module_file(module: ModuleType) -> Path | None:
+    f = getattr(module, "__file__", None)
+    return Path(f).resolve() if f else None
+
+
+def _split_target(target: str) -> tuple[str, str | None]:
+    """``FILE[:Workflow]``; a colon is a separator only if what follows is a name."""
+    head, sep, tail = target.rpartition(":")
+    if sep and tail.isidentifier() and head:
+        return head, tail
+    return target, None
+
+
+def _pick_workflow(module: ModuleType, name: str | None) -> type:
+    found = [v for v in vars(module).values()
+             if isinstance(v, type) and isinstance(getattr(v, SPEC_ATTR, None), WorkflowSpec)]
+    own = [c for c in found if c.__module__ == module.__name__] or found
+    where = _module_file(module)
+    if name is not None:
+        for cls in found:
+            spec: WorkflowSpec = getattr(cls, SPEC_ATTR)
+            if name in (cls.__name__, spec.name):
+                return cls
+        listed = ", ".join(c.__name__ for c in own) or "none"
+        raise UsageError(f"no workflow {name!r} in {where} (workflows there: {listed})")
+    if len(own) == 1:
+        return own[0]
+    if not own:
+        raise UsageError(f"no @workflow class in {where}")
+    listed = ", ".join(c.__name__ for c in own)
+    raise UsageError(f"{where} defines {len(own)} workflows ({listed}); "
+                     f"pick one: flow run {where}:{own[0].__name__}")
+
+
+def instantiate(cls: type, config: Any, *, has_config: bool) -> object:
+    """Build the workflow instance from ``--config``.
+
+    The rule, in order: if ``__init__`` takes exactly one parameter (no ``**kwargs``), the
+    whole config is that argument; else a JSON object is spread as keyword arguments; else
+    (a list, string, number) it is the single positional argument, if the other parameters
+    have defaults. Without ``--config`` the class is called with no argument.
+    """
+    name = cls.__name__
+    sig = inspect.signature(cls)
+    params = [p for p in sig.parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}
+    if not has_config:
+        pass
+    elif len(params) == 1 and not var_kw:
+        p = params[0]
+        if p.kind is p.KEYWORD_ONLY:
+            kwargs = {p.name: config}
+        else:
+            args = (config,)
+    elif isinstance(config, dict) and (params or var_kw):
+        kwargs = {str(k): v for k, v in config.items()}
+    elif not params and not var_kw:
+        raise UsageError(f"{name}() takes no arguments; drop --config")
+    elif params and params[0].kind is not params[0].KEYWORD_ONLY:
+        args = (config,)
+    else:
+        names = ", ".join(p.name for p in params)
+        raise UsageError(f"{name}({names}): --config must be a JSON object whose keys name "
+                         "the arguments")
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        hint = " (pass them with --config FILE)" if not has_config else ""
+        shown = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}"
+                          for p in params)
+        raise UsageError(f"cannot call {name}({shown}): {exc}{hint}") from None
+    try:
+        return cls(*args, **kwargs)
+    except FlowError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"{name}(...) raised {type(exc).__name__}: {exc}") from None
+
+
+def _import_modules(modules: Sequence[Path] | None) -> None:
+    for m in modules or ():
+        import_file(m)
+
+
+def ensure_registered(record: ExecutionRecord) -> WorkflowSpec:
+    """The spec of the execution's workflow, importing its recorded source if needed."""
+    name = record.workflow_name
+    spec = registered_workflows().get(name)
+    if spec is not None:
+        return spec
+    source = record.tags.get(SOURCE_TAG)
+    if source:
+        if not Path(source).is_file():
+            raise WorkflowNotRegisteredError(
+                f"workflow {name!r} of execution {record.id} was started from {source}, which "
+                "no longer exists; pass the file that defines it with -m PATH")
+        import_file(source)
+        spec = registered_workflows().get(name)
+        if spec is not None:
+            return spec
+        raise WorkflowNotRegisteredError(
+            f"{source} (recorded at run time) no longer defines workflow {name!r}; "
+            "pass the file that does with -m PATH")
+    raise WorkflowNotRegisteredError(
+        f"workflow {name!r} of execution {record.id} is not registered and the execution "
+        f"has no {SOURCE_TAG} tag; pass the file that defines it with -m PATH")
+
+
+# running --------------------------------------------------------------------------------
+def _client(store: str, runtime: str = "mock", images: Mapping[str, Sequence[str]] | None = None
+            ) -> WorkflowClient:
+    """A client; read-only commands use the mock runtime, which touches nothing."""
+    return WorkflowClient(store or DEFAULT_STORE, runtime, images=images or None)
+
+
+async def _progress(client: WorkflowClient, execution_id: str, after_seq: int) -> None:
+    async for ev in client.stream_events(execution_id, after_seq=after_seq):
+        if ev.type in _PROGRESS_TYPES:
+            fg = "red" if ev.type == "step_failed" else None
+            when = ev.timestamp.strftime("%H:%M:%S")
+            where = f"[{ev.step}] " if ev.type == "log_recorded" and ev.step else ""
+            _out.info(f"  {when} {where}{ev.message}", fg=fg)
+
+
+async def _follow(client: WorkflowClient, execution_id: str, *, after_seq: int,
+                  as_json: bool, quiet: bool) -> int:
+    """Wait for the execution (running in this process) to end, showing progress."""
+    _out.running = execution_id
+    watcher = None if quiet else asyncio.ensure_future(
+        _progress(client, execution_id, after_seq))
+    try:
+        outcome = await client.engine.wait_outcome(execution_id)
+    except BaseException:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        raise
+    if watcher is not None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(watcher, 2.0)  # it ends at the terminal event
+    _out.running = None
+    record = await client.describe(execution_id)
+    return _report_outcome(outcome, record, as_json=as_json)
+
+
+def _report_outcome(outcome: Outcome, record: ExecutionRecord, *, as_json: bool) -> int:
+    result = outcome.result if outcome.status == "completed" else None
+    if as_json:
+        _out.json({"execution_id": outcome.execution_id, "workflow": record.workflow_name,
+                   "status": outcome.status, "result": result, "error": outcome.error,
+                   "error_type": outcome.error_type, "step": outcome.step,
+                   "duration": record.duration})
+    elif outcome.status == "completed":
+        _out.info(f"execution {outcome.execution_id} completed in {_dur(record.duration)}",
+                  fg="green")
+        _out.out(json.dumps(_jsonable(result), indent=2, ensure_ascii=False))
+    else:
+        where = f" in step {outcome.step!r}" if outcome.step else ""
+        _out.error(f"execution {outcome.execution_id} {outcome.status}{where}: {outcome.error}")
+    return 0 if outcome.status == "completed" else 1
+
+
+def _exit_code(exc: FlowError) -> int:
+    return 2 if isinstance(exc, (*_USAGE_ERRORS, UsageError)) else 1
+
+
+def _go(make: Callable[[], Awaitable[int]]) -> NoReturn:
+    """Run a command's coroutine; FlowErrors become one line on stderr and an exit code."""
+
+    async def runner() -> int:
+        return await make()
+
+    try:
+        code = asyncio.run(runner())
+    except FlowError as exc:
+        _out.error(str(exc))
+        code = _exit_code(exc)
+    except KeyboardInterrupt:
+        hint = (f"; execution {_out.running} stays resumable: flow resume {_out.running}"
+                if _out.running else "")
+        _out.info("interrupted" + hint)
+        code = 130
+    except Exception as exc:
+        if os.environ.get("FLOW_DEBUG"):
+            raise
+        _out.error(f"internal error: {type(exc).__name__}: {exc} "
+                   "(set FLOW_DEBUG=1 for the traceback)")
+        code = 1
+    raise typer.Exit(code)
+
+
+# the app --------------------------------------------------------------------------------
+app = typer.Typer(
+    name="flow",
+    help="Run, watch, replay and operate durable agentainer-flow workflows.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # rich tracebacks show locals, which may hold secrets
+)
+
+StoreOpt = Annotated[str, typer.Option(
+    "--store", envvar="FLOW_STORE", show_envvar=True,
+    help="Event store URL: sqlite:///path.db or postgresql://user@host:5432/db.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")]
+ModulesOpt = Annotated[list[Path] | None, typer.Option(
+    "--module", "-m", help="Import this workflow file first (repeatable).")]
+SecretsOpt = Annotated[list[str] | None, typer.Option(
+    "--secret", help="NAME=VALUE, or NAME to read $FLOW_SECRET_NAME (repeatable). "
+    "Never printed.")]
+RuntimeOpt = Annotated[str, typer.Option(
+    "--runtime", envvar="FLOW_RUNTIME", help="Agent runtime: process or mock.")]
+ImagesOpt = Annotated[list[str] | None, typer.Option(
+    "--image", help="IMAGE=COMMAND: run agents of IMAGE as this local command "
+    "(process runtime; repeatable).")]
+IdArg = Annotated[str, typer.Argument(help="Execution id.", show_default=False)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from agentainer_flow import __version__
+
+        typer.echo(f"flow (agentainer-flow) {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                         help="Engine logs on stderr (-vv: debug).")] = 0,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version.")] = False,
+) -> None:
+    """Run, watch, replay and operate durable agentainer-flow workflows.
+
+    The store defaults to $FLOW_STORE, else sqlite:///.flow/flow.db. Exit codes: 0 ok,
+    1 the workflow failed (or replay diverged), 2 usage error or not found.
+    """
+    # a worker's log is its record of what happened; elsewhere progress lines say it all
+    _configure_logging(verbose, logging.WARNING if ctx.invoked_subcommand == "worker"
+                       else logging.ERROR)
+
+
+@app.command()
+def run(
+    target: Annotated[str, typer.Argument(metavar="FILE[:WORKFLOW]", show_default=False,
+                                          help="Python file, and the @workflow class to run "
+                                          "if it has several.")],
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="JSON (or YAML) file for the constructor: the single "
+        "argument if __init__ takes one, else keyword arguments.")] = None,
+    input_: Annotated[str | None, typer.Option(
+        "--input", "-i", help="Execution input: JSON text, or @file.json.")] = None,
+    secret: SecretsOpt = None,
+    tag: Annotated[list[str] | None, typer.Option(
+        "--tag", "-t", help="k=v tag (repeatable).")] = None,
+    wait: Annotated[bool, typer.Option(
+        "--wait/--no-wait", help="Run it here to the end, or only record it for "
+        "`flow worker` / `flow resume`.")] = True,
+    runtime: RuntimeOpt = "process",
+    image: ImagesOpt = None,
+    idempotency_key: Annotated[str | None, typer.Option(
+        "--idempotency-key", help="Starting twice with one key gives one execution.")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Start an execution of a workflow defined in FILE."""
+
+    async def body() -> int:
+        secrets = _parse_secrets(secret)
+        tags = _pairs(tag, "--tag")
+        images = _parse_images(image)
+        value = _parse_input(input_)
+        file, cls_name = _split_target(target)
+        module = import_file(file)
+        cls = _pick_workflow(module, cls_name)
+        data = _read_data(config, "config file") if config is not None else None
+        workflow = instantiate(cls, data, has_config=config is not None)
+        tags.setdefault(SOURCE_TAG, str(_module_file(module)))
+        async with _client(store, runtime, images) as client:
+            if not wait:
+                record, _ = await client.engine.start(
+                    workflow, input=value, tags=tags, secrets=secrets,
+                    idempotency_key=idempotency_key)
+                if as_json:
+                    _out.json({"execution_id": record.id, "workflow": record.workflow_name,
+                               "status": record.status.value})
+                else:
+                    _out.out(record.id)
+                    _no_wait_hint(record, secrets)
+                return 0
+            execution = await client.run_workflow(
+                workflow, ExecutionMode.ASYNC, input=value, secrets=secrets, tags=tags,
+                idempotency_key=idempotency_key)
+            if not quiet:
+                _out.info(f"execution {execution.id} ({getattr(cls, SPEC_ATTR).name}) started")
+            return await _follow(client, execution.id, after_seq=0, as_json=as_json,
+                                 quiet=quiet)
+
+    _go(body)
+
+
+def _no_wait_hint(record: ExecutionRecord, secrets: Mapping[str, str]) -> None:
+    _out.info(f"execution {record.id} recorded ({record.status.value}); nothing runs it yet: "
+              f"start `flow worker` on this store, or `flow resume {record.id}`")
+    if secrets and not os.environ.get("FLOW_SECRETS_KEY"):
+        names = ", ".join(f"FLOW_SECRET_{n.upper()}" for n in sorted(secrets))
+        _out.info(f"secrets are not stored (FLOW_SECRETS_KEY is not set): the process that "
+                  f"runs it needs {names} in its environment")
+
+
+@app.command()
+def resume(
+    execution_id: IdArg,
+    module: ModulesOpt = None,
+    secret: SecretsOpt = None,
+    runtime: RuntimeOpt = "process",
+    image: ImagesOpt = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Resume even if a worker holds a live lease on it.")] = False,
+    store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run an unfinished execution to its end in this process, from its history."""
+
+    async def body() -> int:
+        secrets = _parse_secrets(secret)
+        images = _parse_images(image)
+        _import_modules(module)
+        async with _client(store, runtime, images) as client:
+            record = await client.describe(execution_id)
+            if (not force and record.lease_owner is not None and not record.status.is_terminal
+                    and (record.lease_expires_at or 0) > time.time()):
+                raise UsageError(
+                    f"execution {record.id} is leased by worker {record.lease_owner} until "
+                    f"{_ts(record.lease_expires_at)}: it is running there; use --force to "
+                    "resume it here anyway")
+            ensure_registered(record)
+            if not quiet and not record.status.is_terminal:
+                _out.info(f"resuming execution {record.id} ({record.workflow_name}) from "
+                          f"{record.last_seq} events")
+            await client.resume(record.id, secrets=secrets, wait=False)
+            return await _follow(client, record.id, after_seq=record.last_seq,
+                                 as_json=as_json, quiet=quiet)
+
+    _go(body)
+
+
+@app.command()
+def status(execution_id: IdArg, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False
+           ) -> None:
+    """Show an execution: status, workflow, times, error, result."""
+
+    async def body() -> int:
+        async with _client(store) as client:
+            r = await client.describe(execution_id)
+            result: Any = None
+            if r.status is ExecutionStatus.COMPLETED:
+                result = (await client.engine.wait_outcome(r.id)).result
+            if as_json:
+                _out.json({**_record_dict(r), "result": result})
+                return 0
+            color = {"completed": "green", "failed": "red", "cancelled": "yellow"}
+            rows = [
+                ("execution", r.id),
+                ("workflow", f"{r.workflow_name} (version {r.workflow_version})"),
+                ("status", r.status.value + (" (cancel requested)" if r.cancel_requested
+                                             and not r.status.is_terminal else "")),
+                ("created", _ts(r.created_at)),
+                ("updated", _ts(r.updated_at)),
+                ("finished", _ts(r.finished_at)),
+                ("duration", _dur(r.duration)),
+                ("events", str(r.last_seq)),
+            ]
+            if r.parent_id:
+                rows.append(("parent", r.parent_id))
+            if r.tags:
+                rows.append(("tags", ", ".join(f"{k}={v}" for k, v in sorted(r.tags.items()))))
+            if r.lease_owner and not r.status.is_terminal:
+                rows.append(("lease", f"{r.lease_owner} until {_ts(r.lease_expires_at)}"))
+            for key, value in rows:
+                if key == "status":
+                    _out.out(f"{key:<10} " + typer.style(_out.clean(value),
+                                                         fg=color.get(r.status.value)))
+                else:
+                    _out.out(f"{key:<10} {value}")
+            if r.error:
+                _out.out(f"{'error':<10} {r.error}")
+            if r.status is ExecutionStatus.COMPLETED:
+                _out.out(f"{'result':<10} "
+                         + json.dumps(_jsonable(result), ensure_ascii=False))
+            return 0
+
+    _go(body)
+
+
+@app.command("list")
+def list_(
+    workflow: Annotated[str | None, typer.Option("--workflow", "-w",
+                                                 help="Only this workflow.")] = None,
+    status_: Annotated[list[ExecutionStatus] | None, typer.Option(
+        "--status", "-s", help="Only these statuses (repeatable).")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t",
+                                                  help="Only with tag k=v (repeatable).")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 50,
+    store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
+) -> None:
+    """List executions, newest first."""
+
+    async def body() -> int:
+        async with _client(store) as client:
+            rows = await client.list_executions(
+                workflow_name=workflow, statuses=status_ or None,
+                tags=_pairs(tag, "--tag") or None, limit=limit)
+        if as_json:
+            _out.json([_record_dict(r) for r in rows])
+            return 0
+        if not rows:
+            _out.info("no executions")
+            return 0
+        _out.table(["id", "workflow", "status", "created", "duration"],
+                   [(r.id, r.workflow_name, r.status.value, _ts(r.created_at), _dur(r.duration))
+                    for r in rows])
+        return 0
+
+    _go(body)
+
+
+@app.command()
+def logs(
+    execution_id: IdArg,
+    follow: Annotated[bool, typer.Option("--follow", "-f",
+                                         help="Keep printing until it ends.")] = False,
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Print an execution's log: ctx.log messages and step milestones."""
+
+    async def body() -> int:
+        async with _client(store) as client:
+            if follow:
+                async for line in client.stream_logs(execution_id):
+                    _out.out(line)
+            else:
+                for line in await client.get_logs(execution_id):
+                    _out.out(line)
+        return 0
+
+    _go(body)
+
+
+def _where(ev: ExecutionEvent) -> str:
+    if ev.step is None:
+        return ""
+    out = f"{ev.step}[{ev.instance or 0}]"
+    return out + (f"#{ev.attempt}" if ev.attempt and ev.attempt > 1 else "")
+
+
+def _timeline(events: Sequence[ExecutionEvent]) -> None:
+    _out.table(["seq", "time", "type", "step", "message"],
+               [(str(e.seq), _ts(e.timestamp.timestamp(), ms=True), e.type, _where(e),
+                 e.message) for e in events], wrap=("message",))
+
+
+@app.command()
+def history(execution_id: IdArg, store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False
+            ) -> None:
+    """Print an execution's event history as a timeline."""
+
+    async def body() -> int:
+        async with _client(store) as client:
+            events = await client.get_history(execution_id)
+        if as_json:
+            _out.json([e.to_dict() for e in events])
+        else:
+            _timeline(events)
+        return 0
+
+    _go(body)
+
+
+@app.command()
+def replay(
+    execution_id: IdArg,
+    module: ModulesOpt = None,
+    store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check the stored history against the current code, with no side effects."""
+
+    async def body() -> int:
+        _import_modules(module)
+        async with _client(store) as client:
+            record = await client.describe(execution_id)
+            stored = await client.store.load(record.id)
+        spec = ensure_registered(record)
+        started = stored[0].event
+        assert isinstance(started, ExecutionStarted)
+        if spec.version != started.workflow_version:
+            _out.info(f"note: the execution ran version {started.workflow_version!r} of "
+                      f"{spec.name!r}; the code has version {spec.version!r}", fg="yellow")
+        workflow = rebuild_workflow(spec, started)
+        report = await replay_history(spec, workflow, record, stored, context_factory=Context)
+        if as_json:
+            _out.json({"execution_id": record.id, "workflow": record.workflow_name,
+                       "ok": report.ok, "attempts_checked": report.attempts_checked,
+                       "in_flight": report.in_flight,
+                       "error": None if report.error is None else str(report.error)})
+        else:
+            if not quiet:
+                _timeline([ExecutionEvent.from_stored(s) for s in stored])
+                _out.out()
+            if report.ok:
+                flight = (f" ({len(report.in_flight)} in flight: "
+                          f"{', '.join(report.in_flight)})" if report.in_flight else "")
+                _out.out(f"OK: {report.attempts_checked} step attempts match the history"
+                         + flight)
+            else:
+                _out.info(f"DIVERGED: {report.error}", fg="red")
+        return 0 if report.ok else 1
+
+    _go(body)
+
+
+@app.command()
+def cancel(
+    execution_id: IdArg,
+    store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask an execution to stop (its agents are stopped, always_run steps still run)."""
+
+    async def body() -> int:
+        async with _client(store) as client:
+            ok = await client.cancel(execution_id)
+            record = await client.describe(execution_id)
+        if as_json:
+            _out.json({"execution_id": record.id, "cancel_requested": ok,
+                       "status": record.status.value})
+        elif ok:
+            _out.out(f"cancel requested for {record.id} ({record.status.value}); it stops at "
+                     "its next step event where it runs (a pending execution is cancelled "
+                     "when a worker or `flow resume` picks it up)")
+        else:
+            _out.out(f"execution {record.id} already {record.status.value}; nothing to cancel")
+        return 0
+
+    _go(body)
+
+
+@app.command()
+def metrics(
+    workflow: Annotated[str | None, typer.Option("--workflow", "-w",
+                                                 help="One workflow (default: all).")] = None,
+    range_: Annotated[str, typer.Option("--range", "-r",
+                                        help="Time range: 1h, 24h, 7d...")] = "24h",
+    store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
+) -> None:
+    """Totals, success rate and average duration per workflow over a time range."""
+
+    async def body() -> int:
+        from agentainer_flow.engine.durations import parse_duration
+
+        try:
+            seconds = parse_duration(range_, what="--range") or 0.0
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        async with _client(store) as client:
+            if workflow is not None:
+                names = [workflow]
+            else:
+                rows = await client.list_executions(created_after=time.time() - seconds,
+                                                    limit=None)
+                names = sorted({r.workflow_name for r in rows})
+            found = [await client.get_workflow_metrics(n, range_) for n in names]
+        if as_json:
+            _out.json(found)
+            return 0
+        if not found:
+            _out.info(f"no executions in the last {range_}")
+            return 0
+        _out.table(
+            ["workflow", "total", "completed", "failed", "cancelled", "running", "success",
+             "avg duration"],
+            [(m.workflow_name, str(m.total_executions), str(m.completed), str(m.failed),
+              str(m.cancelled), str(m.running), f"{m.success_rate:g}%", _dur(m.avg_duration))
+             for m in found])
+        return 0
+
+    _go(body)
+
+
+# the worker -----------------------------------------------------------------------------
+@dataclass
+class _Worker:
+    """Claims executions under a lease, runs them with the client's engine, renews, releases."""
+
+    client: WorkflowClient
+    worker_id: str
+    concurrency: int
+    poll_interval: float
+    once: bool
+
+    def __post_init__(self) -> None:
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.skipped: set[str] = set()  # could not load or crashed here: left to others
+        self.done = 0
+        self.stop = asyncio.Event()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        renewer = asyncio.ensure_future(self._renew_loop())
+        _out.out(f"worker {self.worker_id} started (concurrency {self.concurrency}"
+                 + (", once" if self.once else "") + ")")
+        try:
+            while not self.stop.is_set():
+                try:
+                    claimed = await self._claim()
+                except FlowError as exc:
+                    if self.once:
+                        raise
+                    _out.error(f"claiming failed (retrying): {exc}")  # e.g. a database blip
+                    claimed = 0
+                if self.once and not claimed and not self.running:
+                    break
+                await self._wait(self.poll_interval if not (self.once and claimed) else 0.0)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self._shutdown()
+        _out.out(f"worker {self.worker_id} stopped; {self.done} executions processed")
+        return 0
+
+    def _on_signal(self, sig: int) -> None:
+        if not self.stop.is_set():
+            _out.info(f"{signal.Signals(sig).name}: stopping; running executions are released "
+                      "and resume on the next worker")
+        self.stop.set()
+
+    async def _claim(self) -> int:
+        free = self.concurrency - len(self.running)
+        if free <= 0:
+            return 0
+        store = self.client.store
+        extra = min(len(self.skipped), 100)  # so skipped rows cannot starve runnable ones
+        records = await store.claim(self.worker_id, lease_seconds=LEASE_SECONDS,
+                                    limit=free + extra)
+        started = 0
+        for record in records:
+            # children run inside their parent's process; skipped ones are left alone
+            if record.parent_id is not None or record.id in self.skipped or started >= free:
+                await store.release(self.worker_id, record.id)
+                continue
+            try:
+                ensure_registered(record)
+            except FlowError as exc:
+                _out.error(f"execution {record.id}: {exc}")
+                self.skipped.add(record.id)
+                await store.release(self.worker_id, record.id)
+                continue
+            _out.out(f"{record.id} {record.workflow_name}: claimed ({record.status.value})")
+            self.running[record.id] = asyncio.ensure_future(self._process(record))
+            started += 1
+        return started
+
+    async def _process(self, record: ExecutionRecord) -> None:
+        eid = record.id
+        try:
+            outcome = await self.client.engine.run(eid)
+            detail = f": {outcome.error}" if outcome.error else ""
+            self.done += 1
+            _out.out(f"{eid} {record.workflow_name}: {outcome.status}{detail}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.skipped.add(eid)
+            _out.error(f"execution {eid} stopped: {type(exc).__name__}: {exc}")
+        finally:
+            self.running.pop(eid, None)
+            with contextlib.suppress(FlowError):
+                await asyncio.shield(self.client.store.release(self.worker_id, eid))
+
+    async def _wait(self, timeout: float) -> None:
+        stop = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({stop, *self.running.values()}, timeout=timeout or None,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY)
+            ids = list(self.running)
+            if not ids:
+                continue
+            try:
+                held = set(await self.client.store.renew_lease(self.worker_id, ids,
+                                                               LEASE_SECONDS))
+            except FlowError as exc:
+                _out.error(f"renewing leases failed: {exc}")
+                continue
+            for eid in ids:
+                if eid not in held and eid in self.running:
+                    _out.error(f"lost the lease on {eid}; stopping it here (another worker "
+                               "may resume it)")
+                    task = self.client.engine.tasks.get(eid)
+                    if task is not None:
+                        task.cancel()
+
+    async def _shutdown(self) -> None:
+        tasks = list(self.running.values())  # each removes itself from ``running``
+        if tasks:
+            await self.client.engine.shutdown()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@app.command()
+def worker(
+    module: ModulesOpt = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1,
+                                             help="Executions run at once.")] = 4,
+    poll_interval: Annotated[float, typer.Option("--poll-interval", min=0.05,
+                                                 help="Seconds between claims.")] = 1.0,
+    once: Annotated[bool, typer.Option(
+        "--once", help="Process what is claimable now, then exit.")] = False,
+    worker_id: Annotated[str | None, typer.Option("--worker-id",
+                                                  help="Default: host:pid:random.")] = None,
+    runtime: RuntimeOpt = "process",
+    image: ImagesOpt = None,
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Claim unfinished executions from the store and run them, until stopped."""
+
+    async def body() -> int:
+        images = _parse_images(image)
+        _import_modules(module)
+        wid = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        async with _client(store, runtime, images) as client:
+            return await _Worker(client, wid, concurrency, poll_interval, once).run()
+
+    _go(body)
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """Entry point of the ``flow`` script."""
+    global _out
+    _out = _Output()
+    return app(args=list(argv) if argv is not None else None, prog_name="flow")
+
+
+if __name__ == "__main__":
+    main()

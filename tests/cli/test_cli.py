@@ -1,0 +1,349 @@
+"""Acceptance tests: the ``flow`` CLI in real subprocesses against a SQLite file.
+
+Agents run on the default ``process`` runtime (tiny Python commands). Each CLI call costs a
+second or so of interpreter start-up and imports, so independent calls run concurrently
+(``Flow.many``) and the read-only tests share executions made once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+WF = HERE / "workflows_for_cli.py"
+SECRET = "hunter2-very-secret-value"
+
+
+@dataclass(frozen=True)
+class Result:
+    args: tuple[str, ...]
+    code: int
+    out: str
+    err: str
+
+    @property
+    def text(self) -> str:
+        return self.out + self.err
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+    def __str__(self) -> str:  # what a failed assertion shows
+        return f"flow {' '.join(self.args)} -> {self.code}\n--- out ---\n{self.out}\n" \
+               f"--- err ---\n{self.err}"
+
+
+class Flow:
+    """Runs ``python -m agentainer_flow._cli`` against one store, in a scratch directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.store = f"sqlite:///{root / 'flow.db'}"
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("FLOW_", "COLUMNS"))}
+        env.update(FLOW_STORE=self.store, FLOW_HOME=str(root / "home"), PYTHONUNBUFFERED="1")
+        self.env = env
+        self.outputs: list[Result] = []  # everything printed, for the secrets test
+
+    def _cmd(self, args: Sequence[str]) -> list[str]:
+        return [sys.executable, "-m", "agentainer_flow._cli", *args]
+
+    def popen(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        return subprocess.Popen(self._cmd(args), cwd=self.root, env={**self.env, **(env or {})},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(self, args: Sequence[str], proc: subprocess.Popen[str],
+               timeout: float = 60) -> Result:
+        out, err = proc.communicate(timeout=timeout)
+        result = Result(tuple(args), proc.returncode, out, err)
+        self.outputs.append(result)
+        return result
+
+    def __call__(self, *args: str, env: dict[str, str] | None = None) -> Result:
+        return self.finish(args, self.popen(*args, env=env))
+
+    def many(self, *calls: Sequence[str], env: dict[str, str] | None = None) -> list[Result]:
+        """Run independent calls concurrently."""
+        procs = [(c, self.popen(*c, env=env)) for c in calls]
+        return [self.finish(c, p) for c, p in procs]
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory: pytest.TempPathFactory) -> Flow:
+    return Flow(tmp_path_factory.mktemp("cli"))
+
+
+@pytest.fixture(scope="module")
+def runs(flow: Flow) -> dict[str, Result]:
+    """One completed and one failed execution, made once (concurrently) for the read tests."""
+    config = flow.root / "config.json"
+    config.write_text(json.dumps({"greeting": "hi"}))
+    ok, failed = flow.many(
+        ["run", f"{WF}:OkWorkflow", "--config", str(config), "--input", '{"n": 1}',
+         "--tag", "suite=cli"],
+        ["run", f"{WF}:FailWorkflow"],
+    )
+    return {"ok": ok, "failed": failed}
+
+
+def _id_of(result: Result) -> str:
+    for word in result.err.split():
+        try:
+            return str(uuid.UUID(word))
+        except ValueError:
+            continue
+    raise AssertionError(f"no execution id in:\n{result}")
+
+
+@pytest.fixture(scope="module")
+def ok_id(runs: dict[str, Result]) -> str:
+    return _id_of(runs["ok"])
+
+
+# run ------------------------------------------------------------------------------------
+def test_run_wait_prints_progress_and_result(runs: dict[str, Result]) -> None:
+    r = runs["ok"]
+    assert r.code == 0, r
+    assert r.json() == {"x": 1, "greeting": "hi", "input": {"n": 1}}
+    assert "step fetch[0] completed" in r.err
+    assert "fetched x" in r.err  # ctx.log lines show as progress
+    assert "Traceback" not in r.text
+
+
+def test_failing_workflow_exits_1_with_the_error(flow: Flow, runs: dict[str, Result]) -> None:
+    r = runs["failed"]
+    assert r.code == 1, r
+    assert r.out == ""
+    assert "error: execution" in r.err and "failed in step 'explode'" in r.err
+    assert "exited with code 3" in r.err and "boom: disk on fire" in r.err
+    assert "Traceback" not in r.err
+    status = flow("status", _id_of(r), "--json")
+    assert status.json()["status"] == "failed"
+    assert "exited with code 3" in status.json()["error"]
+
+
+def test_run_json_and_constructor_keywords(flow: Flow) -> None:
+    config = flow.root / "kwargs.json"
+    config.write_text(json.dumps({"greeting": "hey", "times": 2}))
+    data = flow.root / "input.json"
+    data.write_text(json.dumps({"from": "file"}))
+    r = flow("run", f"{WF}:cli_kwargs", "-c", str(config), "--input", f"@{data}", "--json",
+             "-q")
+    assert r.code == 0, r
+    body = r.json()
+    assert body["status"] == "completed" and body["result"] == "hey hey"
+    assert body["workflow"] == "cli_kwargs" and body["error"] is None
+    assert r.err == ""  # -q: no progress
+
+
+def test_run_usage_errors_exit_2(flow: Flow) -> None:
+    ambiguous, unknown, bad_input = flow.many(
+        ["run", str(WF)],
+        ["run", f"{WF}:NoSuchWorkflow"],
+        ["run", f"{WF}:OkWorkflow", "--input", "{oops"],
+    )
+    for r in (ambiguous, unknown, bad_input):
+        assert r.code == 2, r
+        assert r.err.startswith("error: ") and "Traceback" not in r.err, r
+    # an ambiguous file lists the candidates
+    for name in ("OkWorkflow", "FailWorkflow", "SecretWorkflow", "KwargsWorkflow"):
+        assert name in ambiguous.err
+    assert "NoSuchWorkflow" in unknown.err and "OkWorkflow" in unknown.err
+    assert "--input is not valid JSON" in bad_input.err
+
+
+def test_no_wait_records_it_and_worker_once_runs_it(flow: Flow) -> None:
+    started = flow("run", f"{WF}:OkWorkflow", "--no-wait", "--input", "7")
+    assert started.code == 0, started
+    eid = started.out.strip()
+    uuid.UUID(eid)  # stdout is the id alone, for scripts
+    assert "flow worker" in started.err and f"flow resume {eid}" in started.err
+    pending = flow("status", eid, "--json").json()
+    assert pending["status"] == "pending"
+    assert pending["tags"]["flow.source"] == str(WF)
+
+    worker = flow("worker", "--once", "--poll-interval", "0.1")
+    assert worker.code == 0, worker
+    assert f"{eid} cli_ok: completed" in worker.out
+    done = flow("status", eid, "--json").json()
+    assert done["status"] == "completed"
+    assert done["result"] == {"x": 1, "greeting": None, "input": 7}
+    assert done["lease_owner"] is None  # released
+
+
+def test_resume_runs_a_pending_execution_to_the_end(flow: Flow) -> None:
+    eid = flow("run", f"{WF}:OkWorkflow", "--no-wait").out.strip()
+    r = flow("resume", eid)
+    assert r.code == 0, r
+    assert r.json()["x"] == 1
+    assert f"resuming execution {eid}" in r.err
+
+
+# reading --------------------------------------------------------------------------------
+def test_status_list_history_logs(flow: Flow, ok_id: str) -> None:
+    (status, status_json, listed, listed_json, history, history_json, logs,
+     metrics) = flow.many(
+        ["status", ok_id],
+        ["status", ok_id, "--json"],
+        ["list", "--workflow", "cli_ok", "--tag", "suite=cli"],
+        ["list", "--status", "completed", "--tag", "suite=cli", "--json", "--limit", "5"],
+        ["history", ok_id],
+        ["history", ok_id, "--json"],
+        ["logs", ok_id, "--follow"],  # finished: prints everything and ends
+        ["metrics", "--range", "1h"],
+    )
+    for r in (status, status_json, listed, listed_json, history, history_json, logs, metrics):
+        assert r.code == 0, r
+
+    assert f"execution  {ok_id}" in status.out
+    assert "status     completed" in status.out
+    assert "workflow   cli_ok (version 1)" in status.out
+    assert "suite=cli" in status.out and '"greeting": "hi"' in status.out
+    record = status_json.json()
+    assert record["id"] == ok_id and record["status"] == "completed"
+    assert record["result"] == {"x": 1, "greeting": "hi", "input": {"n": 1}}
+    assert record["duration"] > 0 and record["finished_at"]
+
+    header = listed.out.splitlines()[0].split()
+    assert header == ["ID", "WORKFLOW", "STATUS", "CREATED", "DURATION"]
+    assert ok_id in listed.out and "completed" in listed.out
+    assert [e["id"] for e in listed_json.json()] == [ok_id]
+
+    assert history.out.splitlines()[0].split() == ["SEQ", "TIME", "TYPE", "STEP", "MESSAGE"]
+    assert "workflow_started" in history.out and "fetch[0]" in history.out
+    assert "deploying agent 'fetcher'" in history.out
+    events = history_json.json()
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[0]["type"] == "workflow_started"
+    assert events[-1]["type"] == "workflow_completed"
+
+    assert "[fetch] fetched x" in logs.out and "workflow completed" in logs.out
+
+    rows = {line.split()[0]: line.split()[1:] for line in metrics.out.splitlines()[1:]}
+    assert int(rows["cli_ok"][1]) >= 1 and int(rows["cli_fail"][2]) == 1  # completed, failed
+
+
+def test_unknown_id_exits_2(flow: Flow) -> None:
+    results = flow.many(*([cmd, "no-such-id"] for cmd in ("status", "resume")))
+    for r in results:
+        assert r.code == 2, r
+        assert r.err.strip() == "error: no execution with id 'no-such-id' in this store", r
+
+
+def test_unreachable_store_is_one_clear_line(flow: Flow, tmp_path: Path) -> None:
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("")
+    sqlite, postgres = flow.many(
+        ["list", "--store", f"sqlite:///{a_file}/flow.db"],
+        ["status", "x", "--store", "postgresql://nobody@127.0.0.1:1/nothing"],
+    )
+    for r in (sqlite, postgres):
+        assert r.code == 2, r
+        assert r.err.startswith("error: ") and "Traceback" not in r.err, r
+        assert len(r.err.strip().splitlines()) == 1, r
+    assert "SQLite store" in sqlite.err
+    assert "127.0.0.1:1" in postgres.err
+
+
+# replay ---------------------------------------------------------------------------------
+def test_replay_matches_the_history(flow: Flow, ok_id: str) -> None:
+    r = flow("replay", ok_id)
+    assert r.code == 0, r
+    assert "workflow_completed" in r.out  # the timeline
+    assert r.out.strip().endswith("OK: 2 step attempts match the history")
+
+
+def test_replay_with_changed_code_diverges(flow: Flow, ok_id: str, tmp_path: Path) -> None:
+    source = WF.read_text()
+    assert 'name="fetcher"' in source
+    edited = tmp_path / "workflows_edited.py"
+    edited.write_text(source.replace('name="fetcher"', 'name="fetcher-renamed"'))
+    r = flow("replay", ok_id, "-m", str(edited), "-q")
+    assert r.code == 1, r
+    assert "DIVERGED" in r.err and "NonDeterminism" not in r.err  # the message, no traceback
+    assert "name='fetcher'" in r.err and "name='fetcher-renamed'" in r.err
+
+
+# cancel ---------------------------------------------------------------------------------
+def test_cancel_a_pending_execution(flow: Flow) -> None:
+    eid = flow("run", f"{WF}:OkWorkflow", "--no-wait").out.strip()
+    r = flow("cancel", eid)
+    assert r.code == 0, r
+    assert "cancel requested" in r.out
+    worker = flow("worker", "--once")
+    assert f"{eid} cli_ok: cancelled" in worker.out, worker
+
+
+# secrets --------------------------------------------------------------------------------
+def test_secret_values_never_appear_in_output(flow: Flow) -> None:
+    waited = flow("run", f"{WF}:SecretWorkflow", "--secret", f"token={SECRET}")
+    assert waited.code == 0, waited
+    assert waited.json() == {"seen": "[secret:token]", "token": "[secret:token]"}
+    # NAME alone reads FLOW_SECRET_NAME; --no-wait does not store it, the worker's env has it
+    env = {"FLOW_SECRET_TOKEN": SECRET}
+    queued = flow("run", f"{WF}:SecretWorkflow", "--secret", "token", "--no-wait", env=env)
+    assert queued.code == 0, queued
+    assert "FLOW_SECRET_TOKEN" in queued.err
+    qid = queued.out.strip()
+    missing = flow("resume", qid)  # no secret in this environment: a clear error
+    assert missing.code == 2 and "secret 'token' is not available" in missing.err, missing
+    worker = flow("worker", "--once", env=env)
+    assert f"{qid} cli_secret: completed" in worker.out, worker
+    wid = _id_of(waited)
+    *_, logs = flow.many(["status", wid], ["history", qid, "--json"], ["logs", qid])
+    assert "the token is [secret:token]" in logs.out
+    for r in flow.outputs:
+        assert SECRET not in r.out and SECRET not in r.err, r
+
+
+# the worker -----------------------------------------------------------------------------
+def test_worker_stops_cleanly_on_sigterm(flow: Flow, tmp_path: Path) -> None:
+    log = tmp_path / "worker.out"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(flow._cmd(["worker", "--poll-interval", "0.1", "--worker-id",
+                                           "w-test"]),
+                                cwd=flow.root, env=flow.env, stdout=sink,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        eid = flow("run", f"{WF}:SlowWorkflow", "--config", _write(flow, "slow.json", 4),
+                   "--no-wait").out.strip()
+        deadline = time.monotonic() + 20
+        while f"{eid} cli_slow: claimed" not in log.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        time.sleep(1.0)  # let it launch the agent
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    stopped = Result(("worker",), proc.returncode, log.read_text(), err)
+    flow.outputs.append(stopped)
+    assert stopped.code == 0, stopped
+    assert "SIGTERM: stopping" in stopped.err and "worker w-test stopped" in stopped.out
+    left = flow("status", eid, "--json").json()
+    assert left["status"] == "running" and left["lease_owner"] is None  # released
+    # the next worker adopts the agent, which ran on meanwhile, and finishes the execution
+    finished = flow("worker", "--once")
+    assert f"{eid} cli_slow: completed" in finished.out, finished
+    types = [e["type"] for e in flow("history", eid, "--json").json()]
+    assert types.count("agent_deploy_requested") == 1 and types.count("agent_completed") == 1
+
+
+def _write(flow: Flow, name: str, data: Any) -> str:
+    path = flow.root / name
+    path.write_text(json.dumps(data))
+    return str(path)

@@ -1,0 +1,90 @@
+"""Workflows the CLI tests run with ``flow run tests/cli/workflows_for_cli.py:NAME``.
+
+Agents run on the default ``process`` runtime as tiny Python commands that print a JSON
+object (the output protocol's last-stdout-line rule).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from agentainer_flow import Context, step, workflow
+
+PRINT_X = [sys.executable, "-c", "print('{\"x\": 1}')"]
+FAIL = [sys.executable, "-c", "import sys; print('boom: disk on fire'); sys.exit(3)"]
+# prints the secret it gets through its environment, so redaction is exercised end to end
+ECHO_TOKEN = [sys.executable, "-c",
+              "import json, os; print(json.dumps({'seen': os.environ['TOKEN']}))"]
+
+
+@workflow(name="cli_ok")
+class OkWorkflow:
+    """Two steps: an agent, then a step combining its output, the config and the input."""
+
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        self.config = config or {}
+
+    @step()
+    async def fetch(self, ctx: Context) -> dict[str, Any]:
+        agent = await ctx.deploy_agent(name="fetcher", image="python:3", command=PRINT_X)
+        result = await agent.wait_for_completion()
+        await ctx.log("fetched x")
+        return dict(result.output)
+
+    @step(depends_on="fetch")
+    async def finish(self, ctx: Context, fetch: dict[str, Any]) -> dict[str, Any]:
+        return {"x": fetch["x"], "greeting": self.config.get("greeting"), "input": ctx.input}
+
+
+@workflow(name="cli_fail")
+class FailWorkflow:
+    """Its only agent exits non-zero."""
+
+    @step()
+    async def explode(self, ctx: Context) -> None:
+        agent = await ctx.deploy_agent(name="exploder", image="python:3", command=FAIL)
+        await agent.wait_for_completion()
+
+
+@workflow(name="cli_secret")
+class SecretWorkflow:
+    """Hands a secret to an agent that prints it back, logs it and returns it."""
+
+    @step()
+    async def use_secret(self, ctx: Context) -> dict[str, Any]:
+        token = ctx.secrets["token"]
+        agent = await ctx.deploy_agent(name="echo", image="python:3",
+                                       env={"TOKEN": token}, command=ECHO_TOKEN)
+        result = await agent.wait_for_completion()
+        await ctx.log(f"the token is {token}")
+        return {"seen": result.output["seen"], "token": token}
+
+
+@workflow(name="cli_kwargs")
+class KwargsWorkflow:
+    """Takes several constructor arguments: ``--config`` passes them by name."""
+
+    def __init__(self, greeting: str, times: int = 1) -> None:
+        self.greeting = greeting
+        self.times = times
+
+    @step()
+    async def greet(self, ctx: Context) -> str:
+        return " ".join([self.greeting] * self.times)
+
+
+@workflow(name="cli_slow")
+class SlowWorkflow:
+    """One agent that takes ``seconds`` to finish: long enough to stop a worker under it."""
+
+    def __init__(self, seconds: float = 2.0) -> None:
+        self.seconds = seconds
+
+    @step()
+    async def nap(self, ctx: Context) -> dict[str, Any]:
+        code = f"import time; time.sleep({self.seconds}); print('{{\"slept\": true}}')"
+        agent = await ctx.deploy_agent(name="napper", image="python:3",
+                                       command=[sys.executable, "-c", code])
+        result = await agent.wait_for_completion()
+        return dict(result.output)
