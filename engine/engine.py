@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from agentainer_flow.store.base import EventStore, ExecutionRecord, NewExecution
+from agentainer_flow.store.base import EventStore, ExecutionRecord, NewExecution, StoredEvent
 from agentainer_flow.store.errors import ExecutionNotFoundError
 from agentainer_flow.store.events import (
     Event,
@@ -109,6 +109,8 @@ class Engine:
         self.runners: dict[str, Runner] = {}
         self._objects: dict[str, object] = {}
         self._secrets: dict[str, dict[str, str]] = {}
+        # executions created by this engine and not yet run: no need to read them back
+        self._fresh: dict[str, tuple[ExecutionRecord, list[StoredEvent]]] = {}
         self.is_shutting_down = False
 
     # starting ---------------------------------------------------------------------------
@@ -152,6 +154,7 @@ class Engine:
                          secrets=encrypt_secrets(secrets)),
             started)
         if created:
+            self._fresh[record.id] = (record, [StoredEvent(record.id, 1, started)])
             self._objects[record.id] = workflow
             self._secrets[record.id] = secrets
             log.info("execution_started", execution_id=record.id, workflow=spec.name)
@@ -174,6 +177,7 @@ class Engine:
         self.runners.pop(execution_id, None)
         self._secrets.pop(execution_id, None)
         self._objects.pop(execution_id, None)
+        self._fresh.pop(execution_id, None)
         if not task.cancelled():
             task.exception()  # retrieved: callers get it through wait_outcome/get_result
 
@@ -183,10 +187,15 @@ class Engine:
 
     async def _run(self, execution_id: str, *, secrets: Mapping[str, str] | None,
                    workflow: object | None) -> Outcome:
-        record = await self.store.get_execution(execution_id)
-        if record is None:
-            raise ExecutionNotFoundError(execution_id)
-        history = await self.store.load(execution_id)
+        fresh = self._fresh.pop(execution_id, None)
+        if fresh is not None:
+            record, history = fresh
+        else:
+            found = await self.store.get_execution(execution_id)
+            if found is None:
+                raise ExecutionNotFoundError(execution_id)
+            record = found
+            history = await self.store.load(execution_id)
         started = history[0].event
         assert isinstance(started, ExecutionStarted)
         if record.status.is_terminal:

@@ -155,6 +155,15 @@ class Runner:
             except Exception as exc:  # cleanup is best effort; the outcome is recorded
                 self._log.warning("cleanup_failed", error=str(exc))
 
+    def _must_flush(self) -> bool:
+        """Whether the scheduler must make its buffered events durable before it moves on.
+
+        Outcomes (a step completed, failed, skipped...) must be durable before work that
+        depends on them runs. Bare ``StepStarted`` events need not be: until the step's
+        first command flushes them, a crash looks the same as one just before the start.
+        """
+        return any(type(ev) is not StepStarted for ev in self._pending)
+
     def check_alive(self) -> None:
         """Raise through user code if the execution must stop."""
         if self._fatal is not None:
@@ -207,7 +216,8 @@ class Runner:
                     raise self._fatal
                 if not self._tasks and next_retry is None:
                     break
-                await self.flush()
+                if self._must_flush():
+                    await self.flush()
                 await self._wait(next_retry, deadline_task)
             return await self._finish()
         except _Aborted:
