@@ -8,6 +8,8 @@ longer matches its history fails with ``NonDeterminismError``.
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 from agentainer_flow.engine.commands import AgentHandle, ChildWorkflowHandle
 from agentainer_flow.engine.durations import parse_duration
 from agentainer_flow.engine.secrets import SecretStore
@@ -44,7 +46,8 @@ from ._events import ExecutionEvent
 
 __version__ = "0.1.0"
 
-WorkflowState = dict  # the seed's name for what ``ctx.state`` holds (a str-keyed mapping)
+WorkflowState = MutableMapping  # the seed's name for the type of ``ctx.state``
+Workflow = object  # the seed's name for "an instance of a @workflow class"
 
 __all__ = [
     "AgentFailedError",
@@ -75,6 +78,7 @@ __all__ = [
     "StepTimeoutError",
     "StoreError",
     "StoreUnavailableError",
+    "Workflow",
     "WorkflowCancelledError",
     "WorkflowClient",
     "WorkflowDefinitionError",
