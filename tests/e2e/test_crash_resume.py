@@ -71,17 +71,22 @@ def check_ran_once(tmp: Path, finished_before_kill: list[str]) -> None:
     assert len(launches) == 3 and set(launches.values()) == {1}, launches
 
 
-def test_kill_mid_step_after_agent_finished(store_url: str, tmp_path: Path) -> None:
-    eid = str(uuid.uuid4())
-    proc = child("run", store_url, eid, tmp_path, HANG_AFTER_AGENT="1")
+def kill_after_fetch_agent(store_url: str, eid: str, tmp: Path) -> None:
+    """Run the workflow in a child and SIGKILL it inside ``fetch``, after its agent ended."""
+    proc = child("run", store_url, eid, tmp, HANG_AFTER_AGENT="1")
     deadline = time.monotonic() + 60
-    while "fetch:agent-done" not in lines(tmp_path / "marks"):
+    while "fetch:agent-done" not in lines(tmp / "marks"):
         if proc.poll() is not None:
             pytest.fail(f"the child ended early: {proc.communicate()}")
         assert time.monotonic() < deadline, "the child never reached the kill point"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
+
+
+def test_kill_mid_step_after_agent_finished(store_url: str, tmp_path: Path) -> None:
+    eid = str(uuid.uuid4())
+    kill_after_fetch_agent(store_url, eid, tmp_path)
     finished = asyncio.run(completed_bodies(store_url, eid))
     assert finished == ["prepare"]
     code, out, err = finish(child("resume", store_url, eid, tmp_path))
@@ -95,15 +100,7 @@ def test_kill_mid_step_after_agent_finished(store_url: str, tmp_path: Path) -> N
 def test_changed_agent_name_after_crash_is_non_determinism(store_url: str,
                                                           tmp_path: Path) -> None:
     eid = str(uuid.uuid4())
-    proc = child("run", store_url, eid, tmp_path, HANG_AFTER_AGENT="1")
-    deadline = time.monotonic() + 60
-    while "fetch:agent-done" not in lines(tmp_path / "marks"):
-        if proc.poll() is not None:
-            pytest.fail(f"the child ended early: {proc.communicate()}")
-        assert time.monotonic() < deadline, "the child never reached the kill point"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    kill_after_fetch_agent(store_url, eid, tmp_path)
     code, _, err = finish(child("resume", store_url, eid, tmp_path, FETCHER_NAME="fetcher-v2"))
     assert code != 0
     last = err.strip().splitlines()[-1]
