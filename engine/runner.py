@@ -206,6 +206,10 @@ class Runner:
             asyncio.ensure_future(self.clock.sleep_until(self.deadline))
             if self.deadline is not None else None
         )
+        watcher = (
+            asyncio.ensure_future(self._watch_cancel())
+            if self.store.url != "memory://" else None
+        )
         try:
             while True:
                 if self._fatal is not None:
@@ -230,6 +234,21 @@ class Runner:
         finally:
             if deadline_task is not None:
                 deadline_task.cancel()
+            if watcher is not None:
+                watcher.cancel()
+
+    async def _watch_cancel(self, interval: float = 1.0) -> None:
+        """Notice a cancel requested by another process (``flow cancel``) while nothing is
+        appended, e.g. during a long agent run; appends also report it."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                record = await self.store.get_execution(self.execution_id)
+            except StoreError as exc:  # a passing store outage: the next append will tell
+                self._log.warning("cancel_watch_failed", error=str(exc))
+                continue
+            if record is not None and record.cancel_requested and not self.h.cancel_requested:
+                self.request_cancel("requested")
 
     def _init_scheduler(self) -> None:
         spec, h = self.spec, self.h

@@ -47,7 +47,8 @@ class SmallFlow:
     async def fetch(self, ctx: Context, prepare_result: int) -> int:
         # FETCHER_NAME lets a test change the code between a crash and the resume
         name = os.environ.get("FETCHER_NAME", "fetcher")
-        value = await run_agent(ctx, name, prepare_result, seconds=0.2)
+        seconds = float(os.environ.get("SLOW_FETCH", "0.2"))
+        value = await run_agent(ctx, name, prepare_result, seconds=seconds)
         if os.environ.get("HANG_AFTER_AGENT"):
             mark("fetch:agent-done")
             await asyncio.sleep(3600)  # the test SIGKILLs the process here

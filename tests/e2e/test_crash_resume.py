@@ -153,3 +153,31 @@ def test_kill_at_every_event_index(store_url: str, tmp_path: Path) -> None:
         check_ran_once(tmp, finished)
         k = seq + 1  # the commit that took the history to seq covered every k up to it
     assert len(killed_at) >= 5, killed_at
+
+
+def test_cancel_from_another_process_stops_a_running_agent(store_url: str,
+                                                           tmp_path: Path) -> None:
+    """``cancel`` in one process stops an execution another process is running, even while
+    it only waits for a long agent (nothing is appended meanwhile)."""
+    eid = str(uuid.uuid4())
+    proc = child("run", store_url, eid, tmp_path, SLOW_FETCH="60")
+    deadline = time.monotonic() + 60
+    while not lines(tmp_path / "launches"):
+        if proc.poll() is not None:
+            pytest.fail(f"the child ended early: {proc.communicate()}")
+        assert time.monotonic() < deadline, "the agent never started"
+        time.sleep(0.05)
+
+    async def cancel() -> None:
+        store = create_store(store_url)
+        async with store:
+            assert await store.request_cancel(eid)
+
+    started = time.monotonic()
+    asyncio.run(cancel())
+    code, _, err = finish(proc, timeout=30)
+    assert time.monotonic() - started < 15
+    assert code != 0 and "cancelled" in err, err
+    agent_dir = next((tmp_path / "agents").iterdir())
+    result = json.loads((agent_dir / "result.json").read_text())
+    assert result["exit_code"] != 0  # the agent was stopped, not left to finish its minute
