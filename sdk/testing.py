@@ -28,15 +28,18 @@ from agentainer_flow.engine.runtimes.mock import (
 from agentainer_flow.store import MemoryEventStore
 
 from ._client import ExecutionMode, WorkflowClient, WorkflowExecution
+from ._determinism import DeterminismReport, check_determinism
 from ._events import ExecutionEvent
 
 __all__ = [
+    "DeterminismReport",
     "MockAgent",
     "MockCall",
     "MockRegistry",
     "MockRuntime",
     "VirtualClock",
     "WorkflowTestCase",
+    "check_determinism",
     "mock_agent",
     "reset_mocks",
     "test_client",
@@ -113,6 +116,18 @@ class WorkflowTestCase(unittest.IsolatedAsyncioTestCase):
         self.workflow_state = await execution.state()
         self.events = await execution.history()
         return await execution.get_result()
+
+    async def assert_deterministic(
+        self,
+        make_workflow: Any,
+        *,
+        input: Any = None,
+        secrets: Mapping[str, str] | None = None,
+    ) -> DeterminismReport:
+        """Crash the workflow at every event of its history and check each resume ends the
+        same way, records the same history and launches no agent twice (see
+        ``check_determinism``). ``make_workflow`` builds a fresh instance."""
+        return await check_determinism(make_workflow, input=input, secrets=secrets)
 
     def event_types(self) -> list[str]:
         """Types of the last run's events, in order."""

@@ -302,3 +302,26 @@ async def test_test_client_usable_outside_test_case():
     async with test_client() as client:
         ex = await client.run_workflow(Counted())
         assert await ex.get_result() == 1
+
+
+_COUNTER = [0]
+
+
+@workflow(name="not_deterministic")
+class NotDeterministic:
+    @step()
+    async def pick(self, ctx: Context) -> str:
+        _COUNTER[0] += 1  # state outside ctx: differs when the step runs again
+        agent = await ctx.deploy_agent(f"agent-{_COUNTER[0]}", "a:1")
+        return (await agent.wait_for_completion())["v"]
+
+
+class TestDeterminismCheck(WorkflowTestCase):
+    async def test_catches_code_that_differs_on_replay(self):
+        mock_agent("agent-*").returns({"v": "x"})
+        with pytest.raises(AssertionError, match=r"crash at event \d+ .*agent-"):
+            await self.assert_deterministic(NotDeterministic)
+
+    async def test_passes_for_deterministic_code(self):
+        report = await self.assert_deterministic(Counted)
+        assert report.events >= 5 and report.crash_points

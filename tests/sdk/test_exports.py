@@ -19,7 +19,8 @@ PUBLIC = {
 
 TESTING = {
     "MockAgent", "MockCall", "MockRegistry", "MockRuntime", "VirtualClock",
-    "WorkflowTestCase", "mock_agent", "reset_mocks", "test_client",
+    "WorkflowTestCase", "mock_agent", "reset_mocks", "test_client", "check_determinism",
+    "DeterminismReport",
 }
 
 

@@ -140,3 +140,17 @@ class TestResilient(WorkflowTestCase):
         assert [c for c in CALLS if c.startswith("critical")] == [
             "critical:1", "critical:2", "critical:3"]
         assert CALLS[-1] == "cleanup"
+
+
+class TestSeedDeterminism(WorkflowTestCase):
+    """The seed's data workflow survives a crash at every event of its history."""
+
+    async def test_data_workflow_is_crash_safe(self):
+        mock_agent("fetcher").returns({"data_path": "/test/data.json"})
+        mock_agent("validator").returns({"is_valid": True})
+        mock_agent("processor-*").returns({"processed": True})
+        mock_agent("aggregator").returns({"result": "success"})
+        config = {"source_url": "test://data", "output_path": "test://output"}
+        report = await self.assert_deterministic(lambda: DataWorkflow(config))
+        assert report.outcome == "completed"
+        assert report.crash_points == list(range(1, report.events))
