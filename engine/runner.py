@@ -99,6 +99,7 @@ class Runner:
         self._remaining: dict[str, int] = {}
         self._ready: list[str] = []
         self._open: list[str] = []  # steps with instances to run, in start order
+        self._starting: list[tuple[StepSpec, int, int]] = []  # attempts to launch after flush
         self._short_id = _NAME_SAFE.sub("-", self.execution_id)[:40]
         self._log = log.bind(execution_id=self.execution_id, workflow=spec.name)
 
@@ -218,10 +219,13 @@ class Runner:
                 next_retry = self._schedule()
                 if self._fatal is not None:
                     raise self._fatal
-                if not self._tasks and next_retry is None:
+                if not self._tasks and not self._starting and next_retry is None:
                     break
                 if self._must_flush():
-                    await self.flush()
+                    await self.flush()  # outcomes are durable before dependants run
+                self._launch_started()
+                if not self._tasks and next_retry is None:
+                    continue  # what was to start was stopped instead: decide again
                 await self._wait(next_retry, deadline_task)
             return await self._finish()
         except _Aborted:
@@ -310,6 +314,7 @@ class Runner:
             self._drain_resolved()
         next_retry: float | None = None
         running = {(n, i) for n, i, _ in self._tasks.values()}
+        running.update((st.name, i) for st, i, _ in self._starting)
         self._open = [n for n in self._open if h.steps[n].status == "running"]
         for name in list(self._open):
             st = h.steps[name]
@@ -427,9 +432,19 @@ class Runner:
         self._start_task(step, instance, attempt)
 
     def _start_task(self, step: StepSpec, instance: int, attempt: int) -> None:
-        task = asyncio.ensure_future(self._run_instance(step, instance, attempt))
-        task.add_done_callback(self._wakeup)
-        self._tasks[task] = (step.name, instance, attempt)
+        """Queue an attempt to run; it starts once what precedes it is durable."""
+        self._starting.append((step, instance, attempt))
+
+    def _launch_started(self) -> None:
+        for step, instance, attempt in self._starting:
+            if self._stopping and not step.always_run:  # stopped while being flushed
+                self._fail_instance(step, instance, attempt, "cancelled", "ExecutionStopped",
+                                    final=True)
+                continue
+            task = asyncio.ensure_future(self._run_instance(step, instance, attempt))
+            task.add_done_callback(self._wakeup)
+            self._tasks[task] = (step.name, instance, attempt)
+        self._starting.clear()
 
     async def _run_instance(self, step: StepSpec, instance: int, attempt: int) -> tuple[str, Any]:
         """Run one attempt; returns ("ok", tree) or ("error", exception)."""
@@ -579,6 +594,7 @@ class Runner:
                              retryable=retryable))
 
     async def _cancel_tasks(self) -> None:
+        self._starting.clear()
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()

@@ -286,3 +286,28 @@ def test_client_defaults_to_sqlite_store(tmp_path, monkeypatch):
     monkeypatch.delenv("FLOW_STORE", raising=False)
     client = WorkflowClient(runtime="mock")
     assert client.store.url.startswith("sqlite")
+
+
+@pytest.mark.parametrize("writer", ["inline", "thread"])
+async def test_a_step_runs_only_after_its_upstream_result_is_durable(sqlite_url, writer):
+    from agentainer_flow.store import create_store
+
+    store = create_store(f"{sqlite_url}?writer={writer}")
+    seen: list[list[str]] = []
+
+    @workflow(name="durable_before_dependants")
+    class Chain:
+        @step()
+        async def a(self, ctx: Context) -> int:
+            return 1
+
+        @step(depends_on=["a"])
+        async def b(self, ctx: Context, a_result: int) -> int:
+            history = await store.load(ctx.execution_id)
+            seen.append([type(s.event).__name__ + ":" + getattr(s.event, "step", "")
+                         for s in history])
+            return a_result + 1
+
+    async with WorkflowClient(store=store, runtime=MockRuntime(MockRegistry())) as client:
+        assert await (await client.run_workflow(Chain())).get_result() == 2
+    assert "StepCompleted:a" in seen[0]
