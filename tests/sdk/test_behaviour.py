@@ -15,6 +15,7 @@ from agentainer_flow import (
     ExecutionMode,
     ExecutionStatus,
     SecretNotFoundError,
+    SerializationError,
     StepTimeoutError,
     WorkflowCancelledError,
     WorkflowDefinitionError,
@@ -325,3 +326,43 @@ class TestDeterminismCheck(WorkflowTestCase):
     async def test_passes_for_deterministic_code(self):
         report = await self.assert_deterministic(Counted)
         assert report.events >= 5 and report.crash_points
+
+
+@workflow(name="takes_config")
+class TakesConfig:
+    def __init__(self, config) -> None:
+        self.config = config
+
+    @step()
+    async def only(self, ctx: Context) -> int:
+        return 1
+
+
+class TestBadInput(WorkflowTestCase):
+    async def test_unserialisable_constructor_argument(self):
+        with pytest.raises(SerializationError, match=r"constructor arguments of workflow "
+                                                     r"'takes_config'.*NotStorable"):
+            await self.client.run_workflow(TakesConfig(NotStorable()))
+        assert await self.client.list_executions() == []  # nothing half-recorded
+
+    async def test_unserialisable_input(self):
+        with pytest.raises(SerializationError, match="input of workflow 'takes_config'"):
+            await self.client.run_workflow(TakesConfig({}), input={"x": NotStorable()})
+
+    async def test_class_instead_of_instance(self):
+        with pytest.raises(TypeError, match=r"TakesConfig\(\.\.\.\)"):
+            await self.client.run_workflow(TakesConfig)
+
+    async def test_not_a_workflow(self):
+        with pytest.raises(WorkflowDefinitionError, match="@workflow"):
+            await self.client.run_workflow(NotStorable())
+
+    async def test_bad_env_value(self):
+        @workflow(name="bad_env")
+        class BadEnv:
+            @step()
+            async def only(self, ctx: Context):
+                await ctx.deploy_agent("a", "a:1", env={"N": [1, 2]})
+
+        with pytest.raises(WorkflowFailedError, match=r"env\['N'\] must be a string"):
+            await self.run_workflow(BadEnv())
