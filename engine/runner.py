@@ -100,6 +100,8 @@ class Runner:
         self._ready: list[str] = []
         self._open: list[str] = []  # steps with instances to run, in start order
         self._starting: list[tuple[StepSpec, int, int]] = []  # attempts to launch after flush
+        self._cancel_wanted = False
+        self._cancel_reason = ""
         self._short_id = _NAME_SAFE.sub("-", self.execution_id)[:40]
         self._log = log.bind(execution_id=self.execution_id, workflow=spec.name)
 
@@ -182,9 +184,6 @@ class Runner:
         self._cancel_reason = reason
         self._cancel_wanted = True
         self._wakeup()
-
-    _cancel_wanted = False
-    _cancel_reason = ""
 
     def log_user(self, level: str, message: str, rt: StepRuntime, fields: dict[str, Any]) -> None:
         getattr(self._log, level)(message, step=rt.step.name, instance=rt.instance,
