@@ -17,10 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
 import importlib
 import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -33,7 +31,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Annotated, Any, NoReturn
 
 import structlog
@@ -49,7 +46,7 @@ from agentainer_flow.engine.errors import (
 )
 from agentainer_flow.engine.replayer import replay_history
 from agentainer_flow.engine.secrets import Redactor
-from agentainer_flow.engine.spec import SPEC_ATTR, WorkflowSpec, registered_workflows
+from agentainer_flow.engine.spec import SPEC_ATTR
 from agentainer_flow.store import (
     ExecutionNotFoundError,
     ExecutionRecord,
@@ -62,11 +59,20 @@ from agentainer_flow.store.events import ExecutionStarted
 from ._client import DEFAULT_STORE, ExecutionMode, WorkflowClient
 from ._context import Context
 from ._events import ExecutionEvent
+from ._loading import (
+    SOURCE_TAG,
+    UsageError,
+    ensure_registered,
+    import_file,
+    import_modules,
+    instantiate,
+    module_file,
+    pick_workflow,
+    split_target,
+)
 
 __all__ = ["SOURCE_TAG", "app", "main"]
 
-#: tag recording the workflow file an execution was started from
-SOURCE_TAG = "flow.source"
 LEASE_SECONDS = 30.0
 RENEW_EVERY = 10.0
 
@@ -79,12 +85,6 @@ _USAGE_ERRORS: tuple[type[FlowError], ...] = (
     ExecutionNotFoundError, StoreUnavailableError, ConfigurationError, SecretNotFoundError,
     WorkflowNotRegisteredError, WorkflowDefinitionError,
 )
-
-
-class UsageError(FlowError):
-    """A bad argument found after parsing (a file that does not import, bad JSON...)."""
-
-    code = "usage"
 
 
 # output ---------------------------------------------------------------------------------
@@ -287,154 +287,6 @@ def _parse_input(text: str | None) -> Any:
                          "or pass a file as @path.json") from None
 
 
-# loading workflow code ------------------------------------------------------------------
-def import_file(path: str | Path) -> ModuleType:
-    """Import a Python file as a module named after it, its folder first on ``sys.path``.
-
-    Importing the same file twice returns the module already loaded; a different file with
-    the same name gets a name made unique by a hash of its path.
-    """
-    file = Path(path).expanduser().resolve()
-    if not file.is_file():
-        raise UsageError(f"no such workflow file: {path}")
-    folder = str(file.parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    name = file.stem if file.stem.isidentifier() else "flow_module"
-    loaded = sys.modules.get(name)
-    if loaded is not None:
-        if _module_file(loaded) == file:
-            return loaded
-        name = f"{name}_{hashlib.sha1(str(file).encode()).hexdigest()[:10]}"
-        if name in sys.modules:
-            return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, file)
-    if spec is None or spec.loader is None:
-        raise UsageError(f"cannot import {file}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except FlowError:
-        del sys.modules[name]
-        raise
-    except Exception as exc:
-        del sys.modules[name]
-        raise UsageError(f"cannot import {file}: {type(exc).__name__}: {exc}") from None
-    return module
-
-
-def _module_file(module: ModuleType) -> Path | None:
-    f = getattr(module, "__file__", None)
-    return Path(f).resolve() if f else None
-
-
-def _split_target(target: str) -> tuple[str, str | None]:
-    """``FILE[:Workflow]``; a colon is a separator only if what follows is a name."""
-    head, sep, tail = target.rpartition(":")
-    if sep and tail.isidentifier() and head:
-        return head, tail
-    return target, None
-
-
-def _pick_workflow(module: ModuleType, name: str | None) -> type:
-    found = [v for v in vars(module).values()
-             if isinstance(v, type) and isinstance(getattr(v, SPEC_ATTR, None), WorkflowSpec)]
-    own = [c for c in found if c.__module__ == module.__name__] or found
-    where = _module_file(module)
-    if name is not None:
-        for cls in found:
-            spec: WorkflowSpec = getattr(cls, SPEC_ATTR)
-            if name in (cls.__name__, spec.name):
-                return cls
-        listed = ", ".join(c.__name__ for c in own) or "none"
-        raise UsageError(f"no workflow {name!r} in {where} (workflows there: {listed})")
-    if len(own) == 1:
-        return own[0]
-    if not own:
-        raise UsageError(f"no @workflow class in {where}")
-    listed = ", ".join(c.__name__ for c in own)
-    raise UsageError(f"{where} defines {len(own)} workflows ({listed}); "
-                     f"pick one: flow run {where}:{own[0].__name__}")
-
-
-def instantiate(cls: type, config: Any, *, has_config: bool) -> object:
-    """Build the workflow instance from ``--config``.
-
-    The rule, in order: if ``__init__`` takes exactly one parameter (no ``**kwargs``), the
-    whole config is that argument; else a JSON object is spread as keyword arguments; else
-    (a list, string, number) it is the single positional argument, if the other parameters
-    have defaults. Without ``--config`` the class is called with no argument.
-    """
-    name = cls.__name__
-    sig = inspect.signature(cls)
-    params = [p for p in sig.parameters.values()
-              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = {}
-    if not has_config:
-        pass
-    elif len(params) == 1 and not var_kw:
-        p = params[0]
-        if p.kind is p.KEYWORD_ONLY:
-            kwargs = {p.name: config}
-        else:
-            args = (config,)
-    elif isinstance(config, dict) and (params or var_kw):
-        kwargs = {str(k): v for k, v in config.items()}
-    elif not params and not var_kw:
-        raise UsageError(f"{name}() takes no arguments; drop --config")
-    elif params and params[0].kind is not params[0].KEYWORD_ONLY:
-        args = (config,)
-    else:
-        names = ", ".join(p.name for p in params)
-        raise UsageError(f"{name}({names}): --config must be a JSON object whose keys name "
-                         "the arguments")
-    try:
-        sig.bind(*args, **kwargs)
-    except TypeError as exc:
-        hint = " (pass them with --config FILE)" if not has_config else ""
-        shown = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}"
-                          for p in params)
-        raise UsageError(f"cannot call {name}({shown}): {exc}{hint}") from None
-    try:
-        return cls(*args, **kwargs)
-    except FlowError:
-        raise
-    except Exception as exc:
-        raise UsageError(f"{name}(...) raised {type(exc).__name__}: {exc}") from None
-
-
-def _import_modules(modules: Sequence[Path] | None) -> None:
-    for m in modules or ():
-        import_file(m)
-
-
-def ensure_registered(record: ExecutionRecord) -> WorkflowSpec:
-    """The spec of the execution's workflow, importing its recorded source if needed."""
-    name = record.workflow_name
-    spec = registered_workflows().get(name)
-    if spec is not None:
-        return spec
-    source = record.tags.get(SOURCE_TAG)
-    if source:
-        if not Path(source).is_file():
-            raise WorkflowNotRegisteredError(
-                f"workflow {name!r} of execution {record.id} was started from {source}, which "
-                "no longer exists; pass the file that defines it with -m PATH")
-        import_file(source)
-        spec = registered_workflows().get(name)
-        if spec is not None:
-            return spec
-        raise WorkflowNotRegisteredError(
-            f"{source} (recorded at run time) no longer defines workflow {name!r}; "
-            "pass the file that does with -m PATH")
-    raise WorkflowNotRegisteredError(
-        f"workflow {name!r} of execution {record.id} is not registered and the execution "
-        f"has no {SOURCE_TAG} tag; pass the file that defines it with -m PATH")
-
-
 # running --------------------------------------------------------------------------------
 def _client(store: str, runtime: str = "mock", images: Mapping[str, Sequence[str]] | None = None
             ) -> WorkflowClient:
@@ -603,12 +455,12 @@ def run(
         tags = _pairs(tag, "--tag")
         images = _parse_images(image)
         value = _parse_input(input_)
-        file, cls_name = _split_target(target)
+        file, cls_name = split_target(target)
         module = import_file(file)
-        cls = _pick_workflow(module, cls_name)
+        cls = pick_workflow(module, cls_name)
         data = _read_data(config, "config file") if config is not None else None
         workflow = instantiate(cls, data, has_config=config is not None)
-        tags.setdefault(SOURCE_TAG, str(_module_file(module)))
+        tags.setdefault(SOURCE_TAG, str(module_file(module)))
         async with _client(store, runtime, images) as client:
             if not wait:
                 record, _ = await client.engine.start(
@@ -659,7 +511,7 @@ def resume(
     async def body() -> int:
         secrets = _parse_secrets(secret)
         images = _parse_images(image)
-        _import_modules(module)
+        import_modules(module)
         async with _client(store, runtime, images) as client:
             record = await client.describe(execution_id)
             if (not force and record.lease_owner is not None and not record.status.is_terminal
@@ -823,7 +675,7 @@ def replay(
     """Check the stored history against the current code, with no side effects."""
 
     async def body() -> int:
-        _import_modules(module)
+        import_modules(module)
         async with _client(store) as client:
             record = await client.describe(execution_id)
             stored = await client.store.load(record.id)
@@ -1074,7 +926,7 @@ def worker(
 
     async def body() -> int:
         images = _parse_images(image)
-        _import_modules(module)
+        import_modules(module)
         wid = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         async with _client(store, runtime, images) as client:
             return await _Worker(client, wid, concurrency, poll_interval, once).run()
