@@ -21,7 +21,6 @@ from agentainer_flow.store.events import (
     StepStarted,
 )
 
-from . import values
 from .clock import Clock
 from .commands import StepRuntime
 from .engine import Engine
@@ -149,21 +148,7 @@ async def _check_attempt(
     outcome: Event | None,
 ) -> NonDeterminismError | str | None:
     step = spec.steps[ev.step]
-    h = runner.h
-    item = None
-    kwargs: dict[str, Any] = {}
-    for b in step.bindings:
-        if b.source == "index":
-            kwargs[b.param] = ev.instance
-        elif b.source == "item":
-            assert b.dep is not None
-            item = values.load(h.step_result_tree(b.dep))[ev.instance]
-            kwargs[b.param] = item
-        else:
-            assert b.dep is not None
-            value = values.load(h.step_result_tree(b.dep))
-            kwargs[b.param] = [value] if b.source == "results" and not isinstance(
-                value, list) else value
+    kwargs, item = runner.arguments(step, ev.instance)
     rt = StepRuntime(runner, step, ev.instance, ev.total, ev.attempt, item, snapshot)
     ctx = runner.engine.context_factory(rt)
     outcome_now = "completed"

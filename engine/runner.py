@@ -445,25 +445,31 @@ class Runner:
             self._tasks[task] = (step.name, instance, attempt)
         self._starting.clear()
 
+    def arguments(self, step: StepSpec, instance: int) -> tuple[dict[str, Any], Any]:
+        """The keyword arguments of a step instance's call, and its item (dynamic steps):
+        upstream results, its index, its item or the list to reduce, as bound at decoration.
+        """
+        h = self.h
+        kwargs: dict[str, Any] = {}
+        item = None
+        for b in step.bindings:
+            if b.source == "index":
+                kwargs[b.param] = instance
+                continue
+            assert b.dep is not None
+            value = values.load(h.step_result_tree(b.dep))
+            if b.source == "item":
+                item = value = value[instance]
+            elif b.source == "results" and not isinstance(value, list):
+                value = [value]
+            kwargs[b.param] = value
+        return kwargs, item
+
     async def _run_instance(self, step: StepSpec, instance: int, attempt: int) -> tuple[str, Any]:
         """Run one attempt; returns ("ok", tree) or ("error", exception)."""
         h = self.h
         st = h.steps[step.name]
-        item = None
-        kwargs: dict[str, Any] = {}
-        for b in step.bindings:
-            if b.source == "index":
-                kwargs[b.param] = instance
-            elif b.source == "item":
-                assert b.dep is not None
-                item = values.load(h.step_result_tree(b.dep))[instance]
-                kwargs[b.param] = item
-            else:
-                assert b.dep is not None
-                value = values.load(h.step_result_tree(b.dep))
-                if b.source == "results" and not isinstance(value, list):
-                    value = [value]
-                kwargs[b.param] = value
+        kwargs, item = self.arguments(step, instance)
         snapshot = h.snapshots.get((step.name, instance, attempt), h.state)
         rt = StepRuntime(self, step, instance, st.total, attempt, item, snapshot)
         ctx = self.engine.context_factory(rt)
