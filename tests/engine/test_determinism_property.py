@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agentainer_flow import step, workflow
+from agentainer_flow import RetryPolicy, step, workflow
 from agentainer_flow.engine.runtimes.base import AgentSpec
 from agentainer_flow.engine.runtimes.mock import MockRegistry, MockRuntime
 from agentainer_flow.store import MemoryEventStore
@@ -22,27 +22,38 @@ from .helpers import by_instance, client_for, store_with_prefix
 _names = itertools.count()
 
 
+Shape = list[tuple[list[int], int, str]]
+
+
 @st.composite
-def dags(draw: st.DrawFn) -> list[tuple[list[int], int]]:
-    """Steps as (dependencies, parallel count); count 0 means an ordinary step."""
+def dags(draw: st.DrawFn) -> Shape:
+    """Steps as (dependencies, parallel count, flavour); count 0 is an ordinary step. A
+    ``flaky`` step fails its first attempt and is retried; a ``skipped`` one has a false
+    ``when=`` (so its dependants are skipped too)."""
     n = draw(st.integers(2, 6))
     steps = []
     for i in range(n):
         deps = draw(st.lists(st.integers(0, i - 1), unique=True, max_size=2)) if i else []
-        steps.append((sorted(deps), draw(st.sampled_from([0, 0, 2, 3]))))
+        flavour = draw(st.sampled_from(["plain", "plain", "flaky", "skipped"] if deps
+                                       else ["plain", "flaky"]))
+        steps.append((sorted(deps), draw(st.sampled_from([0, 0, 2, 3])), flavour))
     return steps
 
 
-def build(shape: list[tuple[list[int], int]]) -> type:
+def build(shape: Shape) -> type:
     """A workflow class for the shape: every step deploys an agent, writes state, and
     returns its agent's value plus what its dependencies returned."""
     attrs: dict[str, Any] = {}
-    for i, (deps, count) in enumerate(shape):
+    for i, (deps, count, flavour) in enumerate(shape):
         params = "".join(f", s{d}_result" for d in deps)
         index = ", i" if count else ""
+        flaky = ""
+        if flavour == "flaky":
+            flaky = "    if ctx.attempt == 1: raise RuntimeError('flaky')\n"
         src = (
             f"async def s{i}(self, ctx{params}{index}):\n"
             f"    inst = {'i' if count else 0}\n"
+            f"{flaky}"
             f"    agent = await ctx.deploy_agent(f's{i}-{{inst}}', 'img:1')\n"
             f"    value = (await agent.wait_for_completion())['v']\n"
             f"    ctx.state['s{i}-' + str(inst)] = value\n"
@@ -54,6 +65,10 @@ def build(shape: list[tuple[list[int], int]]) -> type:
         ns: dict[str, Any] = {}
         exec(src, ns)  # generated test workflows need real parameter names
         options: dict[str, Any] = {"depends_on": [f"s{d}" for d in deps]}
+        if flavour == "flaky":
+            options["retry_policy"] = RetryPolicy(max_attempts=2, initial_delay="1m")
+        if flavour == "skipped":
+            options["when"] = lambda _upstream: False
         if count:
             options.update(parallel=True, count=count)
         attrs[f"s{i}"] = step(**options)(ns[f"s{i}"])
@@ -68,7 +83,7 @@ def registry() -> MockRegistry:
     return reg
 
 
-async def check(shape: list[tuple[list[int], int]], cut: float) -> None:
+async def check(shape: Shape, cut: float) -> None:
     cls = build(shape)
     async with client_for(MemoryEventStore(), MockRuntime(registry())) as client:
         ex = await client.run_workflow(cls())
@@ -95,6 +110,5 @@ async def check(shape: list[tuple[list[int], int]], cut: float) -> None:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=dags(), cut=st.floats(0.0, 1.0))
-def test_generated_dags_resume_identically(shape: list[tuple[list[int], int]],
-                                           cut: float) -> None:
+def test_generated_dags_resume_identically(shape: Shape, cut: float) -> None:
     asyncio.run(check(shape, cut))
