@@ -1,9 +1,19 @@
-"""The Postgres backend: SQLAlchemy async and psycopg 3, pooled, for production.
+"""The Postgres backend: psycopg 3 on worker threads, pooled, for production.
 
-Each write is its own short transaction on a pooled connection; Postgres runs them in
-parallel and shares WAL flushes between concurrent commits. Workers claim with one
-statement (a ``FOR UPDATE SKIP LOCKED`` CTE, then ``UPDATE ... RETURNING``), so two workers
-never lease the same execution and never wait for each other.
+Every operation runs on a worker thread that alone uses one psycopg connection: a read in
+autocommit, a write in its own short transaction, an append as one statement. Postgres runs
+the workers in parallel and shares WAL flushes between concurrent commits; writes that queue
+up while every worker is busy are committed together, one transaction per worker (group
+commit). Why threads and the sync driver: measured on a 2-core machine, an operation's
+round trips cost about half the CPU on a sync psycopg connection that they cost on psycopg's
+async one, and handing the operation to a waiting thread adds next to nothing; SQLAlchemy's
+async engine (greenlet adapter, pool, events) cost several times more. Statements are
+SQLAlchemy Core compiled once for the postgresql dialect, with bound parameters; psycopg
+prepares each one on a connection after a few uses.
+
+Workers claim with one statement (a ``FOR UPDATE SKIP LOCKED`` CTE, then
+``UPDATE ... RETURNING``), so two workers never lease the same execution and never wait for
+each other.
 
 Changes are announced with ``NOTIFY flow_events, '<execution id>'`` inside the writing
 transaction (delivered only if it commits). One dedicated connection LISTENs and wakes the
@@ -13,17 +23,32 @@ waiters of this process; when it is down, waiting falls back to polling.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import queue
+import selectors
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from .errors import FlowError, StoreError, StoreUnavailableError
+from .base import UNSET, AppendResult, ExecutionRecord, ExecutionStatus, now
+from .errors import AppendConflictError, StoreError, StoreUnavailableError
+from .events import ENCODING, Event, encode_event, event_type_name
+from .schema import events as events_table
 from .schema import executions, migrate
-from .sql import SQLEventStore, Tx, _claimable, cancel_and_wait
+from .sql import (
+    Prepared,
+    SQLEventStore,
+    Tx,
+    _claimable,
+    _stmt_append_check,
+    _stmt_append_update,
+    record_from_row,
+)
 
 __all__ = ["PostgresEventStore"]
 
@@ -34,6 +59,69 @@ CHANNEL = "flow_events"
 #: advisory lock key serialising schema migrations ("flow" in ASCII)
 _MIGRATION_LOCK = 0x666C6F77
 _DRIVERS = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg_async")
+_STOP = object()
+#: most events an append writes in one statement (each size is a statement of its own)
+_MAX_ROWS = 100
+#: most writes committed together
+_MAX_BATCH = 10
+#: how long a batch waits for a row lock before it is undone and its writes run one by one:
+#: a batch locks many rows, so it must not sit in a lock cycle until deadlock detection
+_BATCH_LOCK_TIMEOUT = "50ms"
+# what a request runs as: a read (autocommit), a write (its own transaction), or a write of
+# one statement (autocommit); both kinds of write can join a batch
+_READ, _WRITE, _STATEMENT = 0, 1, 2
+
+
+class _Tx(Tx):
+    """A :class:`Tx` on a psycopg connection: results in binary (measured: a 10,000-event
+    history loads ~5 ms faster than in text, bytea as hex), and statements compiled per
+    call."""
+
+    __slots__ = ()
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._cur = conn.cursor(binary=True)
+
+    def executemany(self, stmt: Prepared, values: Sequence[Mapping[str, Any]]) -> None:
+        if len(values) == 1:  # psycopg would enter pipeline mode even for one
+            self._cur.execute(stmt.sql, stmt.bind(values[0]))
+        else:
+            super().executemany(stmt, values)
+
+    def select(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        self._cur.execute(sql, params)
+        rows: list[tuple[Any, ...]] = self._cur.fetchall()
+        return rows
+
+
+class _Request:
+    """One operation waiting for a worker."""
+
+    __slots__ = ("future", "kind", "loop", "op")
+
+    def __init__(
+        self, op: Callable[[_Tx], Any], kind: int, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.op = op
+        self.kind = kind
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+
+
+class _Worker:
+    """A thread and the connection only it uses (opened on first use, dropped when broken)."""
+
+    __slots__ = ("conn", "inbox", "tx")
+
+    def __init__(self) -> None:
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.conn: psycopg.Connection[Any] | None = None
+        self.tx: _Tx | None = None
+
+    def disconnect(self) -> None:
+        conn, self.conn, self.tx = self.conn, None, None
+        if conn is not None:
+            conn.close()
 
 
 class PostgresEventStore(SQLEventStore):
@@ -42,7 +130,8 @@ class PostgresEventStore(SQLEventStore):
     Args:
         url: ``postgresql://user:password@host:5432/dbname`` (``postgres://`` and
             ``postgresql+psycopg://`` work too).
-        pool_size: connections kept open; ``max_overflow`` more may be opened under load.
+        pool_size: connections (and worker threads) kept open; ``max_overflow`` more may be
+            opened under load, and are closed when ``pool_size`` others are idle.
         listen: wake waiters with LISTEN/NOTIFY (else only polling).
     """
 
@@ -70,51 +159,91 @@ class PostgresEventStore(SQLEventStore):
         self._url = parsed.set(drivername="postgresql+psycopg")
         #: the URL with the password masked, for messages
         self.url = self._url.render_as_string(hide_password=True)
-        self._pool_size = pool_size
-        self._max_overflow = max_overflow
-        self._connect_timeout = connect_timeout
+        self._conninfo = self._url.set(drivername="postgresql").render_as_string(
+            hide_password=False
+        )
+        self._pool_size = max(1, pool_size)
+        self._max_workers = self._pool_size + max(0, max_overflow)
+        self._connect_timeout = max(1, round(connect_timeout))
         self._listen = listen
-        self._engine: AsyncEngine | None = None
-        self._reader: AsyncEngine | None = None
-        self._listener: asyncio.Task[None] | None = None
+        self._open = False
+        #: transactions that committed several writes, for tests and diagnostics
+        self.batch_count = 0
+        # The workers: all of them, the idle ones (the last to finish is reused first, so a
+        # lone caller keeps one warm connection), and requests waiting for one. Shared with
+        # the worker threads under ``_lock``.
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._idle: list[_Worker] = []
+        self._backlog: deque[_Request] = deque()
+        self._threads: list[threading.Thread] = []
+        self._listener: threading.Thread | None = None
+        self._listen_stop: tuple[socket.socket, socket.socket] | None = None
         self._listening = False
         self._listen_connects = 0  # how many times LISTEN (re)connected, for tests
 
     # lifecycle --------------------------------------------------------------------------
     async def open(self) -> None:
-        if self._engine is not None:
+        if self._open:
             return
-        engine = create_async_engine(
+        self._dialect = await asyncio.to_thread(self._migrate)
+        self._lock_timeout = self._stmt(
+            "batch_lock_timeout",
+            lambda: sa.select(sa.func.set_config("lock_timeout", _BATCH_LOCK_TIMEOUT, sa.true())),
+        )
+        with self._lock:
+            self._workers, self._idle, self._backlog = [], [], deque()
+            self._open = True
+        if self._listen:
+            self._listen_stop = socket.socketpair()
+            self._listener = threading.Thread(
+                target=self._listen_thread,
+                args=(asyncio.get_running_loop(), self._listen_stop[0]),
+                name="flow-pg-listen",
+                daemon=True,
+            )
+            self._listener.start()
+
+    def _migrate(self) -> sa.Dialect:
+        """Create or migrate the schema; returns the dialect statements are compiled for."""
+        engine = sa.create_engine(
             self._url,
-            pool_size=self._pool_size,
-            max_overflow=self._max_overflow,
-            connect_args={"connect_timeout": max(1, round(self._connect_timeout))},
+            poolclass=sa.NullPool,
+            connect_args={"connect_timeout": self._connect_timeout},
         )
         try:
-            async with engine.begin() as conn:
+            with engine.begin() as conn:
                 # Concurrent openers wait here instead of racing to create the tables.
-                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
-                await conn.run_sync(migrate)
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
+                migrate(conn)
         except (sa.exc.DBAPIError, psycopg.Error, OSError) as exc:
-            await engine.dispose()
             raise StoreUnavailableError(self._unavailable_message(exc)) from None
-        except BaseException:
-            await engine.dispose()
-            raise
-        self._engine = engine
-        self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._dialect = engine.dialect
-        if self._listen:
-            self._listener = asyncio.create_task(self._listen_loop(), name="flow-pg-listen")
+        finally:
+            engine.dispose()
+        return engine.dialect
 
     async def close(self) -> None:
-        engine, self._engine = self._engine, None
-        if engine is None:
-            return
+        with self._lock:
+            if not self._open:
+                return
+            self._open = False
+            backlog, self._backlog = list(self._backlog), deque()
+            workers, self._workers, self._idle = self._workers, [], []
+            threads, self._threads = self._threads, []
+        for request in backlog:
+            _resolve(request, False, StoreError("the PostgreSQL store was closed"))
+        for worker in workers:  # busy ones stop after their request
+            worker.inbox.put(_STOP)
         listener, self._listener = self._listener, None
-        await cancel_and_wait(listener)
-        self._reader = None
-        await engine.dispose()
+        stop, self._listen_stop = self._listen_stop, None
+        if stop is not None:
+            stop[1].send(b"x")
+        try:
+            await asyncio.to_thread(_join, [*threads, *([listener] if listener else [])])
+        finally:
+            if stop is not None:
+                stop[0].close()
+                stop[1].close()
 
     def _unavailable_message(self, exc: BaseException) -> str:
         """Say what went wrong and how to fix it, without the password."""
@@ -137,52 +266,259 @@ class PostgresEventStore(SQLEventStore):
             hint = f"check that PostgreSQL is running and reachable at {where}"
         return f"cannot open the PostgreSQL store {self.url}: {reason}; {hint}"
 
-    # running operations -----------------------------------------------------------------
-    def _require_open(self) -> AsyncEngine:
-        if self._engine is None:
-            raise StoreError("the PostgreSQL store is not open: use `async with store:` first")
-        return self._engine
+    # the log ----------------------------------------------------------------------------
+    async def append(
+        self,
+        execution_id: str,
+        expected_seq: int,
+        events: Sequence[Event],
+        *,
+        status: ExecutionStatus | None = None,
+        error: str | None = None,
+        wake_at: float | None = UNSET,
+        lease_owner: str | None = None,
+    ) -> AppendResult:
+        # One statement, in autocommit: the guarded row update of ``sql.py`` and the
+        # events' insert in one data-modifying CTE (the insert selects from the update, so it
+        # inserts nothing when the guard fails). One round trip instead of four (BEGIN,
+        # update, insert, COMMIT); measured: ~0.3 ms less per append, and less than half the
+        # CPU. Why it failed is then read as in ``sql.py``.
+        if not 0 < len(events) <= _MAX_ROWS:
+            return await super().append(
+                execution_id,
+                expected_seq,
+                events,
+                status=status,
+                error=error,
+                wake_at=wake_at,
+                lease_owner=lease_owner,
+            )
+        terminal = status is not None and status.is_terminal
+        shape = (status is not None, terminal, error is not None, wake_at is not UNSET)
+        leased = lease_owner is not None
+        n = len(events)
+        append = self._stmt(
+            ("append_one", *shape, leased, n),
+            lambda: self._append_statement(shape, leased, n),
+        )
+        check = self._stmt("append_check", _stmt_append_check)
+        new_last = expected_seq + n - 1
+        values: dict[str, Any] = {
+            "id": execution_id,
+            "prev_last": expected_seq - 1,
+            "new_last": new_last,
+            "status": None if status is None else status.value,
+            "error": error,
+            "wake_at": None if wake_at is UNSET else wake_at,
+            "lease_owner": lease_owner,
+            "encoding": ENCODING,
+        }
+        for i, event in enumerate(events):
+            values[f"seq_{i}"] = expected_seq + i
+            values[f"type_{i}"] = event_type_name(event)
+            values[f"data_{i}"] = encode_event(event)
 
+        def op(tx: _Tx) -> AppendResult:
+            t = values["t"] = now()
+            try:
+                row = tx.first(append, values)
+            except psycopg.Error as exc:
+                if not self._is_unique_violation(exc):
+                    raise
+                raise AppendConflictError(execution_id, expected_seq, expected_seq - 1) from None
+            if row is None:
+                self._append_failed(tx, check, execution_id, expected_seq, lease_owner, t)
+            assert row is not None
+            return AppendResult(new_last, bool(row[0]))
+
+        result = await self._run(op, _STATEMENT)
+        self._notify(execution_id)
+        return result
+
+    def _append_statement(
+        self, shape: tuple[bool, bool, bool, bool], leased: bool, n: int
+    ) -> sa.Select[Any]:
+        """``append`` of ``n`` events as one statement: the guarded update of ``sql.py``
+        as a CTE, and an insert of the events from it."""
+        appended = _stmt_append_update(self._announce(), *shape, leased).cte("appended")
+        new_events = sa.values(
+            sa.column("seq", sa.Integer),
+            sa.column("type", sa.Text),
+            sa.column("data", sa.LargeBinary),
+            name="new_events",
+        ).data(
+            [
+                (
+                    sa.bindparam(f"seq_{i}", type_=sa.Integer),
+                    sa.bindparam(f"type_{i}", type_=sa.Text),
+                    sa.bindparam(f"data_{i}", type_=sa.LargeBinary),
+                )
+                for i in range(n)
+            ]
+        )
+        rows = sa.select(
+            sa.bindparam("id", type_=sa.Text),
+            new_events.c.seq,
+            new_events.c.type,
+            sa.bindparam("encoding", type_=sa.Integer),
+            new_events.c.data,
+            sa.bindparam("t", type_=sa.Double),
+        ).select_from(appended)
+        inserted = (
+            sa.insert(events_table)
+            .from_select(["execution_id", "seq", "type", "encoding", "data", "created_at"], rows)
+            .cte("inserted")
+        )
+        return sa.select(appended.c.cancel_requested).add_cte(inserted)
+
+    # running operations -----------------------------------------------------------------
     async def _write(self, op: Callable[[Tx], T]) -> T:
-        return await self._run(self._require_open(), lambda conn: _with_tx(conn, op), True)
+        return await self._run(op, _WRITE)
 
     async def _read(self, op: Callable[[Tx], T]) -> T:
-        self._require_open()
-        assert self._reader is not None
-        return await self._run(self._reader, lambda conn: _with_tx(conn, op), False)
+        return await self._run(op, _READ)
 
-    async def _read_core(self, op: Callable[[sa.Connection], T]) -> T:
-        self._require_open()
-        assert self._reader is not None
-        return await self._run(self._reader, op, False)
+    async def _select_executions(self, query: sa.Select[Any]) -> list[ExecutionRecord]:
+        # Compiled per call: the filters decide its shape. Values stay bound parameters
+        # (``render_postcompile`` only expands ``IN`` into one parameter per item).
+        if self._dialect is None:
+            raise StoreError("the PostgreSQL store is not open: use `async with store:` first")
+        compiled = query.compile(dialect=self._dialect, compile_kwargs={"render_postcompile": True})
+        sql, params = compiled.string, compiled.params
+        return await self._run(
+            lambda tx: [record_from_row(row) for row in tx.select(sql, params)], _READ
+        )
 
-    async def _run(
-        self, engine: AsyncEngine, fn: Callable[[sa.Connection], T], transaction: bool
-    ) -> T:
-        """Run ``fn`` on a pooled connection (in a transaction that commits if asked)."""
+    async def _run(self, op: Callable[[_Tx], T], kind: int) -> T:
+        """Run ``op`` on an idle worker (started if there is none and the pool has room),
+        or when one is free."""
+        request = _Request(op, kind, asyncio.get_running_loop())
+        with self._lock:
+            if not self._open:
+                raise StoreError("the PostgreSQL store is not open: use `async with store:` first")
+            if self._idle:
+                worker: _Worker | None = self._idle.pop()
+            elif len(self._workers) < self._max_workers:
+                worker = self._start_worker()
+            else:
+                worker = None
+                self._backlog.append(request)
+        if worker is not None:
+            worker.inbox.put(request)
+        result: T = await request.future
+        return result
+
+    def _start_worker(self) -> _Worker:
+        """A new worker and its thread (called under ``_lock``)."""
+        worker = _Worker()
+        self._workers.append(worker)
+        self._threads = [t for t in self._threads if t.is_alive()]
+        thread = threading.Thread(
+            target=self._work, args=(worker,), name="flow-pg-worker", daemon=True
+        )
+        self._threads.append(thread)
+        thread.start()
+        return worker
+
+    def _work(self, worker: _Worker) -> None:
+        """A worker thread: serve requests until told to stop."""
         try:
-            async with engine.connect() as conn:
-                try:
-                    if transaction:
-                        async with conn.begin():
-                            return await conn.run_sync(fn)
-                    return await conn.run_sync(fn)
-                except psycopg.OperationalError:
-                    # Probably a dead connection (server restarted, backend killed): our
-                    # statements bypass SQLAlchemy's disconnect detection, so drop it here
-                    # rather than hand it to the next caller.
-                    await conn.invalidate()
-                    raise
-        except FlowError:
-            raise
-        except (sa.exc.DBAPIError, psycopg.Error) as exc:
-            raise self._store_error(exc) from exc
+            item = worker.inbox.get()
+            while item is not _STOP:
+                if isinstance(item, list):
+                    outcomes = self._serve_batch(worker, item)
+                    for request, (ok, value) in zip(item, outcomes, strict=True):
+                        _call_soon(request.loop, _resolve, request, ok, value)
+                else:
+                    ok, value = self._serve(worker, item)
+                    _call_soon(item.loop, _resolve, item, ok, value)
+                item = self._next(worker)
+                if item is None:
+                    item = worker.inbox.get()
+        finally:
+            worker.disconnect()
+
+    def _next(self, worker: _Worker) -> Any:
+        """What ``worker`` does next: a waiting read, the waiting writes (a list), ``_STOP``,
+        or ``None`` (wait in its inbox)."""
+        with self._lock:
+            backlog = self._backlog
+            if backlog:
+                first = backlog.popleft()
+                if first.kind == _READ:
+                    return first
+                # Every waiting write: each comes from a caller awaiting it, so none of them
+                # depends on another, nor on a read still waiting.
+                batch, reads = [first], deque[_Request]()
+                while backlog and len(batch) < _MAX_BATCH:
+                    request = backlog.popleft()
+                    (reads if request.kind == _READ else batch).append(request)
+                reads.extend(backlog)
+                self._backlog = reads
+                return batch if len(batch) > 1 else first
+            if not self._open:
+                return _STOP
+            if len(self._idle) >= self._pool_size:  # overflow: close when not needed
+                self._workers.remove(worker)
+                return _STOP
+            self._idle.append(worker)
+            return None
+
+    def _serve_batch(self, worker: _Worker, batch: list[_Request]) -> list[tuple[bool, Any]]:
+        """Run writes in one transaction: (True, result) each, or, if any of them fails
+        (a conflict, a lock waited for too long), undo them all and run each alone."""
+
+        def op(tx: _Tx) -> list[Any]:
+            tx.first(self._lock_timeout, {})
+            return [request.op(tx) for request in batch]
+
+        try:
+            values = _in_transaction(worker, op, self._connect(worker))
+        except Exception as exc:
+            if not (isinstance(exc, psycopg.Error) and _lost(worker, exc)):
+                return [self._serve(worker, request) for request in batch]
+            # The connection failed, perhaps during COMMIT: the writes' fate is unknown, so
+            # they are not run again.
+            worker.disconnect()
+            error = self._store_error(exc)
+            return [(False, error)] * len(batch)
+        with self._lock:
+            self.batch_count += 1
+        return [(True, value) for value in values]
+
+    def _serve(self, worker: _Worker, request: _Request) -> tuple[bool, Any]:
+        """Run one request on the worker's connection: (True, result) or (False, error)."""
+        try:
+            tx = self._connect(worker)
+            if request.kind == _WRITE:
+                return True, _in_transaction(worker, request.op, tx)
+            return True, request.op(tx)
+        except psycopg.Error as exc:
+            if _lost(worker, exc):
+                # A dead connection (server restarted, backend killed): drop it rather than
+                # hand it to the next caller.
+                worker.disconnect()
+            return False, self._store_error(exc)
+        except Exception as exc:
+            return False, exc
+
+    def _connect(self, worker: _Worker) -> _Tx:
+        """The worker's connection, opened if it has none (in autocommit)."""
+        if worker.tx is None:
+            worker.conn = psycopg.Connection.connect(
+                self._conninfo, autocommit=True, connect_timeout=self._connect_timeout
+            )
+            worker.tx = _Tx(worker.conn)
+        return worker.tx
 
     def _store_error(self, exc: BaseException) -> StoreError:
         orig = getattr(exc, "orig", None) or exc
         if isinstance(orig, psycopg.OperationalError):
-            return StoreUnavailableError(self._unavailable_message(exc))
-        return StoreError(f"PostgreSQL error: {' '.join(str(orig).split())}")
+            error: StoreError = StoreUnavailableError(self._unavailable_message(exc))
+        else:
+            error = StoreError(f"PostgreSQL error: {' '.join(str(orig).split())}")
+        error.__cause__ = exc
+        return error
 
     def _insert_ignore(self) -> sa.Insert:
         return (
@@ -214,32 +550,56 @@ class PostgresEventStore(SQLEventStore):
         # The listener wakes waiters itself; polling only while it is down.
         await asyncio.sleep(timeout if self._listening else min(timeout, self.poll_interval))
 
-    async def _listen_loop(self) -> None:
-        """LISTEN on a dedicated connection, reconnecting with backoff when it drops."""
-        conninfo = self._url.set(drivername="postgresql").render_as_string(hide_password=False)
+    def _listen_thread(self, loop: asyncio.AbstractEventLoop, stop: socket.socket) -> None:
+        """LISTEN on a dedicated connection, reconnecting with backoff when it drops.
+
+        A thread on the sync driver, like the workers: every append notifies, and this way
+        a notification nobody in this process waits for costs no turn of the event loop.
+        """
         delay = 0.5
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(
-                    conninfo, autocommit=True, connect_timeout=max(1, round(self._connect_timeout))
-                )
-                async with conn:
-                    await conn.execute(
+                with (
+                    psycopg.Connection.connect(
+                        self._conninfo, autocommit=True, connect_timeout=self._connect_timeout
+                    ) as conn,
+                    selectors.DefaultSelector() as selector,
+                ):
+                    conn.execute(
                         psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(CHANNEL))
                     )
                     self._listening = True
                     self._listen_connects += 1
                     delay = 0.5
-                    self._wake_all()  # changes made while we were not listening
-                    async for notice in conn.notifies():
-                        self._notify(notice.payload)
+                    # changes made while we were not listening
+                    _call_soon(loop, self._wake_all)
+                    selector.register(conn.fileno(), selectors.EVENT_READ)
+                    selector.register(stop, selectors.EVENT_READ)
+                    while True:
+                        if any(key.fileobj is stop for key, _ in selector.select()):
+                            return
+                        changed = [notice.payload for notice in conn.notifies(timeout=0)]
+                        # Read from this thread; a waiter that starts watching just after
+                        # this finds the change when it reads the store.
+                        watched = self._changed
+                        if changed and (None in watched or any(e in watched for e in changed)):
+                            _call_soon(loop, self._notify_all, changed)
             except Exception:  # whatever broke it: poll meanwhile, reconnect
                 pass
             finally:
                 self._listening = False
-            self._wake_all()
-            await asyncio.sleep(delay)
+            _call_soon(loop, self._wake_all)
+            stop.settimeout(delay)
+            try:
+                stop.recv(1)
+                return
+            except TimeoutError:
+                pass
             delay = min(delay * 2, 10.0)
+
+    def _notify_all(self, execution_ids: list[str]) -> None:
+        for execution_id in execution_ids:
+            self._notify(execution_id)
 
     def _wake_all(self) -> None:
         """Wake every waiter: notifications may have been missed."""
@@ -249,10 +609,58 @@ class PostgresEventStore(SQLEventStore):
                 ev.set()
 
 
-def _with_tx(conn: sa.Connection, op: Callable[[Tx], T]) -> T:
-    """Run ``op`` on the raw (greenlet-adapted) DBAPI connection behind ``conn``."""
-    tx = Tx(conn.connection.dbapi_connection)
+def _lost(worker: _Worker, exc: psycopg.Error) -> bool:
+    """Whether ``exc`` left the worker without a usable connection."""
+    conn = worker.conn
+    if conn is None or conn.closed or conn.broken:
+        return True
+    # an error psycopg raised itself, not the server (whose errors carry a SQLSTATE)
+    return isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None
+
+
+def _in_transaction(worker: _Worker, op: Callable[[_Tx], T], tx: _Tx) -> T:
+    """Run ``op`` in a transaction and commit it, or roll it back if ``op`` raises.
+
+    The connection is in autocommit (a read is one round trip) except for this: psycopg then
+    begins the transaction with the first statement. Measured, that is cheaper than
+    ``Connection.transaction()``.
+    """
+    conn = worker.conn
+    assert conn is not None
+    conn.autocommit = False
     try:
-        return op(tx)
+        value = op(tx)
+        conn.commit()
+        return value
+    except BaseException:
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            worker.disconnect()
+        raise
     finally:
-        tx.close()
+        if worker.conn is not None:
+            conn.autocommit = True
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn`` on ``loop`` (from another thread), unless the loop is closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
+
+
+def _resolve(request: _Request, ok: bool, value: Any) -> None:
+    """Hand a worker's outcome to the caller (on the caller's loop)."""
+    if request.future.done():  # the caller was cancelled
+        return
+    if ok:
+        request.future.set_result(value)
+    else:
+        request.future.set_exception(value)
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join()

@@ -4,12 +4,13 @@ Statements are SQLAlchemy Core, compiled once per dialect (:class:`Prepared`) an
 DBAPI cursor with bound parameters. Why not ``Connection.execute``: measured on a 2-core
 machine it costs ~60 us per statement, and an append (two statements plus a durable commit of
 ~0.23 ms) must stay well under 0.4 ms. Queries whose shape depends on the call
-(``list_executions``) still go through ``Connection.execute``, which caches their compilation.
+(``list_executions``) go through ``Connection.execute`` on SQLite, which caches their
+compilation; Postgres compiles them per call.
 
 Every operation is a plain function of a :class:`Tx` (a cursor inside one transaction), so
 the dialects differ only in how they run it: SQLite on its writer thread (group commit),
-Postgres through ``AsyncConnection.run_sync``, where SQLAlchemy's greenlet adapter makes the
-psycopg async cursor look synchronous.
+Postgres on worker threads that each own a psycopg connection. (Postgres also runs an append
+as one statement, the guarded update below with the insert in one data-modifying CTE.)
 """
 
 from __future__ import annotations
@@ -303,9 +304,13 @@ class SQLEventStore(EventStore):
     async def _read(self, op: Callable[[Tx], T]) -> T:
         """Run ``op`` on a read-only connection."""
 
-    @abstractmethod
     async def _read_core(self, op: Callable[[sa.Connection], T]) -> T:
-        """Run ``op`` with a SQLAlchemy ``Connection`` (for statements built per call)."""
+        """Run ``op`` with a SQLAlchemy ``Connection`` (for statements built per call).
+
+        Used by the default :meth:`_select_executions`; a backend overriding that need not
+        provide it.
+        """
+        raise NotImplementedError
 
     @abstractmethod
     def _insert_ignore(self) -> sa.Insert:
@@ -439,6 +444,10 @@ class SQLEventStore(EventStore):
         query = query.order_by(_ex.c.created_at.desc(), _ex.c.id.desc())
         if limit is not None:
             query = query.limit(limit)
+        return await self._select_executions(query)
+
+    async def _select_executions(self, query: sa.Select[Any]) -> list[ExecutionRecord]:
+        """Run a query for whole ``flow_executions`` rows that was built for this call."""
 
         def op(conn: sa.Connection) -> list[ExecutionRecord]:
             return [record_from_row(row) for row in conn.execute(query)]
