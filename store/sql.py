@@ -310,7 +310,9 @@ class SQLEventStore(EventStore):
         Used by the default :meth:`_select_executions`; a backend overriding that need not
         provide it.
         """
-        raise NotImplementedError
+        raise TypeError(
+            f"{type(self).__name__} must override _read_core or _select_executions"
+        )
 
     @abstractmethod
     def _insert_ignore(self) -> sa.Insert:
