@@ -111,6 +111,8 @@ class Engine:
         self._secrets: dict[str, dict[str, str]] = {}
         # executions created by this engine and not yet run: no need to read them back
         self._fresh: dict[str, tuple[ExecutionRecord, list[StoredEvent]]] = {}
+        # why runs of this process stopped without an outcome, by execution id
+        self._stopped: dict[str, BaseException] = {}
         self.is_shutting_down = False
 
     # starting ---------------------------------------------------------------------------
@@ -166,6 +168,7 @@ class Engine:
         task = self.tasks.get(execution_id)
         if task is not None:
             return task
+        self._stopped.pop(execution_id, None)
         task = asyncio.ensure_future(self._run(execution_id, secrets=secrets, workflow=workflow))
         self.tasks[execution_id] = task
         task.add_done_callback(lambda t: self._forget(execution_id, t))
@@ -178,8 +181,13 @@ class Engine:
         self._secrets.pop(execution_id, None)
         self._objects.pop(execution_id, None)
         self._fresh.pop(execution_id, None)
-        if not task.cancelled():
-            task.exception()  # retrieved: callers get it through wait_outcome/get_result
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # A run that stopped without an outcome (non-determinism, a missing secret, a
+            # store error): waiters get this error instead of waiting for an end that will
+            # not come from this process. Resuming again clears it.
+            self._stopped[execution_id] = exc
+            log.warning("execution_stopped", execution_id=execution_id,
+                        error_type=type(exc).__name__, error=str(exc))
 
     async def run(self, execution_id: str, **kwargs: Any) -> Outcome:
         """Run the execution to its end in this process and return how it ended."""
@@ -243,6 +251,9 @@ class Engine:
         task = self.tasks.get(execution_id)
         if task is not None:
             return await asyncio.shield(task)
+        stopped = self._stopped.get(execution_id)
+        if stopped is not None:
+            raise stopped
         async for stored in self.store.subscribe(execution_id):
             if isinstance(stored.event, ExecutionCompleted | ExecutionFailed |
                           ExecutionCancelled):

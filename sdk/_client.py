@@ -198,7 +198,12 @@ class WorkflowClient:
     async def recover(
         self, *, secrets: Mapping[str, str] | None = None, wait: bool = True
     ) -> list[WorkflowExecution]:
-        """Resume every unfinished top-level execution in the store."""
+        """Resume every unfinished top-level execution in the store.
+
+        One that cannot run (its workflow is not importable, a secret is missing, its code
+        diverged) does not stop the others: it is logged (``execution_stopped``) and its
+        ``get_result()`` raises why.
+        """
         await self.open()
         rows = await self.store.list_executions(
             statuses=[ExecutionStatus.PENDING, ExecutionStatus.RUNNING], limit=None)

@@ -3,6 +3,7 @@ store where they are encrypted at rest with FLOW_SECRETS_KEY; never in clear on 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,15 @@ async def test_secret_encrypted_at_rest(sqlite_url: str, tmp_path: Path,
 
 def _files_containing(folder: Path, needle: bytes) -> list[Path]:
     return [f for f in folder.glob("flow.db*") if needle in f.read_bytes()]
+
+
+async def test_a_resume_that_cannot_run_does_not_leave_waiters_hanging(
+        sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLOW_SECRETS_KEY", raising=False)
+    eid = await start_only(sqlite_url)
+    async with WorkflowClient(store=sqlite_url, runtime=runtime()) as client:
+        [execution] = await client.recover()  # no secret anywhere: this run cannot start
+        with pytest.raises(SecretNotFoundError):
+            await asyncio.wait_for(execution.get_result(), 10)
+        execution = await client.resume(eid, secrets={"token": SECRET})
+        assert await execution.get_result() == "ok"
