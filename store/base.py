@@ -60,6 +60,22 @@ class NewExecution:
     parent_id: str | None = None
     secrets: bytes | None = None  # encrypted at rest, never clear text
 
+    def record(self, t: float) -> ExecutionRecord:
+        """The row ``create_execution`` inserts for it at time ``t``."""
+        return ExecutionRecord(
+            id=self.id,
+            workflow_name=self.workflow_name,
+            workflow_version=self.workflow_version,
+            status=ExecutionStatus.PENDING,
+            created_at=t,
+            updated_at=t,
+            tags=dict(self.tags),
+            idempotency_key=self.idempotency_key,
+            parent_id=self.parent_id,
+            last_seq=1,
+            secrets=self.secrets,
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExecutionRecord:

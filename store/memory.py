@@ -58,19 +58,7 @@ class MemoryEventStore(EventStore):
         if existing is not None:
             return existing, False
         t = now()
-        record = ExecutionRecord(
-            id=new.id,
-            workflow_name=new.workflow_name,
-            workflow_version=new.workflow_version,
-            status=ExecutionStatus.PENDING,
-            created_at=t,
-            updated_at=t,
-            tags=dict(new.tags),
-            idempotency_key=new.idempotency_key,
-            parent_id=new.parent_id,
-            last_seq=1,
-            secrets=new.secrets,
-        )
+        record = new.record(t)
         self._rows[new.id] = record
         self._logs[new.id] = [encode_event(started)]
         if new.idempotency_key is not None:

@@ -48,6 +48,7 @@ from .sql import (
     _stmt_append_check,
     _stmt_append_update,
     record_from_row,
+    settle,
 )
 
 __all__ = ["PostgresEventStore"]
@@ -652,13 +653,7 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: A
 
 
 def _resolve(request: _Request, ok: bool, value: Any) -> None:
-    """Hand a worker's outcome to the caller (on the caller's loop)."""
-    if request.future.done():  # the caller was cancelled
-        return
-    if ok:
-        request.future.set_result(value)
-    else:
-        request.future.set_exception(value)
+    settle(request.future, ok, value)
 
 
 def _join(threads: list[threading.Thread]) -> None:

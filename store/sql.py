@@ -159,23 +159,6 @@ def _float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
-def _new_record(new: NewExecution, t: float) -> ExecutionRecord:
-    """The record ``create_execution`` just inserted, without reading it back."""
-    return ExecutionRecord(
-        id=new.id,
-        workflow_name=new.workflow_name,
-        workflow_version=new.workflow_version,
-        status=ExecutionStatus.PENDING,
-        created_at=t,
-        updated_at=t,
-        tags=dict(new.tags),
-        idempotency_key=new.idempotency_key,
-        parent_id=new.parent_id,
-        last_seq=1,
-        secrets=new.secrets,
-    )
-
-
 # Statements whose shape never changes. "Unfinished" is ``finished_at IS NULL``, the
 # predicate of the partial indexes (see schema.py).
 _UNFINISHED = _ex.c.finished_at.is_(None)
@@ -397,7 +380,7 @@ class SQLEventStore(EventStore):
             # concurrent create with the same id or key wait, then do nothing.
             if tx.first(insert, row) is not None:
                 tx.executemany(insert_events, [first])
-                return _new_record(new, t), True
+                return new.record(t), True
             existing = tx.first(get, {"id": new.id})
             if existing is None and new.idempotency_key is not None:
                 existing = tx.first(get_by_key, {"key": new.idempotency_key})
@@ -622,3 +605,14 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         await task
     except asyncio.CancelledError:
         pass
+
+
+def settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    """Hand a worker's outcome to the caller waiting on ``future`` (on the caller's loop);
+    a caller that was cancelled meanwhile gets nothing."""
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)

@@ -28,7 +28,7 @@ from sqlalchemy.pool import QueuePool
 
 from .errors import StoreError, StoreUnavailableError
 from .schema import executions, migrate
-from .sql import SQLEventStore, Tx
+from .sql import SQLEventStore, Tx, settle
 
 __all__ = ["SQLiteEventStore"]
 
@@ -454,12 +454,7 @@ def _settle(outcomes: list[tuple[_Request, bool, Any]]) -> None:
 
 def _resolve(items: list[tuple[_Request, bool, Any]]) -> None:
     for request, ok, value in items:
-        if request.future.done():  # the caller was cancelled
-            continue
-        if ok:
-            request.future.set_result(value)
-        else:
-            request.future.set_exception(value)
+        settle(request.future, ok, value)
 
 
 def _store_error(exc: BaseException) -> BaseException:
