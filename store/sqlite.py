@@ -18,6 +18,7 @@ import asyncio
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -211,18 +212,7 @@ class SQLiteEventStore(SQLEventStore):
                 "(or a new file) in a writable directory on a local filesystem"
             ) from None
         try:
-            cur = raw.cursor()
-            mode = cur.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            cur.close()
-            if str(mode).lower() != "wal":
-                raise StoreUnavailableError(
-                    f"cannot put the SQLite database {str(self.path)!r} in WAL mode "
-                    f"(it stays in {mode!r}); use a local filesystem"
-                )
-            with engine.connect() as conn:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-                migrate(conn)
-                conn.commit()
+            self._wal_and_migrate(engine, raw)
         except (sa.exc.DBAPIError, sqlite3.Error) as exc:
             raw.close()
             raise StoreUnavailableError(
@@ -234,6 +224,40 @@ class SQLiteEventStore(SQLEventStore):
             raw.close()
             raise
         return raw
+
+    def _wal_and_migrate(self, engine: sa.Engine, raw: Any) -> None:
+        """Switch to WAL and migrate, retrying while another process does the same.
+
+        SQLite reports some lock conflicts of concurrent first opens (the journal-mode
+        switch, a read lock that cannot be upgraded) at once instead of through its busy
+        handler, so they are retried here until ``busy_timeout``.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        delay = 0.005
+        while True:
+            try:
+                cur = raw.cursor()
+                try:
+                    mode = cur.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                finally:
+                    cur.close()
+                if str(mode).lower() != "wal":
+                    raise StoreUnavailableError(
+                        f"cannot put the SQLite database {str(self.path)!r} in WAL mode "
+                        f"(it stays in {mode!r}); use a local filesystem"
+                    )
+                with engine.connect() as conn:
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                    migrate(conn)
+                    conn.commit()
+                return
+            except (sa.exc.OperationalError, sqlite3.OperationalError) as exc:
+                message = str(getattr(exc, "orig", exc)).lower()
+                if ("locked" not in message and "busy" not in message) or (
+                        time.monotonic() >= deadline):
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
 
     # running operations -----------------------------------------------------------------
     def _require_open(self) -> sa.Engine:
