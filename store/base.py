@@ -34,6 +34,7 @@ class ExecutionStatus(StrEnum):
 
     PENDING = "pending"
     RUNNING = "running"
+    BLOCKED = "blocked"  # waiting for something only a person can give (a missing secret)
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -59,6 +60,9 @@ class NewExecution:
     idempotency_key: str | None = None
     parent_id: str | None = None
     secrets: bytes | None = None  # encrypted at rest, never clear text
+    #: the creator takes the lease at once (fencing token 1), so nobody else runs it first
+    lease_owner: str | None = None
+    lease_seconds: float = 0.0
 
     def record(self, t: float) -> ExecutionRecord:
         """The row ``create_execution`` inserts for it at time ``t``."""
@@ -74,6 +78,10 @@ class NewExecution:
             parent_id=self.parent_id,
             last_seq=1,
             secrets=self.secrets,
+            lease_owner=self.lease_owner,
+            lease_expires_at=t + self.lease_seconds if self.lease_owner else None,
+            lease_token=1 if self.lease_owner else 0,
+            lease_renewed_at=t if self.lease_owner else None,
         )
 
 
@@ -98,6 +106,14 @@ class ExecutionRecord:
     wake_at: float | None = None
     error: str | None = None
     secrets: bytes | None = None
+    #: fencing token of the current (or last) lease: grows at every acquisition
+    lease_token: int = 0
+    lease_renewed_at: float | None = None
+    last_chain: str | None = None
+
+    def lease_live(self, t: float) -> bool:
+        """Whether someone holds an unexpired lease on it at time ``t``."""
+        return self.lease_owner is not None and (self.lease_expires_at or 0) >= t
 
     @property
     def duration(self) -> float | None:
@@ -200,12 +216,16 @@ class EventStore(ABC):
         error: str | None = None,
         wake_at: float | None = UNSET,
         lease_owner: str | None = None,
+        lease_token: int | None = None,
     ) -> AppendResult:
         """Append ``events`` as seqs ``expected_seq, expected_seq + 1, ...`` in one commit.
 
         Raises ``AppendConflictError`` if ``expected_seq`` is not the log's next seq, and
-        ``LeaseLostError`` if ``lease_owner`` is given but does not hold a live lease.
-        ``status``/``error``/``wake_at`` update the row in the same commit.
+        ``LeaseLostError`` if ``lease_owner`` is given but does not hold a live lease, or if
+        ``lease_token`` is given but is not the execution's current fencing token (someone
+        acquired the lease since: the caller must stop). The token is checked in the same
+        statement that appends. ``status``/``error``/``wake_at`` update the row in the same
+        commit.
         """
 
     @abstractmethod
@@ -218,6 +238,23 @@ class EventStore(ABC):
         self, worker_id: str, *, lease_seconds: float, limit: int = 1
     ) -> list[ExecutionRecord]:
         """Lease up to ``limit`` unfinished, due executions nobody holds a live lease on."""
+
+    @abstractmethod
+    async def acquire(
+        self,
+        execution_id: str,
+        owner: str,
+        *,
+        lease_seconds: float,
+        takeover_from: str | None = None,
+    ) -> ExecutionRecord | None:
+        """Take the lease on one unfinished execution, with a new fencing token.
+
+        Succeeds when nobody holds a live lease, when ``owner`` holds it already, or when
+        ``takeover_from`` holds it (the caller knows that holder is dead). Returns the row
+        with its new ``lease_token``, or ``None`` (held by someone else, finished, or no
+        such execution: read the row to tell).
+        """
 
     @abstractmethod
     async def renew_lease(

@@ -113,6 +113,7 @@ class MemoryEventStore(EventStore):
         error: str | None = None,
         wake_at: float | None = UNSET,
         lease_owner: str | None = None,
+        lease_token: int | None = None,
     ) -> AppendResult:
         row = self._rows.get(execution_id)
         if row is None:
@@ -128,6 +129,12 @@ class MemoryEventStore(EventStore):
         ):
             raise LeaseLostError(
                 f"worker {lease_owner} no longer holds the lease on execution {execution_id}"
+            )
+        if lease_token is not None and row.lease_token != lease_token:
+            raise LeaseLostError(
+                f"execution {execution_id}: the lease was taken over by "
+                f"{row.lease_owner or 'nobody'} (fencing token {row.lease_token}, this runner "
+                f"has {lease_token}); it stops here"
             )
         encoded = [encode_event(e) for e in events]
         log.extend(encoded)
@@ -160,18 +167,40 @@ class MemoryEventStore(EventStore):
         for row in sorted(self._rows.values(), key=lambda r: r.created_at):
             if len(claimed) >= limit:
                 break
-            if row.status.is_terminal:
+            if row.status.is_terminal or row.status is ExecutionStatus.BLOCKED:
                 continue
             if row.lease_owner is not None and (row.lease_expires_at or 0) >= t:
                 continue
             if row.wake_at is not None and row.wake_at > t:
                 continue
             new = dataclasses.replace(
-                row, lease_owner=worker_id, lease_expires_at=t + lease_seconds
+                row, lease_owner=worker_id, lease_expires_at=t + lease_seconds,
+                lease_token=row.lease_token + 1, lease_renewed_at=t,
             )
             self._rows[row.id] = new
             claimed.append(new)
         return claimed
+
+    async def acquire(
+        self,
+        execution_id: str,
+        owner: str,
+        *,
+        lease_seconds: float,
+        takeover_from: str | None = None,
+    ) -> ExecutionRecord | None:
+        row = self._rows.get(execution_id)
+        t = now()
+        if row is None or row.status.is_terminal:
+            return None
+        if row.lease_live(t) and row.lease_owner not in (owner, takeover_from):
+            return None
+        new = dataclasses.replace(
+            row, lease_owner=owner, lease_expires_at=t + lease_seconds,
+            lease_token=row.lease_token + 1, lease_renewed_at=t,
+        )
+        self._rows[execution_id] = new
+        return new
 
     async def renew_lease(
         self, worker_id: str, execution_ids: Sequence[str], lease_seconds: float
@@ -181,7 +210,9 @@ class MemoryEventStore(EventStore):
         for eid in execution_ids:
             row = self._rows.get(eid)
             if row and row.lease_owner == worker_id and (row.lease_expires_at or 0) >= t:
-                self._rows[eid] = dataclasses.replace(row, lease_expires_at=t + lease_seconds)
+                self._rows[eid] = dataclasses.replace(
+                    row, lease_expires_at=t + lease_seconds, lease_renewed_at=t
+                )
                 held.append(eid)
         return held
 

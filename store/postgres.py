@@ -278,6 +278,7 @@ class PostgresEventStore(SQLEventStore):
         error: str | None = None,
         wake_at: float | None = UNSET,
         lease_owner: str | None = None,
+        lease_token: int | None = None,
     ) -> AppendResult:
         # One statement, in autocommit: the guarded row update of ``sql.py`` and the
         # events' insert in one data-modifying CTE (the insert selects from the update, so it
@@ -293,14 +294,16 @@ class PostgresEventStore(SQLEventStore):
                 error=error,
                 wake_at=wake_at,
                 lease_owner=lease_owner,
+                lease_token=lease_token,
             )
         terminal = status is not None and status.is_terminal
         shape = (status is not None, terminal, error is not None, wake_at is not UNSET)
         leased = lease_owner is not None
+        fenced = lease_token is not None
         n = len(events)
         append = self._stmt(
-            ("append_one", *shape, leased, n),
-            lambda: self._append_statement(shape, leased, n),
+            ("append_one", *shape, leased, fenced, n),
+            lambda: self._append_statement(shape, leased, fenced, n),
         )
         check = self._stmt("append_check", _stmt_append_check)
         new_last = expected_seq + n - 1
@@ -312,6 +315,7 @@ class PostgresEventStore(SQLEventStore):
             "error": error,
             "wake_at": None if wake_at is UNSET else wake_at,
             "lease_owner": lease_owner,
+            "lease_token": lease_token,
             "encoding": ENCODING,
         }
         for i, event in enumerate(events):
@@ -328,7 +332,9 @@ class PostgresEventStore(SQLEventStore):
                     raise
                 raise AppendConflictError(execution_id, expected_seq, expected_seq - 1) from None
             if row is None:
-                self._append_failed(tx, check, execution_id, expected_seq, lease_owner, t)
+                self._append_failed(
+                    tx, check, execution_id, expected_seq, lease_owner, lease_token, t
+                )
             assert row is not None
             return AppendResult(new_last, bool(row[0]))
 
@@ -337,11 +343,13 @@ class PostgresEventStore(SQLEventStore):
         return result
 
     def _append_statement(
-        self, shape: tuple[bool, bool, bool, bool], leased: bool, n: int
+        self, shape: tuple[bool, bool, bool, bool], leased: bool, fenced: bool, n: int
     ) -> sa.Select[Any]:
         """``append`` of ``n`` events as one statement: the guarded update of ``sql.py``
         as a CTE, and an insert of the events from it."""
-        appended = _stmt_append_update(self._announce(), *shape, leased).cte("appended")
+        appended = _stmt_append_update(self._announce(), *shape, leased, fenced).cte(
+            "appended"
+        )
         new_events = sa.values(
             sa.column("seq", sa.Integer),
             sa.column("type", sa.Text),
@@ -538,7 +546,12 @@ class PostgresEventStore(SQLEventStore):
         return (
             sa.update(ex)
             .where(ex.c.id == candidates.c.id)
-            .values(lease_owner=sa.bindparam("worker"), lease_expires_at=sa.bindparam("expires"))
+            .values(
+                lease_owner=sa.bindparam("worker"),
+                lease_expires_at=sa.bindparam("expires"),
+                lease_renewed_at=sa.bindparam("t"),
+                lease_token=ex.c.lease_token + 1,
+            )
             .returning(*ex.c)
         )
 

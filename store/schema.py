@@ -5,10 +5,10 @@ Both SQL backends create and query these tables; dialect differences are types
 same clock the in-memory backend uses, so the backends agree to the microsecond.
 
 Migrations are a list of ``(version, step)`` run in order on ``open()`` for every version
-above the one recorded in ``flow_schema_version``. Version 1 creates everything. Later
-versions must be expand/contract steps (add a nullable column, backfill, then drop in a
-later release) and, once version 2 exists, version 1 must be frozen to the tables as they
-were at version 1 instead of ``metadata.create_all``.
+above the one recorded in ``flow_schema_version``. A new database is created at the latest
+version at once (``metadata.create_all``); the steps upgrade older databases. Each step is an
+expand/contract step (add a nullable or defaulted column, backfill, drop in a later release),
+tested by upgrading a frozen copy of the older schema (``tests/store/test_migrations.py``).
 """
 
 from __future__ import annotations
@@ -55,6 +55,10 @@ executions = sa.Table(
     sa.Column("wake_at", _Time, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("secrets", sa.LargeBinary, nullable=True),
+    # version 2: fenced leases and chained history checksums
+    sa.Column("lease_token", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("lease_renewed_at", _Time, nullable=True),
+    sa.Column("last_chain", sa.Text, nullable=True),
     sa.UniqueConstraint("idempotency_key", name="uq_flow_executions_idempotency_key"),
 )
 
@@ -91,6 +95,8 @@ events = sa.Table(
     sa.Column("encoding", sa.Integer, nullable=False),
     sa.Column("data", sa.LargeBinary, nullable=False),
     sa.Column("created_at", _Time, nullable=False),
+    # version 2: checksum chained over the previous event's (see ``store.chain``)
+    sa.Column("chain", sa.Text, nullable=True),
     # Clustered on (execution_id, seq) on SQLite: one B-tree to write per append instead of a
     # table plus its primary-key index, and a history loads as one contiguous range.
     sqlite_with_rowid=False,
@@ -106,12 +112,36 @@ Migration = Callable[[sa.Connection], None]
 
 
 def _v1_create_all(conn: sa.Connection) -> None:
+    """Version 1 (for databases created before version 2; a new one gets ``create_all``)."""
     metadata.create_all(conn)
 
 
+def _v2_fencing_and_chain(conn: sa.Connection) -> None:
+    """Version 2 (expand only): lease fencing tokens, lease renewal time, history checksums.
+
+    Columns are added nullable or with a default, so a running version-1 process keeps
+    working until it is upgraded; events written before have no checksum and are verified
+    from the first event that has one.
+    """
+    insp = sa.inspect(conn)
+    have = {c["name"] for c in insp.get_columns(executions.name)}
+    added = [
+        ("lease_token", "INTEGER DEFAULT 0 NOT NULL"),
+        ("lease_renewed_at", "DOUBLE PRECISION" if conn.dialect.name == "postgresql" else "FLOAT"),
+        ("last_chain", "TEXT"),
+    ]
+    for name, ddl in added:
+        if name not in have:
+            conn.execute(sa.text(f"ALTER TABLE {executions.name} ADD COLUMN {name} {ddl}"))
+    if "chain" not in {c["name"] for c in insp.get_columns(events.name)}:
+        conn.execute(sa.text(f"ALTER TABLE {events.name} ADD COLUMN chain TEXT"))
+
+
 #: (version, step) in ascending order; each step runs inside the migrating transaction.
+#: A new database is created at the latest version directly (``metadata.create_all``).
 MIGRATIONS: list[tuple[int, Migration]] = [
     (1, _v1_create_all),
+    (2, _v2_fencing_and_chain),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -132,6 +162,11 @@ def migrate(conn: sa.Connection) -> tuple[int, int]:
             f"the database has schema version {current}, newer than this agentainer-flow "
             f"understands ({SCHEMA_VERSION}); upgrade agentainer-flow to open it"
         )
+    if current == 0 and not sa.inspect(conn).has_table(executions.name):
+        metadata.create_all(conn)  # a new database: the latest schema at once
+        conn.execute(sa.delete(schema_version))
+        conn.execute(sa.insert(schema_version).values(version=SCHEMA_VERSION))
+        return current, SCHEMA_VERSION
     for version, step in MIGRATIONS:
         if version > current:
             step(conn)

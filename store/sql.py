@@ -130,6 +130,9 @@ def record_from_row(row: Row | sa.Row[Any]) -> ExecutionRecord:
         wake_at,
         error,
         secrets,
+        lease_token,
+        lease_renewed_at,
+        last_chain,
     ) = values
     if isinstance(tags, str | bytes):  # SQLite keeps JSON as text; psycopg decodes JSONB
         tags = msgspec.json.decode(tags)
@@ -151,6 +154,9 @@ def record_from_row(row: Row | sa.Row[Any]) -> ExecutionRecord:
         wake_at=_float(wake_at),
         error=error,
         secrets=None if secrets is None else bytes(secrets),
+        lease_token=lease_token or 0,
+        lease_renewed_at=_float(lease_renewed_at),
+        last_chain=last_chain,
     )
 
 
@@ -176,9 +182,9 @@ def _stmt_get_by_key() -> sa.Select[Any]:
 
 
 def _stmt_append_check() -> sa.Select[Any]:
-    return sa.select(_ex.c.last_seq, _ex.c.lease_owner, _ex.c.lease_expires_at).where(
-        _ex.c.id == _p("id")
-    )
+    return sa.select(
+        _ex.c.last_seq, _ex.c.lease_owner, _ex.c.lease_expires_at, _ex.c.lease_token
+    ).where(_ex.c.id == _p("id"))
 
 
 def _stmt_insert_events() -> sa.Insert:
@@ -210,8 +216,31 @@ def _stmt_renew() -> sa.Update:
             _ex.c.lease_owner == _p("worker"),
             _ex.c.lease_expires_at >= _p("t"),
         )
-        .values(lease_expires_at=_p("expires"))
+        .values(lease_expires_at=_p("expires"), lease_renewed_at=_p("t"))
         .returning(_ex.c.id)
+    )
+
+
+def _stmt_acquire() -> sa.Update:
+    """Take the lease if it is free, expired, ours, or held by a holder known to be dead."""
+    return (
+        sa.update(_ex)
+        .where(
+            _ex.c.id == _p("id"),
+            _UNFINISHED,
+            sa.or_(
+                _LEASE_FREE,
+                _ex.c.lease_owner == _p("worker"),
+                _ex.c.lease_owner == _p("takeover"),
+            ),
+        )
+        .values(
+            lease_owner=_p("worker"),
+            lease_expires_at=_p("expires"),
+            lease_renewed_at=_p("t"),
+            lease_token=_ex.c.lease_token + 1,
+        )
+        .returning(*_ex.c)
     )
 
 
@@ -237,6 +266,7 @@ def _claimable() -> sa.Select[Any]:
         sa.select(_ex.c.id)
         .where(
             _UNFINISHED,
+            _ex.c.status != ExecutionStatus.BLOCKED.value,
             sa.or_(_ex.c.wake_at.is_(None), _ex.c.wake_at <= _p("t")),
             _LEASE_FREE,
         )
@@ -252,6 +282,7 @@ def _stmt_append_update(
     has_error: bool,
     set_wake: bool,
     leased: bool,
+    fenced: bool = False,
 ) -> sa.Update:
     """The guarded row update of an append: matches only if the seq (and lease) still hold."""
     values: dict[str, Any] = {"last_seq": _p("new_last"), "updated_at": _p("t")}
@@ -267,6 +298,8 @@ def _stmt_append_update(
     where = [_ex.c.id == _p("id"), _ex.c.last_seq == _p("prev_last")]
     if leased:
         where += [_ex.c.lease_owner == _p("lease_owner"), _ex.c.lease_expires_at >= _p("t")]
+    if fenced:  # the fencing token: refuses a runner whose lease someone else acquired since
+        where.append(_ex.c.lease_token == _p("lease_token"))
     return sa.update(_ex).where(*where).values(values).returning(_ex.c.cancel_requested, *announce)
 
 
@@ -324,7 +357,12 @@ class SQLEventStore(EventStore):
         return (
             sa.update(_ex)
             .where(_ex.c.id.in_(_claimable()))
-            .values(lease_owner=_p("worker"), lease_expires_at=_p("expires"))
+            .values(
+                lease_owner=_p("worker"),
+                lease_expires_at=_p("expires"),
+                lease_renewed_at=_p("t"),
+                lease_token=_ex.c.lease_token + 1,
+            )
             .returning(*_ex.c)
         )
 
@@ -356,11 +394,14 @@ class SQLEventStore(EventStore):
             "parent_id": new.parent_id,
             "last_seq": 1,
             "cancel_requested": False,
-            "lease_owner": None,
-            "lease_expires_at": None,
             "wake_at": None,
             "error": None,
             "secrets": new.secrets,
+            "lease_owner": new.lease_owner,
+            "lease_expires_at": t + new.lease_seconds if new.lease_owner else None,
+            "lease_token": 1 if new.lease_owner else 0,
+            "lease_renewed_at": t if new.lease_owner else None,
+            "last_chain": None,
         }
         first = {
             "execution_id": new.id,
@@ -369,6 +410,7 @@ class SQLEventStore(EventStore):
             "encoding": ENCODING,
             "data": encode_event(started),
             "created_at": t,
+            "chain": None,
         }
         insert = self._stmt("insert_ignore", self._insert_ignore)
         insert_events = self._stmt("insert_events", _stmt_insert_events)
@@ -461,13 +503,15 @@ class SQLEventStore(EventStore):
         error: str | None = None,
         wake_at: float | None = UNSET,
         lease_owner: str | None = None,
+        lease_token: int | None = None,
     ) -> AppendResult:
         terminal = status is not None and status.is_terminal
         shape = (status is not None, terminal, error is not None, wake_at is not UNSET)
         leased = lease_owner is not None
+        fenced = lease_token is not None
         update = self._stmt(
-            ("append", *shape, leased),
-            lambda: _stmt_append_update(self._announce(), *shape, leased),
+            ("append", *shape, leased, fenced),
+            lambda: _stmt_append_update(self._announce(), *shape, leased, fenced),
         )
         check = self._stmt("append_check", _stmt_append_check)
         insert_events = self._stmt("insert_events", _stmt_insert_events)
@@ -480,6 +524,7 @@ class SQLEventStore(EventStore):
             "error": error,
             "wake_at": None if wake_at is UNSET else wake_at,
             "lease_owner": lease_owner,
+            "lease_token": lease_token,
         }
         # Encode before entering the transaction: on SQLite it holds the database's only
         # write lock, on Postgres the row lock.
@@ -491,7 +536,9 @@ class SQLEventStore(EventStore):
             t = values["t"] = now()
             row = tx.first(update, values)
             if row is None:
-                self._append_failed(tx, check, execution_id, expected_seq, lease_owner, t)
+                self._append_failed(
+                    tx, check, execution_id, expected_seq, lease_owner, lease_token, t
+                )
             if encoded:
                 try:
                     tx.executemany(
@@ -504,6 +551,7 @@ class SQLEventStore(EventStore):
                                 "encoding": ENCODING,
                                 "data": data,
                                 "created_at": t,
+                                "chain": None,
                             }
                             for seq, type_, data in encoded
                         ],
@@ -528,18 +576,24 @@ class SQLEventStore(EventStore):
         execution_id: str,
         expected_seq: int,
         lease_owner: str | None,
+        lease_token: int | None,
         t: float,
     ) -> None:
         """Raise why the guarded update matched nothing, checked in the memory store's order."""
         row = tx.first(check, {"id": execution_id})
         if row is None:
             raise ExecutionNotFoundError(execution_id)
-        last_seq, owner, expires = row
+        last_seq, owner, expires, token = row
         if expected_seq != last_seq + 1:
             raise AppendConflictError(execution_id, expected_seq, last_seq)
         if lease_owner is not None and (owner != lease_owner or (expires or 0) < t):
             raise LeaseLostError(
                 f"worker {lease_owner} no longer holds the lease on execution {execution_id}"
+            )
+        if lease_token is not None and token != lease_token:
+            raise LeaseLostError(
+                f"execution {execution_id}: the lease was taken over by {owner or 'nobody'} "
+                f"(fencing token {token}, this runner has {lease_token}); it stops here"
             )
         raise AppendConflictError(execution_id, expected_seq, last_seq)  # raced; retry later
 
@@ -568,6 +622,25 @@ class SQLEventStore(EventStore):
         claimed = await self._write(op)
         claimed.sort(key=lambda r: (r.created_at, r.id))
         return claimed
+
+    async def acquire(
+        self,
+        execution_id: str,
+        owner: str,
+        *,
+        lease_seconds: float,
+        takeover_from: str | None = None,
+    ) -> ExecutionRecord | None:
+        acquire = self._stmt("acquire", _stmt_acquire)
+
+        def op(tx: Tx) -> ExecutionRecord | None:
+            t = now()
+            values = {"id": execution_id, "worker": owner, "t": t, "expires": t + lease_seconds,
+                      "takeover": takeover_from}
+            row = tx.first(acquire, values)
+            return None if row is None else record_from_row(row)
+
+        return await self._write(op)
 
     async def renew_lease(
         self, worker_id: str, execution_ids: Sequence[str], lease_seconds: float

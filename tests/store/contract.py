@@ -488,3 +488,64 @@ async def long_history_loads_whole_and_in_order(store: EventStore) -> None:
     history = await store.load("e1")
     assert [s.seq for s in history] == list(range(1, 1002))
     assert [s.event.instance for s in history[1:]] == list(range(1000))  # type: ignore[attr-defined]
+
+
+@case
+async def acquire_grows_the_fencing_token_and_fences_the_old_holder(store: EventStore) -> None:
+    await new(store, "e1")
+    first = await store.acquire("e1", "w1", lease_seconds=30)
+    assert first is not None and first.lease_owner == "w1" and first.lease_token == 1
+    assert first.lease_renewed_at is not None
+    assert (await store.append("e1", 2, steps("a"), lease_token=1)).last_seq == 3
+    assert await store.acquire("e1", "w2", lease_seconds=30) is None  # w1's lease is live
+    again = await store.acquire("e1", "w1", lease_seconds=30)  # the holder itself: new token
+    assert again is not None and again.lease_token == 2
+    taken = await store.acquire("e1", "w2", lease_seconds=30, takeover_from="w1")
+    assert taken is not None and taken.lease_owner == "w2" and taken.lease_token == 3
+    with pytest.raises(LeaseLostError, match="taken over by w2"):
+        await store.append("e1", 4, steps("b"), lease_token=2)
+    assert (await get(store, "e1")).last_seq == 3  # the stale append wrote nothing
+    assert (await store.append("e1", 4, steps("b"), lease_token=3)).last_seq == 5
+    await store.append("e1", 6, [ExecutionCompleted()], status=ExecutionStatus.COMPLETED,
+                       lease_token=3)
+    assert await store.acquire("e1", "w3", lease_seconds=30, takeover_from="w2") is None
+    assert await store.acquire("missing", "w1", lease_seconds=30) is None
+
+
+@case
+async def an_expired_lease_is_acquired_by_anyone(store: EventStore) -> None:
+    await new(store, "e1")
+    assert (await store.acquire("e1", "w1", lease_seconds=0.05)) is not None
+    await asyncio.sleep(0.1)
+    taken = await store.acquire("e1", "w2", lease_seconds=30)
+    assert taken is not None and taken.lease_token == 2
+    with pytest.raises(LeaseLostError):
+        await store.append("e1", 2, steps("a"), lease_token=1)
+
+
+@case
+async def a_creator_holds_the_lease_from_the_start(store: EventStore) -> None:
+    record, created = await store.create_execution(
+        NewExecution(id="e1", workflow_name="wf", lease_owner="me", lease_seconds=30),
+        ExecutionStarted(workflow_name="wf"),
+    )
+    assert created and record.lease_owner == "me" and record.lease_token == 1
+    stored = await get(store, "e1")
+    assert stored.lease_owner == "me" and stored.lease_token == 1
+    assert stored.lease_expires_at is not None and stored.lease_expires_at > time.time() + 20
+    assert await store.claim("w2", lease_seconds=30) == []
+    assert (await store.append("e1", 2, steps("a"), lease_token=1)).last_seq == 3
+    claimed = await store.acquire("e1", "w2", lease_seconds=30, takeover_from="me")
+    assert claimed is not None and claimed.lease_token == 2
+
+
+@case
+async def claims_grow_the_token_and_skip_blocked_executions(store: EventStore) -> None:
+    await new(store, "a")
+    await new(store, "b")
+    await store.append("b", 2, [StepStarted(step="x")], status=ExecutionStatus.BLOCKED)
+    [claimed] = await store.claim("w1", lease_seconds=30, limit=5)
+    assert claimed.id == "a" and claimed.lease_token == 1
+    assert (await get(store, "b")).status is ExecutionStatus.BLOCKED
+    blocked = await store.acquire("b", "w2", lease_seconds=30)  # a resume may take it
+    assert blocked is not None and blocked.lease_token == 1

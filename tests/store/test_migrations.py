@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 
 from agentainer_flow.store import StoreError, create_store
 from agentainer_flow.store import schema as flow_schema
@@ -125,12 +126,12 @@ async def test_opening_twice_is_a_noop(
     ran = _count_steps(monkeypatch)
     async with create_store(url):
         pass
-    assert ran == [v for v, _ in flow_schema.MIGRATIONS]
+    assert ran == []  # a new database is created at the latest version at once
     with inspect_db.connect() as conn:
         before = snapshot(conn)
     async with create_store(url):
         pass
-    assert ran == [v for v, _ in flow_schema.MIGRATIONS]  # nothing ran the second time
+    assert ran == []  # nothing ran the second time
     with inspect_db.connect() as conn:
         assert snapshot(conn) == before
     assert versions(inspect_db) == [SCHEMA_VERSION]
@@ -142,22 +143,90 @@ async def test_a_new_migration_runs_once(
     async with create_store(url):
         pass
     ran: list[str] = []
+    nxt = SCHEMA_VERSION + 1
 
-    def v2(conn: sa.Connection) -> None:
-        ran.append("v2")
+    def step(conn: sa.Connection) -> None:
+        ran.append("next")
         conn.execute(sa.text("CREATE INDEX ix_test_status ON flow_executions (status)"))
 
-    monkeypatch.setattr(flow_schema, "MIGRATIONS", [*flow_schema.MIGRATIONS, (2, v2)])
-    monkeypatch.setattr(flow_schema, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(flow_schema, "MIGRATIONS", [*flow_schema.MIGRATIONS, (nxt, step)])
+    monkeypatch.setattr(flow_schema, "SCHEMA_VERSION", nxt)
     async with create_store(url):
         pass
     async with create_store(url):
         pass
-    assert ran == ["v2"]
-    assert versions(inspect_db) == [2]
+    assert ran == ["next"]
+    assert versions(inspect_db) == [nxt]
     with inspect_db.connect() as conn:
         names = {i["name"] for i in sa.inspect(conn).get_indexes("flow_executions")}
     assert "ix_test_status" in names
+
+
+def _v1_metadata() -> sa.MetaData:
+    """The schema as version 1 shipped it, frozen here to test the upgrade from it."""
+    md = sa.MetaData()
+    json_type = sa.JSON().with_variant(JSONB(), "postgresql")
+    sa.Table(
+        "flow_executions", md,
+        sa.Column("id", sa.Text, primary_key=True),
+        sa.Column("workflow_name", sa.Text, nullable=False),
+        sa.Column("workflow_version", sa.Text, nullable=False),
+        sa.Column("status", sa.Text, nullable=False),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sa.Column("updated_at", sa.Double, nullable=False),
+        sa.Column("finished_at", sa.Double, nullable=True),
+        sa.Column("tags", json_type, nullable=False),
+        sa.Column("idempotency_key", sa.Text, nullable=True),
+        sa.Column("parent_id", sa.Text, nullable=True),
+        sa.Column("last_seq", sa.Integer, nullable=False),
+        sa.Column("cancel_requested", sa.Boolean, nullable=False),
+        sa.Column("lease_owner", sa.Text, nullable=True),
+        sa.Column("lease_expires_at", sa.Double, nullable=True),
+        sa.Column("wake_at", sa.Double, nullable=True),
+        sa.Column("error", sa.Text, nullable=True),
+        sa.Column("secrets", sa.LargeBinary, nullable=True),
+        sa.UniqueConstraint("idempotency_key", name="uq_flow_executions_idempotency_key"),
+    )
+    sa.Table(
+        "flow_events", md,
+        sa.Column("execution_id", sa.Text, primary_key=True),
+        sa.Column("seq", sa.Integer, primary_key=True),
+        sa.Column("type", sa.Text, nullable=False),
+        sa.Column("encoding", sa.Integer, nullable=False),
+        sa.Column("data", sa.LargeBinary, nullable=False),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sqlite_with_rowid=False,
+    )
+    sa.Table("flow_schema_version", md, sa.Column("version", sa.Integer, nullable=False))
+    return md
+
+
+async def test_a_version_1_database_is_upgraded_with_its_data(
+    url: str, inspect_db: sa.Engine
+) -> None:
+    from agentainer_flow.store.events import ExecutionStarted, StepStarted, encode_event
+
+    md = _v1_metadata()
+    with inspect_db.begin() as conn:
+        md.create_all(conn)
+        conn.execute(md.tables["flow_schema_version"].insert().values(version=1))
+        conn.execute(md.tables["flow_executions"].insert().values(
+            id="old", workflow_name="wf", workflow_version="1", status="running",
+            created_at=1.0, updated_at=1.0, tags={}, last_seq=1, cancel_requested=False))
+        conn.execute(md.tables["flow_events"].insert().values(
+            execution_id="old", seq=1, type="ExecutionStarted", encoding=1,
+            data=encode_event(ExecutionStarted(workflow_name="wf")), created_at=1.0))
+    async with create_store(url) as store:
+        record = await store.get_execution("old")
+        assert record is not None and record.lease_token == 0
+        leased = await store.acquire("old", "me", lease_seconds=30)
+        assert leased is not None and leased.lease_token == 1
+        await store.append("old", 2, [StepStarted(step="a")], lease_token=1)
+        assert [s.seq for s in await store.load("old")] == [1, 2]
+    assert versions(inspect_db) == [SCHEMA_VERSION]
+    with inspect_db.connect() as conn:
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("flow_executions")}
+    assert {"lease_token", "lease_renewed_at", "last_chain"} <= columns
 
 
 async def test_a_newer_database_is_refused(url: str, inspect_db: sa.Engine) -> None:
