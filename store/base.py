@@ -21,6 +21,7 @@ from .events import Event, ExecutionStarted
 __all__ = [
     "TERMINAL_STATUSES",
     "AppendResult",
+    "AuditedEvent",
     "EventStore",
     "ExecutionRecord",
     "ExecutionStatus",
@@ -64,8 +65,9 @@ class NewExecution:
     lease_owner: str | None = None
     lease_seconds: float = 0.0
 
-    def record(self, t: float) -> ExecutionRecord:
-        """The row ``create_execution`` inserts for it at time ``t``."""
+    def record(self, t: float, last_chain: str | None = None) -> ExecutionRecord:
+        """The row ``create_execution`` inserts for it at time ``t`` (``last_chain``: the
+        chain value of its event 1)."""
         return ExecutionRecord(
             id=self.id,
             workflow_name=self.workflow_name,
@@ -82,6 +84,7 @@ class NewExecution:
             lease_expires_at=t + self.lease_seconds if self.lease_owner else None,
             lease_token=1 if self.lease_owner else 0,
             lease_renewed_at=t if self.lease_owner else None,
+            last_chain=last_chain,
         )
 
 
@@ -127,6 +130,20 @@ class StoredEvent(NamedTuple):
     execution_id: str
     seq: int
     event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class AuditedEvent:
+    """One entry of :meth:`EventStore.audit`: a stored event as far as it can be read.
+
+    ``event`` is ``None`` when the payload does not decode, or for the final entry standing
+    for events missing at the end; ``problem`` says what is wrong there (``None``: nothing).
+    """
+
+    seq: int
+    type: str
+    event: Event | None
+    problem: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +247,17 @@ class EventStore(ABC):
 
     @abstractmethod
     async def load(self, execution_id: str, after_seq: int = 0) -> list[StoredEvent]:
-        """Events with seq > ``after_seq``, in order."""
+        """Events with seq > ``after_seq``, in order, verified (see ``store.chain``).
+
+        Raises ``HistoryCorruptedError`` (naming the first damaged seq) on a gap, an event
+        that does not decode, a checksum that does not match, or a tail the execution's row
+        says exists but is gone: a damaged history is never handed out to be replayed.
+        """
+
+    @abstractmethod
+    async def audit(self, execution_id: str) -> list[AuditedEvent]:
+        """Every stored event that can be read, with the damage ``load`` refuses marked
+        (for ``flow history``): never raises ``HistoryCorruptedError``."""
 
     # workers ----------------------------------------------------------------------------
     @abstractmethod

@@ -8,7 +8,8 @@ lowest layer: the engine and the SDK derive their errors from it.
     │   ├── StoreUnavailableError   the database cannot be reached (URL, server down)
     │   ├── AppendConflictError     another writer already extended this history
     │   ├── LeaseLostError          this worker's lease on the execution expired
-    │   └── ExecutionNotFoundError  no execution with that id
+    │   ├── ExecutionNotFoundError  no execution with that id
+    │   └── HistoryCorruptedError   a stored history is damaged; it is never replayed
     └── (engine and SDK errors, see ``agentainer_flow.errors``)
 """
 
@@ -18,6 +19,7 @@ __all__ = [
     "AppendConflictError",
     "ExecutionNotFoundError",
     "FlowError",
+    "HistoryCorruptedError",
     "LeaseLostError",
     "StoreError",
     "StoreUnavailableError",
@@ -71,3 +73,20 @@ class ExecutionNotFoundError(StoreError):
     def __init__(self, execution_id: str) -> None:
         self.execution_id = execution_id
         super().__init__(f"no execution with id {execution_id!r} in this store")
+
+
+class HistoryCorruptedError(StoreError):
+    """An execution's stored history is damaged (a gap, a changed or undecodable event, a cut
+    tail, an event that cannot follow the ones before it); it is never replayed."""
+
+    code = "history_corrupted"
+
+    def __init__(self, execution_id: str, seq: int, problem: str) -> None:
+        self.execution_id = execution_id
+        self.seq = seq
+        self.problem = problem
+        super().__init__(
+            f"execution {execution_id}: history damaged at seq {seq}: {problem}; it will not "
+            f"be replayed (restore the database from a backup, or inspect it with "
+            f"flow history {execution_id})"
+        )

@@ -146,7 +146,8 @@ class AgentCompleted(CommandEvent, kw_only=True, frozen=True):
 
 
 class AgentFailed(CommandEvent, kw_only=True, frozen=True):
-    """The agent exited non-zero, timed out or was lost."""
+    """The agent exited non-zero, timed out or was lost, or its output cannot be stored
+    (``error_type`` names the error that ``wait_for_completion`` raises then)."""
 
     agent_id: str
     error: str
@@ -154,6 +155,7 @@ class AgentFailed(CommandEvent, kw_only=True, frozen=True):
     log_tail: str = ""
     started_at: float | None = None
     finished_at: float | None = None
+    error_type: str = ""
 
 
 class StateSet(CommandEvent, kw_only=True, frozen=True):
@@ -198,10 +200,11 @@ class ChildWorkflowCompleted(CommandEvent, kw_only=True, frozen=True):
 
 
 class LogRecorded(CommandEvent, kw_only=True, frozen=True):
-    """A ``ctx.log`` message."""
+    """A ``ctx.log`` message; ``fields`` are its keyword arguments (an encoded value)."""
 
     level: str = "info"
     message: str = ""
+    fields: dict[str, Any] = {}
 
 
 class MetricRecorded(CommandEvent, kw_only=True, frozen=True):

@@ -6,12 +6,14 @@ encoded, as a real backend would, so a value that cannot round-trip fails here t
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Sequence
 
 from .base import (
     UNSET,
     AppendResult,
+    AuditedEvent,
     EventStore,
     ExecutionRecord,
     ExecutionStatus,
@@ -19,8 +21,9 @@ from .base import (
     StoredEvent,
     now,
 )
+from .chain import Row, audited, chain_all, verified
 from .errors import AppendConflictError, LeaseLostError
-from .events import Event, ExecutionStarted, decode_event, encode_event
+from .events import Event, ExecutionStarted, encode_event, event_type_name
 
 __all__ = ["MemoryEventStore"]
 
@@ -33,7 +36,8 @@ class MemoryEventStore(EventStore):
     def __init__(self) -> None:
         super().__init__()
         self._rows: dict[str, ExecutionRecord] = {}
-        self._logs: dict[str, list[bytes]] = {}
+        #: each log as the SQL stores keep it: (seq, type name, encoded payload, chain)
+        self._logs: dict[str, list[Row]] = {}
         self._keys: dict[str, str] = {}
 
     async def open(self) -> None:
@@ -58,9 +62,11 @@ class MemoryEventStore(EventStore):
         if existing is not None:
             return existing, False
         t = now()
-        record = new.record(t)
+        first = (1, event_type_name(started), encode_event(started))
+        (chain,) = chain_all(None, [first])
+        record = new.record(t, chain)
         self._rows[new.id] = record
-        self._logs[new.id] = [encode_event(started)]
+        self._logs[new.id] = [(*first, chain)]
         if new.idempotency_key is not None:
             self._keys[new.idempotency_key] = new.id
         self._notify(new.id)
@@ -136,9 +142,14 @@ class MemoryEventStore(EventStore):
                 f"{row.lease_owner or 'nobody'} (fencing token {row.lease_token}, this runner "
                 f"has {lease_token}); it stops here"
             )
-        encoded = [encode_event(e) for e in events]
-        log.extend(encoded)
+        encoded = [
+            (expected_seq + i, event_type_name(e), encode_event(e)) for i, e in enumerate(events)
+        ]
+        chains = chain_all(row.last_chain, encoded)
+        log.extend([(*e, c) for e, c in zip(encoded, chains, strict=True)])
         changes: dict[str, object] = {"last_seq": len(log), "updated_at": t}
+        if chains:
+            changes["last_chain"] = chains[-1]
         if status is not None:
             changes["status"] = status
             if status.is_terminal:
@@ -153,11 +164,18 @@ class MemoryEventStore(EventStore):
         return AppendResult(len(log), row.cancel_requested)
 
     async def load(self, execution_id: str, after_seq: int = 0) -> list[StoredEvent]:
-        log = self._logs.get(execution_id, [])
-        return [
-            StoredEvent(execution_id, i + 1, decode_event(data))
-            for i, data in enumerate(log[after_seq:], start=after_seq)
-        ]
+        rows, end = self._log(execution_id)
+        if after_seq > 0:
+            rows = _from_seq(rows, after_seq)
+        return verified(execution_id, after_seq, rows, end)[0]
+
+    async def audit(self, execution_id: str) -> list[AuditedEvent]:
+        return audited(execution_id, *self._log(execution_id))
+
+    def _log(self, execution_id: str) -> tuple[list[Row], tuple[int, str | None] | None]:
+        row = self._rows.get(execution_id)
+        return self._logs.get(execution_id, []), None if row is None else (
+            row.last_seq, row.last_chain)
 
     async def claim(
         self, worker_id: str, *, lease_seconds: float, limit: int = 1
@@ -209,7 +227,7 @@ class MemoryEventStore(EventStore):
         held = []
         for eid in execution_ids:
             row = self._rows.get(eid)
-            if row and row.lease_owner == worker_id and (row.lease_expires_at or 0) >= t:
+            if row and row.lease_owner == worker_id:  # expired but not taken: still its
                 self._rows[eid] = dataclasses.replace(
                     row, lease_expires_at=t + lease_seconds, lease_renewed_at=t
                 )
@@ -229,3 +247,13 @@ class MemoryEventStore(EventStore):
             for r in self._rows.values()
             if r.wake_at is not None and r.wake_at <= now and not r.status.is_terminal
         )
+
+
+def _from_seq(rows: list[Row], seq: int) -> list[Row]:
+    """The rows from ``seq`` on, with the last chain up to it (as the SQL stores read them)."""
+    start = bisect.bisect_left(rows, seq, key=lambda r: r[0])
+    tail = rows[start:]
+    if tail and tail[0][0] == seq and tail[0][3] is None:
+        chain = next((r[3] for r in reversed(rows[:start]) if r[3] is not None), None)
+        tail[0] = (*tail[0][:3], chain)
+    return tail

@@ -18,6 +18,12 @@ each other.
 Changes are announced with ``NOTIFY flow_events, '<execution id>'`` inside the writing
 transaction (delivered only if it commits). One dedicated connection LISTENs and wakes the
 waiters of this process; when it is down, waiting falls back to polling.
+
+Outages are ridden out: an operation that fails because the connection broke (server
+restarted, backend terminated, connection refused meanwhile) is tried again on a new
+connection, with backoff, for ``retry_for`` seconds (default 60). An append whose connection
+broke during its commit may have committed: if its retry finds its seqs taken by the very
+events it wrote, it succeeded (``SQLEventStore._committed_append``).
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ import queue
 import selectors
 import socket
 import threading
+import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -36,18 +43,25 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from .base import UNSET, AppendResult, ExecutionRecord, ExecutionStatus, now
+from .chain import chain_all
 from .errors import AppendConflictError, StoreError, StoreUnavailableError
 from .events import ENCODING, Event, encode_event, event_type_name
 from .schema import events as events_table
 from .schema import executions, migrate
 from .sql import (
+    _BACKOFF_FIRST,
+    _BACKOFF_MAX,
     Prepared,
     SQLEventStore,
+    TransientError,
     Tx,
     _claimable,
     _stmt_append_check,
     _stmt_append_update,
+    backoff,
+    log,
     record_from_row,
+    retry_for_option,
     settle,
 )
 
@@ -68,6 +82,12 @@ _MAX_BATCH = 10
 #: how long a batch waits for a row lock before it is undone and its writes run one by one:
 #: a batch locks many rows, so it must not sit in a lock cycle until deadlock detection
 _BATCH_LOCK_TIMEOUT = "50ms"
+#: server errors that say the connection is gone or the server is going away or coming back
+#: (admin shutdown, crash shutdown, cannot connect now); class 08 too: connection exception
+_TRANSIENT_STATES = frozenset({"57P01", "57P02", "57P03"})
+#: what a failed (re)connection says when retrying cannot help
+_PERMANENT = ("does not exist", "authentication failed", "password", "pg_hba.conf",
+              "permission denied")
 # what a request runs as: a read (autocommit), a write (its own transaction), or a write of
 # one statement (autocommit); both kinds of write can join a batch
 _READ, _WRITE, _STATEMENT = 0, 1, 2
@@ -134,6 +154,9 @@ class PostgresEventStore(SQLEventStore):
         pool_size: connections (and worker threads) kept open; ``max_overflow`` more may be
             opened under load, and are closed when ``pool_size`` others are idle.
         listen: wake waiters with LISTEN/NOTIFY (else only polling).
+        retry_for: seconds an operation is retried while the connection is lost (server
+            restarting, backend terminated) before it fails; 0 fails at once. Also
+            ``?retry_for=60`` in the URL. Default 60.
     """
 
     def __init__(
@@ -144,6 +167,7 @@ class PostgresEventStore(SQLEventStore):
         max_overflow: int = 10,
         connect_timeout: float = 10.0,
         listen: bool = True,
+        retry_for: float | None = None,
     ) -> None:
         super().__init__()
         try:
@@ -157,6 +181,12 @@ class PostgresEventStore(SQLEventStore):
                 f"{parsed.drivername}:// is not a PostgreSQL URL this store understands: use "
                 "postgresql://user:password@host:5432/dbname"
             )
+        self.retry_for = retry_for_option(
+            retry_for, {k.lower(): v for k, v in parsed.query.items()}
+        )
+        parsed = parsed.difference_update_query(
+            [k for k in parsed.query if k.lower() == "retry_for"]
+        )
         self._url = parsed.set(drivername="postgresql+psycopg")
         #: the URL with the password masked, for messages
         self.url = self._url.render_as_string(hide_password=True)
@@ -206,22 +236,38 @@ class PostgresEventStore(SQLEventStore):
             self._listener.start()
 
     def _migrate(self) -> sa.Dialect:
-        """Create or migrate the schema; returns the dialect statements are compiled for."""
+        """Create or migrate the schema; returns the dialect statements are compiled for.
+
+        A server that is starting up or shutting down is waited for (up to ``retry_for``);
+        any other failure (refused, unknown host, bad credentials) fails at once: opening
+        a store is where a wrong URL shows.
+        """
         engine = sa.create_engine(
             self._url,
             poolclass=sa.NullPool,
             connect_args={"connect_timeout": self._connect_timeout},
         )
+        deadline = time.monotonic() + self.retry_for
+        delay, tries = _BACKOFF_FIRST, 0
         try:
-            with engine.begin() as conn:
-                # Concurrent openers wait here instead of racing to create the tables.
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
-                migrate(conn)
-        except (sa.exc.DBAPIError, psycopg.Error, OSError) as exc:
-            raise StoreUnavailableError(self._unavailable_message(exc)) from None
+            while True:
+                try:
+                    with engine.begin() as conn:
+                        # Concurrent openers wait here instead of racing to create the tables.
+                        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
+                        migrate(conn)
+                    return engine.dialect
+                except (sa.exc.DBAPIError, psycopg.Error, OSError) as exc:
+                    reason = self._reason(exc)
+                    if "the database system is" not in reason or time.monotonic() >= deadline:
+                        raise StoreUnavailableError(self._unavailable_message(exc)) from None
+                    tries += 1
+                    wait, delay = backoff(delay)
+                    log.warning("store_retrying", store=self.url, reason=reason, attempt=tries,
+                                retry_in=round(wait, 3), retry_for=self.retry_for)
+                    time.sleep(wait)
         finally:
             engine.dispose()
-        return engine.dialect
 
     async def close(self) -> None:
         with self._lock:
@@ -246,14 +292,35 @@ class PostgresEventStore(SQLEventStore):
                 stop[0].close()
                 stop[1].close()
 
-    def _unavailable_message(self, exc: BaseException) -> str:
-        """Say what went wrong and how to fix it, without the password."""
+    def _reason(self, exc: BaseException) -> str:
+        """The driver's message on one line, without the password."""
         orig = getattr(exc, "orig", None) or exc
         reason = " ".join(str(orig).split()) or type(orig).__name__
         password = self._url.password
         if password:
             reason = reason.replace(str(password), "***")
-        where = f"{self._url.host or 'localhost'}:{self._url.port or 5432}"
+        return reason
+
+    def _where(self) -> str:
+        return f"{self._url.host or 'localhost'}:{self._url.port or 5432}"
+
+    def _outage_message(self, reason: str, seconds: float) -> str:
+        where = self._where()
+        if not seconds:
+            return (
+                f"lost the connection to PostgreSQL at {where} (server restarting?): {reason}; "
+                "retrying is off (retry_for=0 in the store URL)"
+            )
+        return (
+            f"lost the connection to PostgreSQL at {where} (server restarting?) and could not "
+            f"reconnect for {seconds:g} s: {reason}; check that the server is running, or "
+            "wait longer with ?retry_for=SECONDS in the store URL"
+        )
+
+    def _unavailable_message(self, exc: BaseException) -> str:
+        """Say what went wrong and how to fix it, without the password."""
+        reason = self._reason(exc)
+        where = self._where()
         lowered = reason.lower()
         if "does not exist" in lowered and "database" in lowered:
             hint = (
@@ -318,27 +385,63 @@ class PostgresEventStore(SQLEventStore):
             "lease_token": lease_token,
             "encoding": ENCODING,
         }
-        for i, event in enumerate(events):
-            values[f"seq_{i}"] = expected_seq + i
-            values[f"type_{i}"] = event_type_name(event)
-            values[f"data_{i}"] = encode_event(event)
+        encoded = [
+            (expected_seq + i, event_type_name(e), encode_event(e)) for i, e in enumerate(events)
+        ]
+        for i, (seq, type_name, data) in enumerate(encoded):
+            values[f"seq_{i}"] = seq
+            values[f"type_{i}"] = type_name
+            values[f"data_{i}"] = data
 
-        def op(tx: _Tx) -> AppendResult:
-            t = values["t"] = now()
+        def chain(prev_chain: str | None) -> None:
+            chains = chain_all(prev_chain, encoded)
+            values["prev_chain"], values["last_chain"] = prev_chain, chains[-1]
+            for i, value in enumerate(chains):
+                values[f"chain_{i}"] = value
+
+        # Chained from the cached end of the log, else from the row's (read first).
+        known, prev = self._chains.prev(execution_id, expected_seq - 1)
+        if known:
+            chain(prev)
+        appended: list[str] = []  # the new last chain, once the guarded update matched
+
+        def run(tx: _Tx) -> Any:
             try:
-                row = tx.first(append, values)
+                return tx.first(append, values)
             except psycopg.Error as exc:
                 if not self._is_unique_violation(exc):
                     raise
                 raise AppendConflictError(execution_id, expected_seq, expected_seq - 1) from None
+
+        def op(tx: _Tx) -> AppendResult:
+            t = values["t"] = now()
+            if not known:
+                found = tx.first(check, {"id": execution_id})
+                chain(None if found is None else found[4])
+            row = run(tx)
             if row is None:
-                self._append_failed(
-                    tx, check, execution_id, expected_seq, lease_owner, lease_token, t
-                )
+                # if only the chain differs (a stale cache), chain from the row's, once
+                chain(self._append_failed(
+                    tx, check, execution_id, expected_seq, lease_owner, lease_token, t,
+                    retry=True,
+                ))
+                row = run(tx)
+                if row is None:
+                    self._append_failed(
+                        tx, check, execution_id, expected_seq, lease_owner, lease_token, t
+                    )
+            appended[:] = [values["last_chain"]]
             assert row is not None
             return AppendResult(new_last, bool(row[0]))
 
-        result = await self._run(op, _STATEMENT)
+        result = await self._run(
+            op,
+            _STATEMENT,
+            lambda: self._committed_append(
+                execution_id, expected_seq, [values[f"data_{i}"] for i in range(n)]
+            ),
+        )
+        self._appended(execution_id, new_last, appended, status)
         self._notify(execution_id)
         return result
 
@@ -347,13 +450,14 @@ class PostgresEventStore(SQLEventStore):
     ) -> sa.Select[Any]:
         """``append`` of ``n`` events as one statement: the guarded update of ``sql.py``
         as a CTE, and an insert of the events from it."""
-        appended = _stmt_append_update(self._announce(), *shape, leased, fenced).cte(
-            "appended"
-        )
+        appended = _stmt_append_update(
+            self._announce(), *shape, leased, fenced, chained=True
+        ).cte("appended")
         new_events = sa.values(
             sa.column("seq", sa.Integer),
             sa.column("type", sa.Text),
             sa.column("data", sa.LargeBinary),
+            sa.column("chain", sa.Text),
             name="new_events",
         ).data(
             [
@@ -361,6 +465,7 @@ class PostgresEventStore(SQLEventStore):
                     sa.bindparam(f"seq_{i}", type_=sa.Integer),
                     sa.bindparam(f"type_{i}", type_=sa.Text),
                     sa.bindparam(f"data_{i}", type_=sa.LargeBinary),
+                    sa.bindparam(f"chain_{i}", type_=sa.Text),
                 )
                 for i in range(n)
             ]
@@ -372,17 +477,22 @@ class PostgresEventStore(SQLEventStore):
             sa.bindparam("encoding", type_=sa.Integer),
             new_events.c.data,
             sa.bindparam("t", type_=sa.Double),
+            new_events.c.chain,
         ).select_from(appended)
         inserted = (
             sa.insert(events_table)
-            .from_select(["execution_id", "seq", "type", "encoding", "data", "created_at"], rows)
+            .from_select(
+                ["execution_id", "seq", "type", "encoding", "data", "created_at", "chain"], rows
+            )
             .cte("inserted")
         )
         return sa.select(appended.c.cancel_requested).add_cte(inserted)
 
     # running operations -----------------------------------------------------------------
-    async def _write(self, op: Callable[[Tx], T]) -> T:
-        return await self._run(op, _WRITE)
+    async def _write(
+        self, op: Callable[[Tx], T], *, resolve: Callable[[], Awaitable[T | None]] | None = None
+    ) -> T:
+        return await self._run(op, _WRITE, resolve)
 
     async def _read(self, op: Callable[[Tx], T]) -> T:
         return await self._run(op, _READ)
@@ -398,9 +508,22 @@ class PostgresEventStore(SQLEventStore):
             lambda tx: [record_from_row(row) for row in tx.select(sql, params)], _READ
         )
 
-    async def _run(self, op: Callable[[_Tx], T], kind: int) -> T:
-        """Run ``op`` on an idle worker (started if there is none and the pool has room),
-        or when one is free."""
+    async def _run(
+        self,
+        op: Callable[[_Tx], T],
+        kind: int,
+        resolve: Callable[[], Awaitable[T | None]] | None = None,
+    ) -> T:
+        """Run ``op`` on a worker; through an outage, again on a new connection until
+        ``retry_for`` has passed (``resolve``: see ``SQLEventStore._ride_out``)."""
+        try:
+            return await self._submit(op, kind)
+        except TransientError as exc:
+            return await self._ride_out(lambda: self._submit(op, kind), exc, resolve)
+
+    async def _submit(self, op: Callable[[_Tx], T], kind: int) -> T:
+        """Run ``op`` once on an idle worker (started if there is none and the pool has
+        room), or when one is free."""
         request = _Request(op, kind, asyncio.get_running_loop())
         with self._lock:
             if not self._open:
@@ -486,11 +609,10 @@ class PostgresEventStore(SQLEventStore):
         except Exception as exc:
             if not (isinstance(exc, psycopg.Error) and _lost(worker, exc)):
                 return [self._serve(worker, request) for request in batch]
-            # The connection failed, perhaps during COMMIT: the writes' fate is unknown, so
-            # they are not run again.
+            # The connection failed, perhaps during COMMIT: the writes' fate is unknown.
+            # Each is tried again alone (``_run``); an append that did commit is recognised.
             worker.disconnect()
-            error = self._store_error(exc)
-            return [(False, error)] * len(batch)
+            return [(False, self._store_error(exc, lost=True)) for _ in batch]
         with self._lock:
             self.batch_count += 1
         return [(True, value) for value in values]
@@ -503,11 +625,12 @@ class PostgresEventStore(SQLEventStore):
                 return True, _in_transaction(worker, request.op, tx)
             return True, request.op(tx)
         except psycopg.Error as exc:
-            if _lost(worker, exc):
+            lost = _lost(worker, exc)
+            if lost:
                 # A dead connection (server restarted, backend killed): drop it rather than
                 # hand it to the next caller.
                 worker.disconnect()
-            return False, self._store_error(exc)
+            return False, self._store_error(exc, lost=lost)
         except Exception as exc:
             return False, exc
 
@@ -520,12 +643,19 @@ class PostgresEventStore(SQLEventStore):
             worker.tx = _Tx(worker.conn)
         return worker.tx
 
-    def _store_error(self, exc: BaseException) -> StoreError:
+    def _store_error(self, exc: BaseException, *, lost: bool = False) -> StoreError:
+        """A driver error as a ``StoreError``: a ``TransientError`` (retried) when the
+        connection is gone or the server is going away or coming back."""
         orig = getattr(exc, "orig", None) or exc
-        if isinstance(orig, psycopg.OperationalError):
-            error: StoreError = StoreUnavailableError(self._unavailable_message(exc))
+        reason = self._reason(exc)
+        if _transient(orig, lost):
+            error: StoreError = TransientError(reason)
+        elif isinstance(orig, psycopg.OperationalError):
+            error = StoreUnavailableError(
+                self._unavailable_message(exc).replace("cannot open", "cannot use", 1)
+            )
         else:
-            error = StoreError(f"PostgreSQL error: {' '.join(str(orig).split())}")
+            error = StoreError(f"PostgreSQL error: {reason}")
         error.__cause__ = exc
         return error
 
@@ -609,7 +739,7 @@ class PostgresEventStore(SQLEventStore):
                 return
             except TimeoutError:
                 pass
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, _BACKOFF_MAX)
 
     def _notify_all(self, execution_ids: list[str]) -> None:
         for execution_id in execution_ids:
@@ -621,6 +751,18 @@ class PostgresEventStore(SQLEventStore):
             ev = self._changed.pop(key, None)
             if ev is not None:
                 ev.set()
+
+
+def _transient(exc: BaseException, lost: bool) -> bool:
+    """Whether trying again may succeed: a server error saying the connection is gone or
+    the server is restarting, or a lost connection (not a refused login)."""
+    state = getattr(exc, "sqlstate", None)
+    if state is not None and (state.startswith("08") or state in _TRANSIENT_STATES):
+        return True
+    if not lost:
+        return False
+    text = str(exc).lower()
+    return not any(marker in text for marker in _PERMANENT)
 
 
 def _lost(worker: _Worker, exc: psycopg.Error) -> bool:

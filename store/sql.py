@@ -16,17 +16,21 @@ as one statement, the guarded update below with the insert in one data-modifying
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 from abc import abstractmethod
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from .base import (
     UNSET,
     AppendResult,
+    AuditedEvent,
     EventStore,
     ExecutionRecord,
     ExecutionStatus,
@@ -34,8 +38,15 @@ from .base import (
     StoredEvent,
     now,
 )
-from .errors import AppendConflictError, ExecutionNotFoundError, LeaseLostError, StoreError
-from .events import ENCODING, Event, ExecutionStarted, decode_event, encode_event, event_type_name
+from .chain import ChainCache, audited, chain_all, chain_of, verified
+from .errors import (
+    AppendConflictError,
+    ExecutionNotFoundError,
+    LeaseLostError,
+    StoreError,
+    StoreUnavailableError,
+)
+from .events import ENCODING, Event, ExecutionStarted, encode_event, event_type_name
 from .schema import events, executions
 
 __all__ = ["Prepared", "SQLEventStore", "Tx"]
@@ -46,6 +57,42 @@ Row = tuple[Any, ...]
 _ex = executions
 _ev = events
 _p = sa.bindparam
+
+log = structlog.get_logger("agentainer_flow.store")
+
+#: seconds a store rides out an outage (connection lost, database locked) by default
+DEFAULT_RETRY_FOR = 60.0
+#: the first wait between two tries of an operation, doubled after each up to the last
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 2.0
+
+
+class TransientError(StoreUnavailableError):
+    """A failure that may pass (connection lost, server restarting, database busy): the
+    store tries the operation again instead of raising it (see ``_ride_out``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def retry_for_option(value: float | str | None, query: Mapping[str, Any]) -> float:
+    """``retry_for`` from the constructor, else the URL's query, else the default."""
+    raw = value if value is not None else query.get("retry_for", DEFAULT_RETRY_FOR)
+    try:
+        seconds = float(str(raw))
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise StoreUnavailableError(
+            f"retry_for={raw} is not a number of seconds: use e.g. retry_for=60 (how long "
+            "an outage is ridden out), or retry_for=0 to fail at once"
+        )
+    return seconds
+
+
+def backoff(delay: float) -> tuple[float, float]:
+    """The wait before the next try (``delay`` with jitter) and the delay after it."""
+    return delay * (0.5 + random.random() / 2), min(delay * 2, _BACKOFF_MAX)
 
 
 class Prepared:
@@ -183,7 +230,8 @@ def _stmt_get_by_key() -> sa.Select[Any]:
 
 def _stmt_append_check() -> sa.Select[Any]:
     return sa.select(
-        _ex.c.last_seq, _ex.c.lease_owner, _ex.c.lease_expires_at, _ex.c.lease_token
+        _ex.c.last_seq, _ex.c.lease_owner, _ex.c.lease_expires_at, _ex.c.lease_token,
+        _ex.c.last_chain,
     ).where(_ex.c.id == _p("id"))
 
 
@@ -193,8 +241,59 @@ def _stmt_insert_events() -> sa.Insert:
 
 def _stmt_load() -> sa.Select[Any]:
     return (
-        sa.select(_ev.c.seq, _ev.c.data)
-        .where(_ev.c.execution_id == _p("id"), _ev.c.seq > _p("after"))
+        sa.select(_ev.c.seq, _ev.c.type, _ev.c.data, _ev.c.chain)
+        .where(_ev.c.execution_id == _p("id"), _ev.c.seq >= _p("from"))
+        .order_by(_ev.c.seq)
+    )
+
+
+def _stmt_log_end() -> sa.Select[Any]:
+    return sa.select(_ex.c.last_seq, _ex.c.last_chain).where(_ex.c.id == _p("id"))
+
+
+def _stmt_chain_before() -> sa.Select[Any]:
+    """The last chain value up to a seq (for a load after an event written without one)."""
+    return (
+        sa.select(_ev.c.chain)
+        .where(_ev.c.execution_id == _p("id"), _ev.c.seq <= _p("seq"), _ev.c.chain.is_not(None))
+        .order_by(_ev.c.seq.desc())
+        .limit(1)
+    )
+
+
+#: how many times a load reads on while appends land between its reads of the log and row
+_REREADS = 10
+
+
+def read_log(tx: Tx, stmts: tuple[Prepared, Prepared, Prepared], execution_id: str,
+             after_seq: int) -> tuple[list[Row], tuple[int, str | None] | None]:
+    """The log's rows from ``after_seq`` (from 1 when 0) and the row's (last_seq,
+    last_chain), read in this order; read on when an append landed in between."""
+    load, log_end, chain_before = stmts
+    start = after_seq or 1
+    rows = tx.rows(load, {"id": execution_id, "from": start})
+    end = tx.first(log_end, {"id": execution_id})
+    for _ in range(_REREADS):
+        last = rows[-1][0] if rows else start - 1
+        if end is None or end[0] <= last:
+            break
+        more = tx.rows(load, {"id": execution_id, "from": last + 1})
+        if not more:
+            break  # a cut tail: ``verified`` says so
+        rows.extend(more)
+        end = tx.first(log_end, {"id": execution_id})
+    if after_seq and rows and rows[0][0] == after_seq and rows[0][3] is None:
+        found = tx.first(chain_before, {"id": execution_id, "seq": after_seq})
+        rows[0] = (*rows[0][:3], None if found is None else found[0])
+    return rows, None if end is None else (end[0], end[1])
+
+
+def _stmt_appended() -> sa.Select[Any]:
+    """The events at seqs ``first``..``last`` of an execution, with its cancel flag."""
+    return (
+        sa.select(_ev.c.data, _ex.c.cancel_requested)
+        .join_from(_ev, _ex, _ex.c.id == _ev.c.execution_id)
+        .where(_ev.c.execution_id == _p("id"), _ev.c.seq.between(_p("first"), _p("last")))
         .order_by(_ev.c.seq)
     )
 
@@ -211,11 +310,9 @@ def _stmt_cancel(announce: Sequence[sa.ColumnElement[Any]]) -> sa.Update:
 def _stmt_renew() -> sa.Update:
     return (
         sa.update(_ex)
-        .where(
-            _ex.c.id == _p("id"),
-            _ex.c.lease_owner == _p("worker"),
-            _ex.c.lease_expires_at >= _p("t"),
-        )
+        # An expired lease nobody took over is still the holder's (the fencing token did
+        # not change): after a store outage longer than the lease, the holder carries on.
+        .where(_ex.c.id == _p("id"), _ex.c.lease_owner == _p("worker"))
         .values(lease_expires_at=_p("expires"), lease_renewed_at=_p("t"))
         .returning(_ex.c.id)
     )
@@ -283,9 +380,13 @@ def _stmt_append_update(
     set_wake: bool,
     leased: bool,
     fenced: bool = False,
+    chained: bool = False,
 ) -> sa.Update:
-    """The guarded row update of an append: matches only if the seq (and lease) still hold."""
+    """The guarded row update of an append: matches only if the seq (and lease) still hold,
+    and, when it adds events, if the history still ends at the chain value they chain from."""
     values: dict[str, Any] = {"last_seq": _p("new_last"), "updated_at": _p("t")}
+    if chained:
+        values["last_chain"] = _p("last_chain")
     if has_status:
         values["status"] = _p("status")
         if terminal:
@@ -300,21 +401,33 @@ def _stmt_append_update(
         where += [_ex.c.lease_owner == _p("lease_owner"), _ex.c.lease_expires_at >= _p("t")]
     if fenced:  # the fencing token: refuses a runner whose lease someone else acquired since
         where.append(_ex.c.lease_token == _p("lease_token"))
+    if chained:  # a stale chain cache can never write a broken chain
+        where.append(_ex.c.last_chain.is_not_distinct_from(_p("prev_chain")))
     return sa.update(_ex).where(*where).values(values).returning(_ex.c.cancel_requested, *announce)
 
 
 class SQLEventStore(EventStore):
     """An :class:`EventStore` on SQLAlchemy Core; subclasses supply connections and dialect."""
 
+    #: seconds an operation is retried through an outage before it fails (0: never)
+    retry_for: float = DEFAULT_RETRY_FOR
+
     def __init__(self) -> None:
         super().__init__()
         self._dialect: sa.Dialect | None = None
         self._prepared: dict[Hashable, Prepared] = {}
+        #: (last seq, last chain) of executions this store appended to or loaded lately
+        self._chains = ChainCache()
 
     # hooks for the dialects -------------------------------------------------------------
     @abstractmethod
-    async def _write(self, op: Callable[[Tx], T]) -> T:
-        """Run ``op`` in a write transaction and commit; ``op``'s exception rolls it back."""
+    async def _write(
+        self, op: Callable[[Tx], T], *, resolve: Callable[[], Awaitable[T | None]] | None = None
+    ) -> T:
+        """Run ``op`` in a write transaction and commit; ``op``'s exception rolls it back.
+
+        Transient failures are retried (:meth:`_ride_out`, which calls ``resolve``).
+        """
 
     @abstractmethod
     async def _read(self, op: Callable[[Tx], T]) -> T:
@@ -381,6 +494,8 @@ class SQLEventStore(EventStore):
         self, new: NewExecution, started: ExecutionStarted
     ) -> tuple[ExecutionRecord, bool]:
         t = now()
+        type_name, data = event_type_name(started), encode_event(started)
+        chain = chain_of(None, 1, type_name, data)
         row: dict[str, Any] = {
             "id": new.id,
             "workflow_name": new.workflow_name,
@@ -401,16 +516,16 @@ class SQLEventStore(EventStore):
             "lease_expires_at": t + new.lease_seconds if new.lease_owner else None,
             "lease_token": 1 if new.lease_owner else 0,
             "lease_renewed_at": t if new.lease_owner else None,
-            "last_chain": None,
+            "last_chain": chain,
         }
         first = {
             "execution_id": new.id,
             "seq": 1,
-            "type": event_type_name(started),
+            "type": type_name,
             "encoding": ENCODING,
-            "data": encode_event(started),
+            "data": data,
             "created_at": t,
-            "chain": None,
+            "chain": chain,
         }
         insert = self._stmt("insert_ignore", self._insert_ignore)
         insert_events = self._stmt("insert_events", _stmt_insert_events)
@@ -422,7 +537,7 @@ class SQLEventStore(EventStore):
             # concurrent create with the same id or key wait, then do nothing.
             if tx.first(insert, row) is not None:
                 tx.executemany(insert_events, [first])
-                return new.record(t), True
+                return new.record(t, chain), True
             existing = tx.first(get, {"id": new.id})
             if existing is None and new.idempotency_key is not None:
                 existing = tx.first(get_by_key, {"key": new.idempotency_key})
@@ -432,6 +547,7 @@ class SQLEventStore(EventStore):
 
         record, created = await self._write(op)
         if created:
+            self._chains.put(new.id, 1, chain)
             self._notify(new.id)
         return record, created
 
@@ -509,9 +625,10 @@ class SQLEventStore(EventStore):
         shape = (status is not None, terminal, error is not None, wake_at is not UNSET)
         leased = lease_owner is not None
         fenced = lease_token is not None
+        chained = bool(events)
         update = self._stmt(
-            ("append", *shape, leased, fenced),
-            lambda: _stmt_append_update(self._announce(), *shape, leased, fenced),
+            ("append", *shape, leased, fenced, chained),
+            lambda: _stmt_append_update(self._announce(), *shape, leased, fenced, chained),
         )
         check = self._stmt("append_check", _stmt_append_check)
         insert_events = self._stmt("insert_events", _stmt_insert_events)
@@ -531,14 +648,35 @@ class SQLEventStore(EventStore):
         encoded = [
             (expected_seq + i, event_type_name(e), encode_event(e)) for i, e in enumerate(events)
         ]
+        # Chained from the cached end of the log, else from the row's (read in the transaction).
+        known, prev = self._chains.prev(execution_id, expected_seq - 1)
+        cached = chain_all(prev, encoded) if known and encoded else None
+        appended: list[str] = []  # the new last chain, once the guarded update matched
 
         def op(tx: Tx) -> AppendResult:
             t = values["t"] = now()
+            chains: list[str] = []
+            if encoded:
+                prev_chain = prev
+                if cached is None:
+                    found = tx.first(check, {"id": execution_id})
+                    prev_chain = None if found is None else found[4]
+                chains = cached or chain_all(prev_chain, encoded)
+                values["prev_chain"], values["last_chain"] = prev_chain, chains[-1]
             row = tx.first(update, values)
             if row is None:
-                self._append_failed(
-                    tx, check, execution_id, expected_seq, lease_owner, lease_token, t
+                # if only the chain differs (a stale cache), chain from the row's, once
+                prev_chain = self._append_failed(
+                    tx, check, execution_id, expected_seq, lease_owner, lease_token, t,
+                    retry=chained,
                 )
+                chains = chain_all(prev_chain, encoded)
+                values["prev_chain"], values["last_chain"] = prev_chain, chains[-1]
+                row = tx.first(update, values)
+                if row is None:
+                    self._append_failed(
+                        tx, check, execution_id, expected_seq, lease_owner, lease_token, t
+                    )
             if encoded:
                 try:
                     tx.executemany(
@@ -551,9 +689,9 @@ class SQLEventStore(EventStore):
                                 "encoding": ENCODING,
                                 "data": data,
                                 "created_at": t,
-                                "chain": None,
+                                "chain": chain,
                             }
-                            for seq, type_, data in encoded
+                            for (seq, type_, data), chain in zip(encoded, chains, strict=True)
                         ],
                     )
                 except Exception as exc:
@@ -562,12 +700,28 @@ class SQLEventStore(EventStore):
                             execution_id, expected_seq, expected_seq - 1
                         ) from None
                     raise
+                appended[:] = chains[-1:]
             assert row is not None
             return AppendResult(new_last, bool(row[0]))
 
-        result = await self._write(op)
+        result = await self._write(
+            op,
+            resolve=lambda: self._committed_append(
+                execution_id, expected_seq, [data for _, _, data in encoded]
+            ),
+        )
+        self._appended(execution_id, new_last, appended, status)
         self._notify(execution_id)
         return result
+
+    def _appended(
+        self, execution_id: str, last_seq: int, chains: list[str], status: ExecutionStatus | None
+    ) -> None:
+        """Remember where an execution's log ends after an append, to chain the next one."""
+        if status is not None and status.is_terminal:
+            self._chains.forget(execution_id)
+        elif chains:
+            self._chains.put(execution_id, last_seq, chains[-1])
 
     @staticmethod
     def _append_failed(
@@ -578,12 +732,18 @@ class SQLEventStore(EventStore):
         lease_owner: str | None,
         lease_token: int | None,
         t: float,
-    ) -> None:
-        """Raise why the guarded update matched nothing, checked in the memory store's order."""
+        *,
+        retry: bool = False,
+    ) -> str | None:
+        """Raise why the guarded update matched nothing, checked in the memory store's order.
+
+        With ``retry``, when the seq and the lease hold (so only the chain guard can have
+        failed: the caller chained from a stale cache), return the row's last chain instead.
+        """
         row = tx.first(check, {"id": execution_id})
         if row is None:
             raise ExecutionNotFoundError(execution_id)
-        last_seq, owner, expires, token = row
+        last_seq, owner, expires, token, last_chain = row
         if expected_seq != last_seq + 1:
             raise AppendConflictError(execution_id, expected_seq, last_seq)
         if lease_owner is not None and (owner != lease_owner or (expires or 0) < t):
@@ -595,14 +755,36 @@ class SQLEventStore(EventStore):
                 f"execution {execution_id}: the lease was taken over by {owner or 'nobody'} "
                 f"(fencing token {token}, this runner has {lease_token}); it stops here"
             )
+        if retry:
+            chain: str | None = last_chain
+            return chain
         raise AppendConflictError(execution_id, expected_seq, last_seq)  # raced; retry later
 
-    async def load(self, execution_id: str, after_seq: int = 0) -> list[StoredEvent]:
-        load = self._stmt("load", _stmt_load)
+    def _log_statements(self) -> tuple[Prepared, Prepared, Prepared]:
+        return (
+            self._stmt("load", _stmt_load),
+            self._stmt("log_end", _stmt_log_end),
+            self._stmt("chain_before", _stmt_chain_before),
+        )
 
-        def op(tx: Tx) -> list[StoredEvent]:
-            rows = tx.rows(load, {"id": execution_id, "after": after_seq})
-            return [StoredEvent(execution_id, seq, decode_event(data)) for seq, data in rows]
+    async def load(self, execution_id: str, after_seq: int = 0) -> list[StoredEvent]:
+        stmts = self._log_statements()
+
+        def op(tx: Tx) -> tuple[list[StoredEvent], tuple[int, str | None] | None]:
+            rows, end = read_log(tx, stmts, execution_id, after_seq)
+            return verified(execution_id, after_seq, rows, end)
+
+        events, last = await self._read(op)
+        if last is not None:
+            self._chains.put_if_newer(execution_id, *last)
+        return events
+
+    async def audit(self, execution_id: str) -> list[AuditedEvent]:
+        stmts = self._log_statements()
+
+        def op(tx: Tx) -> list[AuditedEvent]:
+            rows, end = read_log(tx, stmts, execution_id, 0)
+            return audited(execution_id, rows, end)
 
         return await self._read(op)
 
@@ -667,6 +849,76 @@ class SQLEventStore(EventStore):
         return await self._read(
             lambda tx: [(eid, float(at)) for eid, at in tx.rows(due, {"t": now})]
         )
+
+    # riding out outages -----------------------------------------------------------------
+    def _outage_message(self, reason: str, seconds: float) -> str:
+        """What to say when an operation failed for ``seconds`` (0: retrying is off)."""
+        waited = f" for {seconds:g} s" if seconds else " (retrying is off: retry_for=0)"
+        return f"the store {self.url} stayed unavailable{waited}: {reason}"
+
+    async def _ride_out(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        error: TransientError,
+        resolve: Callable[[], Awaitable[T | None]] | None = None,
+    ) -> T:
+        """Try ``attempt`` again (its first try failed with ``error``) with backoff, until
+        it succeeds, fails for good, or ``retry_for`` seconds have passed.
+
+        A write whose connection broke during its commit may have committed: when a retry
+        then fails with ``AppendConflictError``, ``resolve`` tells whether that earlier try
+        did what this one was to do (its result), or not (``None``: the conflict stands).
+        """
+        started = time.monotonic()
+        delay = _BACKOFF_FIRST
+        tries = 0
+        while True:
+            left = started + self.retry_for - time.monotonic()
+            if left <= 0:
+                raise StoreUnavailableError(
+                    self._outage_message(error.reason, self.retry_for)
+                ) from error.__cause__
+            tries += 1
+            wait, delay = backoff(delay)
+            wait = min(wait, left)
+            log.warning("store_retrying", store=self.url, reason=error.reason, attempt=tries,
+                        retry_in=round(wait, 3), retry_for=self.retry_for)
+            await asyncio.sleep(wait)
+            try:
+                result = await attempt()
+            except TransientError as exc:
+                error = exc
+                continue
+            except AppendConflictError:
+                resolved = None if resolve is None else await resolve()
+                if resolved is None:
+                    raise
+                result = resolved
+            log.info("store_recovered", store=self.url, attempts=tries,
+                     seconds=round(time.monotonic() - started, 3))
+            return result
+
+    async def _committed_append(
+        self, execution_id: str, first_seq: int, data: Sequence[bytes]
+    ) -> AppendResult | None:
+        """Whether an append retried after a broken connection had committed after all:
+        the events at its seqs are, byte for byte, the ones it wrote. Then its result.
+
+        Called only when such a retry found its seqs taken (:meth:`_ride_out`).
+        """
+        if not data:
+            return None
+        last = first_seq + len(data) - 1
+        appended = self._stmt("appended", _stmt_appended)
+        values = {"id": execution_id, "first": first_seq, "last": last}
+        rows = await self._read(lambda tx: tx.rows(appended, values))
+        if len(rows) != len(data) or any(
+            bytes(row[0]) != bytes(sent) for row, sent in zip(rows, data, strict=True)
+        ):
+            return None
+        log.info("store_append_resolved", store=self.url, execution_id=execution_id,
+                 seqs=f"{first_seq}..{last}")
+        return AppendResult(last, bool(rows[0][1]))
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:

@@ -10,16 +10,26 @@ Reads run on a small thread pool with their own connections; WAL lets them proce
 writer commits. SQLAlchemy provides the schema, the statements and the connection pool; the
 sync ``pysqlite`` driver runs them, because a whole transaction in one thread hop is several
 times faster than one aiosqlite hop per statement. ``sqlite+aiosqlite://`` URLs are accepted.
+
+A database locked beyond ``busy_timeout`` or a disk I/O error fails the operation's try, not
+the operation: it is tried again with backoff for ``retry_for`` seconds (default 60). A file
+this process cannot write is refused before SQLite opens it, naming which of the database,
+its ``-wal`` and ``-shm`` files or the directory is at fault: SQLite would otherwise open
+it read-only and create ``-wal``/``-shm`` files as read-only as the database, which would
+break the next open even once the database is writable again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
+import shlex
 import sqlite3
+import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +39,7 @@ from sqlalchemy.pool import QueuePool
 
 from .errors import StoreError, StoreUnavailableError
 from .schema import executions, migrate
-from .sql import SQLEventStore, Tx, settle
+from .sql import SQLEventStore, TransientError, Tx, retry_for_option, settle
 
 __all__ = ["SQLiteEventStore"]
 
@@ -39,6 +49,9 @@ _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _PRAGMAS = ("journal_mode", "synchronous", "busy_timeout", "data_version")
 _MAX_BATCH = 1000
 _STOP = object()
+#: SQLite result codes (and their extended codes) that may pass: busy or locked beyond
+#: ``busy_timeout``, a disk I/O error, a full disk
+_TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_FULL")
 
 
 class _Request:
@@ -67,6 +80,8 @@ class SQLiteEventStore(SQLEventStore):
             hop (measured: a third of the cost of a step). The loop is blocked for the
             commit (an fsync, a fraction of a millisecond). ``"thread"`` commits on a
             writer thread instead, for applications that must never block their loop.
+        retry_for: seconds an operation is retried while the database stays locked or
+            the disk fails, before it fails; 0 fails at once. Also ``?retry_for=60``.
     """
 
     def __init__(
@@ -77,6 +92,7 @@ class SQLiteEventStore(SQLEventStore):
         busy_timeout: float | None = None,
         readers: int = 2,
         writer: str | None = None,
+        retry_for: float | None = None,
     ) -> None:
         super().__init__()
         self.url = url
@@ -104,6 +120,7 @@ class SQLiteEventStore(SQLEventStore):
         timeout = busy_timeout if busy_timeout is not None else query.get("busy_timeout", 10.0)
         self.busy_timeout = float(str(timeout))
         self._readers = max(1, readers)
+        self.retry_for = retry_for_option(retry_for, query)
         self.writer = str(writer or query.get("writer", "inline")).lower()
         if self.writer not in ("inline", "thread"):
             raise StoreUnavailableError(
@@ -132,6 +149,9 @@ class SQLiteEventStore(SQLEventStore):
                 f"{self.url!r}: {exc.strerror or exc}; choose a writable path, e.g. "
                 "sqlite:///.flow/flow.db"
             ) from None
+        problem = self._unwritable()
+        if problem is not None:
+            raise StoreUnavailableError(problem)
         engine = sa.create_engine(
             sa.URL.create("sqlite+pysqlite", database=str(self.path)),
             poolclass=QueuePool,
@@ -215,6 +235,9 @@ class SQLiteEventStore(SQLEventStore):
             self._wal_and_migrate(engine, raw)
         except (sa.exc.DBAPIError, sqlite3.Error) as exc:
             raw.close()
+            problem = self._unwritable() if "readonly" in str(exc).lower() else None
+            if problem is not None:  # made read-only since the check in ``open``
+                raise StoreUnavailableError(problem) from None
             raise StoreUnavailableError(
                 f"cannot open the SQLite database {str(self.path)!r}: "
                 f"{getattr(exc, 'orig', exc)}; check that it is a flow database on a writable "
@@ -259,13 +282,56 @@ class SQLiteEventStore(SQLEventStore):
                 time.sleep(delay)
                 delay = min(delay * 2, 0.1)
 
+    def _unwritable(self) -> str | None:
+        """Why this process could not write the database, or ``None``.
+
+        Checked before SQLite opens the file: it would open an unwritable one read-only,
+        and create its ``-wal`` and ``-shm`` files with the database's (read-only) mode.
+        """
+        db = self.path
+        files = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
+        blocked = [f for f in files if f.exists() and not _writable(f)]
+        directory = db.parent
+        if not all(f.exists() for f in files) and not _writable(directory, os.X_OK):
+            blocked.append(directory)  # where SQLite creates what is missing
+        if not blocked:
+            return None
+        where = f"cannot open the SQLite store {str(db)!r}"
+        if _read_only_fs(directory):
+            return (
+                f"{where}: {str(directory)!r} is on a read-only filesystem; remount it "
+                "read-write or choose a store path on a writable one"
+            )
+        described = ", ".join(
+            (f"the directory {str(f)!r}" if f == directory else f.name) + _mode_and_owner(f)
+            for f in blocked
+        )
+        verb = "is" if len(blocked) == 1 else "are"
+        fixes = "; ".join(_fix(f) for f in blocked)
+        note = (
+            " (SQLite creates the -wal and -shm files next to the database)"
+            if directory in blocked else ""
+        )
+        return (
+            f"{where}: {described} {verb} not writable by this process{note}; fix it with: "
+            f"{fixes}; then open the store again"
+        )
+
     # running operations -----------------------------------------------------------------
     def _require_open(self) -> sa.Engine:
         if self._engine is None:
             raise StoreError("the SQLite store is not open: use `async with store:` first")
         return self._engine
 
-    async def _write(self, op: Callable[[Tx], T]) -> T:
+    async def _write(
+        self, op: Callable[[Tx], T], *, resolve: Callable[[], Awaitable[T | None]] | None = None
+    ) -> T:
+        try:
+            return await self._write_once(op)
+        except TransientError as exc:
+            return await self._ride_out(lambda: self._write_once(op), exc, resolve)
+
+    async def _write_once(self, op: Callable[[Tx], T]) -> T:
         self._require_open()
         loop = asyncio.get_running_loop()
         request = _Request(op, loop)
@@ -291,13 +357,25 @@ class SQLiteEventStore(SQLEventStore):
             self._commit_batch(conn, tx, cur, batch[start : start + _MAX_BATCH])
 
     async def _read(self, op: Callable[[Tx], T]) -> T:
+        try:
+            return await self._read_once(lambda tx, conn: op(tx))
+        except TransientError as exc:
+            return await self._ride_out(lambda: self._read_once(lambda tx, conn: op(tx)), exc)
+
+    async def _read_once(self, op: Callable[[Tx, sa.Connection], T]) -> T:
         self._require_open()
-        request = _Request(lambda tx, conn: op(tx), asyncio.get_running_loop())
+        request = _Request(op, asyncio.get_running_loop())
         self._read_queue.put(request)
         result: T = await request.future
         return result
 
     async def _read_core(self, op: Callable[[sa.Connection], T]) -> T:
+        try:
+            return await self._read_core_once(op)
+        except TransientError as exc:
+            return await self._ride_out(lambda: self._read_core_once(op), exc)
+
+    async def _read_core_once(self, op: Callable[[sa.Connection], T]) -> T:
         self._require_open()
 
         def run(tx: Tx, conn: sa.Connection) -> T:
@@ -310,6 +388,20 @@ class SQLiteEventStore(SQLEventStore):
         self._read_queue.put(request)
         result: T = await request.future
         return result
+
+    def _outage_message(self, reason: str, seconds: float) -> str:
+        waited = f"for {seconds:g} s" if seconds else "(retrying is off: retry_for=0)"
+        if "LOCKED" in reason or "BUSY" in reason:
+            what = (
+                f"stayed locked {waited} (another process writing to it, or holding a "
+                "transaction open?)"
+            )
+        else:
+            what = f"could not be read or written {waited} (disk failing or full?)"
+        return (
+            f"the SQLite database {str(self.path)!r} {what}: {reason}; wait longer with "
+            "?retry_for=SECONDS in the store URL"
+        )
 
     def _insert_ignore(self) -> sa.Insert:
         return sqlite_insert(executions).on_conflict_do_nothing().returning(executions.c.id)
@@ -482,10 +574,59 @@ def _resolve(items: list[tuple[_Request, bool, Any]]) -> None:
 
 
 def _store_error(exc: BaseException) -> BaseException:
-    """A driver error as a ``StoreError``; anything else (our own errors, bugs) unchanged."""
+    """A driver error as a ``StoreError`` (a ``TransientError``, retried, when it may pass);
+    anything else (our own errors, bugs) unchanged."""
     if not isinstance(exc, sqlite3.Error | sa.exc.DBAPIError):
         return exc
     orig = getattr(exc, "orig", None) or exc
-    error = StoreError(f"SQLite error: {orig}")
+    name = str(getattr(orig, "sqlite_errorname", ""))
+    error: StoreError
+    if name.startswith(_TRANSIENT):
+        error = TransientError(f"{orig} ({name})")
+    else:
+        error = StoreError(f"SQLite error: {orig}")
     error.__cause__ = exc
     return error
+
+
+def _writable(path: Path, extra: int = 0) -> bool:
+    """Whether this process may write ``path`` (as its effective user, where supported)."""
+    effective = os.access in os.supports_effective_ids
+    return os.access(path, os.R_OK | os.W_OK | extra, effective_ids=effective)
+
+
+def _read_only_fs(directory: Path) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        return False
+
+
+def _user(uid: int) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def _mode_and_owner(path: Path) -> str:
+    try:
+        info = path.stat()
+    except OSError:
+        return ""
+    return f" (mode {stat.filemode(info.st_mode)}, owner {_user(info.st_uid)})"
+
+
+def _fix(path: Path) -> str:
+    """The command that makes ``path`` writable for this process's user."""
+    quoted = shlex.quote(str(path))
+    me = os.geteuid()
+    try:
+        owner = path.stat().st_uid
+    except OSError:
+        owner = me
+    if owner != me:
+        return f"chown {shlex.quote(_user(me))} {quoted}"
+    return f"chmod u+{'wx' if path.is_dir() else 'w'} {quoted}"

@@ -383,9 +383,9 @@ async def expired_lease_is_reclaimable_and_fences_the_old_worker(store: EventSto
     with pytest.raises(LeaseLostError):
         await store.append("e1", 4, steps("b"), lease_owner="w1")
     assert (await get(store, "e1")).last_seq == 3
-    assert await store.renew_lease("w1", ["e1"], 30) == []
     [reclaimed] = await store.claim("w2", lease_seconds=30)
     assert reclaimed.id == "e1" and reclaimed.lease_owner == "w2"
+    assert await store.renew_lease("w1", ["e1"], 30) == []  # taken over: not w1's any more
     with pytest.raises(LeaseLostError):
         await store.append("e1", 4, steps("b"), lease_owner="w1")
     assert (await store.append("e1", 4, steps("b"), lease_owner="w2")).last_seq == 5
@@ -549,3 +549,56 @@ async def claims_grow_the_token_and_skip_blocked_executions(store: EventStore) -
     assert (await get(store, "b")).status is ExecutionStatus.BLOCKED
     blocked = await store.acquire("b", "w2", lease_seconds=30)  # a resume may take it
     assert blocked is not None and blocked.lease_token == 1
+
+
+# history checksums ----------------------------------------------------------------------
+@case
+async def the_chain_runs_across_appends_and_loads_from_any_seq(store: EventStore) -> None:
+    record, _ = await new(store, "e1")
+    chains = [record.last_chain]
+    assert chains[0] is not None and (await get(store, "e1")).last_chain == chains[0]
+    for i in range(4):  # batches of 1, 2, 3 and 4 events
+        batch = [StepCompleted(step="s", instance=i * 10 + j, result=j) for j in range(i + 1)]
+        last = (await get(store, "e1")).last_seq
+        await store.append("e1", last + 1, batch)
+        chains.append((await get(store, "e1")).last_chain)
+    assert len(set(chains)) == len(chains) and None not in chains
+    await store.append("e1", 12, [], status=ExecutionStatus.RUNNING)  # no events: no new link
+    assert (await get(store, "e1")).last_chain == chains[-1]
+    history = await store.load("e1")
+    assert [s.seq for s in history] == list(range(1, 12))
+    for after in range(0, 13):
+        assert await store.load("e1", after_seq=after) == history[after:], after
+    # loads in between appends chain the next append from what they saw
+    assert [s.seq for s in await store.load("e1", after_seq=9)] == [10, 11]
+    await store.append("e1", 12, steps("t"))
+    assert [s.seq for s in await store.load("e1", after_seq=11)] == [12, 13]
+    audit = await store.audit("e1")
+    assert [(a.seq, a.problem) for a in audit] == [(seq, None) for seq in range(1, 14)]
+    assert [a.event for a in audit] == [s.event for s in await store.load("e1")]
+    assert [a.type for a in audit][:2] == ["ExecutionStarted", "StepCompleted"]
+
+
+@case
+async def two_histories_chain_independently(store: EventStore) -> None:
+    await new(store, "e1")
+    await new(store, "e2")
+    for seq in (2, 4, 6):
+        await asyncio.gather(store.append("e1", seq, steps("a", seq)),
+                             store.append("e2", seq, steps("a", -seq)))
+    one, two = await store.load("e1"), await store.load("e2")
+    assert [s.seq for s in one] == [s.seq for s in two] == list(range(1, 8))
+    assert (await get(store, "e1")).last_chain != (await get(store, "e2")).last_chain
+    assert await store.audit("nope") == []
+
+
+@case
+async def an_expired_lease_nobody_took_is_renewed_by_its_holder(store: EventStore) -> None:
+    await new(store, "e1")
+    leased = await store.acquire("e1", "w1", lease_seconds=0.05)
+    assert leased is not None
+    await asyncio.sleep(0.1)  # e.g. the store was down longer than the lease
+    assert await store.renew_lease("w1", ["e1"], 30) == ["e1"]
+    record = await get(store, "e1")
+    assert record.lease_token == leased.lease_token and record.lease_live(time.time())
+    assert (await store.append("e1", 2, steps("a"), lease_token=leased.lease_token)).last_seq == 3
