@@ -13,9 +13,15 @@ to the agent directory. Only light stdlib modules are imported: not ``json`` (it
 ``re``, ~15 ms of start-up), not ``signal`` (``enum``, ~10 ms: ``_signal`` is used), not
 ``subprocess``, not ``typing``.
 
-The first process forks, records the child's pid in ``supervisor.pid`` and exits, so the
-supervisor is reparented away from the engine: the engine never holds a child it must reap
-and may die (even by SIGKILL) without affecting the agent. The supervisor then:
+The first process forks and exits once the child reported (through a pipe) whether it
+claimed the agent directory, so the supervisor is reparented away from the engine: the
+engine never holds a child it must reap and may die (even by SIGKILL) without affecting the
+agent. The child claims the directory by creating ``supervisor.pid`` exclusively (a hard
+link): of several supervisors started for one directory (concurrent launches, a launch
+repeated after an engine crash) exactly one wins and the others exit without running
+anything (exit code ``EXIT_TAKEN`` of the first process). Having claimed it, the supervisor
+reads the ``stop`` marker (``stop`` or ``timeout``): a stop requested before the claim runs
+nothing and records the agent stopped. Otherwise it:
 
 * spawns the command in its own process group, stdout/stderr appended to ``stdout.log`` /
   ``stderr.log`` in the agent directory, and records ``agent.pid``;
@@ -23,8 +29,9 @@ and may die (even by SIGKILL) without affecting the agent. The supervisor then:
 * on SIGTERM/SIGINT/SIGHUP stops the agent the same way (``stopped``), on SIGUSR1 likewise
   but marks the run ``timed_out`` (the runtime's ``wait(timeout=...)`` uses that);
 * reaps the agent, kills what is left of its process group, and writes ``result.json``
-  atomically (temp file, fsync, rename): ``exit_code`` (negative signal number when killed by
-  a signal), ``started_at``, ``finished_at``, ``timed_out``, ``stopped``.
+  atomically and once (temp file, fsync, hard link: the first result written wins):
+  ``exit_code`` (negative signal number when killed by a signal), ``started_at``,
+  ``finished_at``, ``timed_out``, ``stopped``.
 
 Pid files hold ``{"pid", "start", "boot_id", "started_at"}``: ``start`` is field 22 of
 ``/proc/<pid>/stat`` (start time in clock ticks since boot) so a reused pid is not mistaken
@@ -48,10 +55,12 @@ else:
 
 __all__ = [
     "AGENT_PID",
+    "EXIT_TAKEN",
     "OUTPUT",
     "RESULT",
     "STDERR",
     "STDOUT",
+    "STOP",
     "SUPERVISOR_LOG",
     "SUPERVISOR_PID",
     "boot_id",
@@ -68,6 +77,12 @@ STDOUT = "stdout.log"
 STDERR = "stderr.log"
 OUTPUT = "output.json"
 SUPERVISOR_LOG = "supervisor.log"
+STOP = "stop"
+#: the first process's exit code when another supervisor owns the directory, or the agent
+#: already has a result: nothing was started, the launch adopts what is there
+EXIT_TAKEN = 3
+_CLAIMED = b"c"
+_TAKEN = b"t"
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # the agent starts with default dispositions for these (Python ignores SIGPIPE and SIGXFSZ,
@@ -233,13 +248,41 @@ class _Supervisor:
 
     # -- the run --
 
-    def run(self, cwd: str | None, argv: list[str]) -> None:
+    def install_handlers(self) -> None:
+        """Handle stop requests before claiming: once ``supervisor.pid`` names this process,
+        a SIGTERM must be recorded as a stop, not kill it before it wrote a result."""
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         for sig in _STOP_SIGNALS:
             signal.signal(sig, self.on_stop)
         signal.signal(signal.SIGUSR1, self.on_timeout_request)
         signal.signal(signal.SIGALRM, self.on_alarm)
 
+    def claim(self) -> bool:
+        """Own the directory: create ``supervisor.pid`` if absent. False when another
+        supervisor owns it or the agent already has a result (then nothing may run)."""
+        if os.path.exists(os.path.join(self.dir, RESULT)):
+            return False
+        record = _pid_record(os.getpid(), time.time())
+        return write_atomic(os.path.join(self.dir, SUPERVISOR_PID), record, exclusive=True,
+                            sync=False)
+
+    def _read_stop_request(self) -> None:
+        """A stop asked for before the claim (the ``stop`` marker): run nothing."""
+        try:
+            with open(os.path.join(self.dir, STOP), "rb") as f:
+                request = f.read().strip()
+        except FileNotFoundError:
+            return
+        if not self.stopping:
+            self.stopping = True
+            if request == b"timeout":
+                self.timed_out = True
+            else:
+                self.stopped = True
+
+    def run(self, cwd: str | None, argv: list[str]) -> None:
+        """Run the agent (the directory is claimed) and record its result."""
+        self._read_stop_request()
         path = os.path.join
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         out_fd = os.open(path(self.dir, STDOUT), flags, 0o600)
@@ -267,7 +310,8 @@ class _Supervisor:
             "timed_out": self.timed_out,
             "stopped": self.stopped,
         }
-        write_atomic(path(self.dir, RESULT), _json_object(result))
+        # exclusive: a runtime that stopped the agent before the claim may have written it
+        write_atomic(path(self.dir, RESULT), _json_object(result), exclusive=True)
 
     def _spawn_and_reap(self, argv: list[str], out_fd: int, err_fd: int, started_at: float) -> int:
         try:
@@ -341,15 +385,30 @@ def _parse_args(args: list[str]) -> tuple[str, float | None, float, str | None, 
 def main(args: list[str] | None = None) -> int:
     agent_dir, timeout, grace, cwd, argv = _parse_args(sys.argv[1:] if args is None else args)
     agent_dir = os.path.abspath(agent_dir)
+    read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
-        # the launcher waits for this process: once it is gone, supervisor.pid exists
-        record = _pid_record(pid, time.time())
-        write_atomic(os.path.join(agent_dir, SUPERVISOR_PID), record, sync=False)
-        return 0
+        # the launcher waits for this process: it ends once the supervisor owns the directory
+        # (0), found it owned or finished (EXIT_TAKEN), or died before saying (1)
+        os.close(write_end)
+        try:
+            answer = os.read(read_end, 1)
+        finally:
+            os.close(read_end)
+        return 0 if answer == _CLAIMED else EXIT_TAKEN if answer == _TAKEN else 1
+    os.close(read_end)
     code = 0
     try:
-        _Supervisor(agent_dir, timeout, grace).run(cwd, argv)
+        supervisor = _Supervisor(agent_dir, timeout, grace)
+        supervisor.install_handlers()
+        claimed = supervisor.claim()
+        try:  # the claim is what counts: run even if nobody is left to hear about it
+            os.write(write_end, _CLAIMED if claimed else _TAKEN)
+        except OSError:
+            pass
+        os.close(write_end)
+        if claimed:
+            supervisor.run(cwd, argv)
     except BaseException:
         import traceback
 

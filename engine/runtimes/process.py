@@ -1,29 +1,38 @@
 """The ``process`` runtime: agents run as local subprocesses under a small detached supervisor.
 
-Each agent gets a directory ``<root>/<agent_id>`` (``root`` defaults to ``$FLOW_HOME/agents``,
-else ``.flow/agents``) holding:
+Each agent gets a directory ``<root>/<agent_id>``. ``root`` comes from the store's location
+(``default_agent_root``): ``$FLOW_HOME/agents`` if set, else next to a SQLite database file,
+else a per-store folder under ``$XDG_STATE_HOME``; never the working directory, so engines
+resuming one store from anywhere find the same agents. The directory holds:
 
 ``spec.json``        non-secret metadata: name, image, command argv, labels, timeout, cwd,
                      created time. The environment is *not* written: env values may be
                      secrets, so they reach the agent only through the process environment.
+``launch.lock``      ``flock``-ed by the process launching the agent until a supervisor owns
+                     the directory: a directory nobody owns or locks is an interrupted launch.
 ``supervisor.pid``,  ``{"pid", "start", "boot_id", "started_at"}``; ``start`` is the process
 ``agent.pid``        start time (``/proc/<pid>/stat`` field 22) so a reused pid is not taken
-                     for the agent.
+                     for the agent. ``supervisor.pid`` is the supervisor's exclusive claim.
+``stop``             a stop asked for before a supervisor owned the directory.
 ``stdout.log``,      the agent's output streams.
 ``stderr.log``
 ``output.json``      where ``$FLOW_OUTPUT`` points: the agent's reported output.
-``result.json``      written atomically by the supervisor when the agent is gone: exit code,
+``result.json``      written once (exclusively) when the agent is gone: exit code,
                      start/finish times, ``timed_out``, ``stopped``.
 ``supervisor.log``   the supervisor's own errors, if any.
 
-The directory is the agent's identity: ``launch`` creates it atomically (a rename of a
-prepared temp directory), so launching an id twice, concurrently or after an engine crash,
-runs the command once. The supervisor (``_supervisor.py``) double-forks out of the engine into
-its own session, so the agent survives the engine being killed and a new engine adopts it by
-its directory: ``lookup``/``wait`` read the pid files and ``result.json``; a directory with no
-result and nothing alive (a killed supervisor, a reboot) is reported as a lost agent (exit code
--1). The outcome (output, log tail) is always computed from the files, so every reader gets
-the same one.
+The directory is the agent's identity, and ``launch`` is idempotent from every state it can
+be left in by a crash: it creates the directory atomically (a rename of a prepared temp
+directory, locked before the rename), then starts a supervisor unless one owns the directory
+or a result exists. The supervisor claims the directory exclusively before it runs anything
+and ``launch`` returns once some supervisor owns it, so launching an id twice, concurrently
+or after an engine died anywhere in a launch, runs the command once. The supervisor
+(``_supervisor.py``) double-forks out of the engine into its own session, so the agent
+survives the engine being killed and a new engine adopts it by its directory:
+``lookup``/``wait`` read the pid files and ``result.json``; a claimed directory with no result
+and nothing alive (a killed supervisor, a reboot) is a lost agent (exit code -1), and so is an
+interrupted launch nobody completed. The outcome (output, log tail) is always computed from
+the files, so every reader gets the same one.
 
 The command argv *is* written to ``spec.json`` (and is visible in ``ps``); it is not secret-free
 in general, so the engine must redact secret values before the argv reaches the event log.
@@ -34,6 +43,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -47,14 +58,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .._testhooks import reach
+from ..secrets import redact_known
 from . import _supervisor as sup
 from .base import AgentOutcome, AgentRuntime, AgentSpec, AgentState, AgentStatus, parse_output
 
-__all__ = ["ProcessRuntime"]
+__all__ = ["ProcessRuntime", "default_agent_root"]
 
 SPEC = "spec.json"
-#: a directory without ``supervisor.pid`` younger than this is an agent being launched
+LAUNCH_LOCK = "launch.lock"
+#: where ``flock`` is not supported: an unowned directory younger than this is taken for a
+#: launch under way (elsewhere the lock says it exactly)
 _SPAWN_GRACE = 10.0
+#: the SDK's default store, whose agents live in ``.flow/agents``
+_DEFAULT_STORE = "sqlite:///.flow/flow.db"
 _ENGINE_SECRET_PREFIX = "FLOW_SECRET"
 _LOG_TAIL_LINES = 50
 _LOG_TAIL_CHARS = 4096
@@ -63,6 +80,67 @@ _LOST = (
     "flow: agent lost: its supervisor is gone and no result was recorded "
     "(supervisor killed or machine rebooted)"
 )
+_NEVER_STARTED = (
+    "flow: agent never started: its launch was interrupted before a supervisor took it "
+    "(launching it again completes the launch)"
+)
+
+
+def default_agent_root(store_url: str) -> Path:
+    """Where the ``process`` runtime keeps the agents of the store at ``store_url``.
+
+    ``$FLOW_HOME/agents`` if set; else ``X/agents`` for ``sqlite:///X/flow.db`` (next to the
+    database file); else ``$XDG_STATE_HOME`` (default ``~/.local/state``)
+    ``/agentainer-flow/<hash of the store>/agents``. Always absolute: an engine resuming the
+    store from another working directory must find the agents the first one launched.
+    """
+    home = os.environ.get("FLOW_HOME")
+    if home:
+        return Path(home).expanduser().absolute() / "agents"
+    database = _sqlite_file(store_url)
+    if database is not None:
+        return database.parent / "agents"
+    state = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state"
+    digest = hashlib.sha256(_store_key(store_url).encode()).hexdigest()[:16]
+    return base / "agentainer-flow" / digest / "agents"
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite store URL, resolved as the store resolves it."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme not in ("sqlite", "sqlite+aiosqlite"):
+        return None
+    import sqlalchemy as sa
+
+    try:
+        database = sa.make_url(url).database or ""
+    except sa.exc.ArgumentError:
+        return None
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    return Path(database).expanduser().absolute()
+
+
+def _store_key(url: str) -> str:
+    """The store's identity: its URL without password, options and driver variant, so
+    spellings of one database share their agents."""
+    import sqlalchemy as sa
+
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return url
+    backend = parsed.get_backend_name()
+    if backend == "postgres":
+        backend = "postgresql"
+    port = parsed.port
+    if backend == "postgresql" and port is None:
+        port = 5432
+    host = (parsed.host or "").lower() or None
+    normal = sa.URL.create(backend, username=parsed.username, host=host, port=port,
+                           database=parsed.database)
+    return normal.render_as_string(hide_password=False)
 
 
 def _supervisor_argv(python: str) -> list[str]:
@@ -120,6 +198,13 @@ def _alive(p: _Pid) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _note(result: Mapping[str, Any]) -> str:
+    """What the log tail says of an agent that ended without a supervisor's result."""
+    if result.get("never_started"):
+        return _NEVER_STARTED + "\n"
+    return _LOST + "\n" if result.get("lost") else ""
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -221,9 +306,8 @@ class ProcessRuntime(AgentRuntime):
     ) -> None:
         """``cwd``: the agents' working directory (default: the engine's at launch time).
         ``kill_grace``: seconds between SIGTERM and SIGKILL when stopping an agent."""
-        if root is None:
-            home = os.environ.get("FLOW_HOME")
-            root = Path(home) / "agents" if home else Path(".flow") / "agents"
+        if root is None:  # a runtime without a store: the default store's agents
+            root = default_agent_root(_DEFAULT_STORE)
         self.root = Path(root).absolute()
         self.images: dict[str, list[str]] = {k: list(v) for k, v in (images or {}).items()}
         self.poll_interval = poll_interval
@@ -239,7 +323,9 @@ class ProcessRuntime(AgentRuntime):
         return self.root / agent_id
 
     async def open(self) -> None:
+        """Create the root; clear what killed launches left there long ago."""
         self.root.mkdir(parents=True, exist_ok=True)
+        await self.cleanup_orphans()
 
     # -- launch --
 
@@ -257,20 +343,57 @@ class ProcessRuntime(AgentRuntime):
         )
 
     async def launch(self, spec: AgentSpec) -> None:
+        """Start the agent, or adopt it: safe to repeat from any state a crash left.
+
+        No directory: create it and start a supervisor. A directory nobody owns and nobody
+        is launching (its launcher died before or while starting the supervisor): start a
+        supervisor again; the claim is exclusive, so a supervisor of the dead launcher that
+        is still starting and this one cannot both run the agent. Owned, or with a result:
+        adopt it. Returns once a supervisor owns the directory (or it has a result)."""
         final = self.agent_dir(spec.agent_id)
-        if final.exists():
-            return  # adopt
+        lock: int | None = None
+        try:
+            while True:
+                if lock is None and not final.is_dir():
+                    lock = self._create(spec, final)
+                    if lock is not None:
+                        reach("agent.dir_created")
+                if _settled(final):
+                    return  # adopt
+                if lock is None:
+                    lock = _try_lock(final)
+                    if lock is None:  # another launch is under way: let it finish
+                        await asyncio.sleep(self.poll_interval)
+                        continue
+                    if _settled(final):
+                        return
+                await self._spawn(spec, final)
+                return
+        finally:
+            if lock is not None:
+                os.close(lock)
+
+    def _create(self, spec: AgentSpec, final: Path) -> int | None:
+        """Create the agent directory, locked (so it never looks abandoned to others).
+
+        Returns the held lock, or None if the directory was created concurrently."""
         command = self.command_for(spec)
         self.root.mkdir(parents=True, exist_ok=True)
         cwd = self.cwd or Path.cwd()
         tmp = self.root / f".tmp-{spec.agent_id}-{secrets.token_hex(4)}"
         tmp.mkdir(mode=0o700)
+        lock: int | None = None
+        # an argv holding secret values is not recorded (``_spawn`` then takes it from the
+        # spec again); people see it redacted under "command_redacted"
+        shown = [redact_known(arg) for arg in command]
         try:
+            lock = _try_lock(tmp)  # a fresh file: nobody else can hold it
             meta = {
                 "agent_id": spec.agent_id,
                 "name": spec.name,
                 "image": spec.image,
-                "command": command,
+                "command": command if shown == command else None,
+                **({} if shown == command else {"command_redacted": shown}),
                 "labels": dict(spec.labels),
                 "resources": dict(spec.resources),
                 "network": spec.network,
@@ -284,18 +407,27 @@ class ProcessRuntime(AgentRuntime):
                 os.rename(tmp, final)
             except OSError as exc:
                 if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    return  # launched concurrently by someone else: adopt
+                    return None  # created concurrently by someone else
                 raise
+            held, lock = lock, None
+            return held
         finally:
+            if lock is not None:
+                os.close(lock)
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            await self._spawn(spec, command, final, cwd)
-        except Exception:  # not started: forget it (a cancelled launch did start)
-            self._discard(final)
-            raise
 
-    async def _spawn(self, spec: AgentSpec, command: list[str], agent_dir: Path, cwd: Path) -> None:
+    async def _spawn(self, spec: AgentSpec, agent_dir: Path) -> None:
+        """Start a supervisor for the unowned ``agent_dir`` and wait until it, or another
+        one, owns it. The command and working directory are the recorded ones."""
+        meta = _read_json(agent_dir / SPEC) or {}
+        command = meta.get("command")
+        if not (isinstance(command, list) and command and all(isinstance(c, str) for c in command)):
+            command = self.command_for(spec)
+        recorded_cwd = meta.get("cwd")
+        cwd = recorded_cwd if isinstance(recorded_cwd, str) and recorded_cwd else str(
+            self.cwd or Path.cwd()
+        )
         # the engine's own secrets (FLOW_SECRET_<NAME>, FLOW_SECRETS_KEY) are not inherited:
         # an agent gets the secrets its spec passes, nothing else
         env = {k: v for k, v in os.environ.items() if not k.startswith(_ENGINE_SECRET_PREFIX)}
@@ -306,20 +438,28 @@ class ProcessRuntime(AgentRuntime):
         argv = [*_supervisor_argv(self.python), str(agent_dir)]
         if spec.timeout is not None:
             argv += ["--timeout", repr(float(spec.timeout))]
-        argv += ["--grace", repr(float(self.kill_grace)), "--cwd", str(cwd), "--", *command]
-        proc = _start_supervisor(argv, env, agent_dir)
-        # the first supervisor process forks the real one, records its pid and exits at once
+        argv += ["--grace", repr(float(self.kill_grace)), "--cwd", cwd, "--", *command]
+        try:
+            proc = _start_supervisor(argv, env, agent_dir)
+        except Exception:
+            self._abandon(agent_dir)
+            raise
+        reach("agent.supervisor_spawned")
+        # the first supervisor process forks the real one and exits once that one claimed the
+        # directory (or found it owned)
         try:
             await self._wait_child(proc)
         except BaseException:
-            proc.wait()  # cancelled: it only forks and exits, so this is brief; keep the agent
+            proc.wait()  # cancelled: it only waits for the claim, so this is brief
             raise
-        if proc.returncode != 0 or not (agent_dir / sup.SUPERVISOR_PID).exists():
-            log_text = _read_tail(agent_dir / sup.SUPERVISOR_LOG, 4096).strip()
-            raise RuntimeError(
-                f"agent '{spec.name}': the process supervisor failed to start "
-                f"(exit code {proc.returncode}){': ' + log_text if log_text else ''}"
-            )
+        if proc.returncode in (0, sup.EXIT_TAKEN) and _settled(agent_dir):
+            return
+        log_text = _read_tail(agent_dir / sup.SUPERVISOR_LOG, 4096).strip()
+        self._abandon(agent_dir)
+        raise RuntimeError(
+            f"agent '{spec.name}': the process supervisor failed to start "
+            f"(exit code {proc.returncode}){': ' + log_text if log_text else ''}"
+        )
 
     async def _wait_child(self, proc: subprocess.Popen[bytes]) -> None:
         """Reap a short-lived child without blocking the event loop."""
@@ -333,12 +473,21 @@ class ProcessRuntime(AgentRuntime):
             os.close(fd)
         proc.wait()
 
+    def _abandon(self, agent_dir: Path) -> None:
+        """A launch that failed: make sure nothing runs, forget the directory if unowned."""
+        _request_stop(agent_dir, timed_out=False)
+        if not (agent_dir / sup.SUPERVISOR_PID).exists():
+            self._discard(agent_dir)
+
     def _discard(self, agent_dir: Path) -> None:
+        """Delete an agent directory (renamed away first, so it vanishes at once)."""
         trash = self.root / f".trash-{agent_dir.name}-{secrets.token_hex(4)}"
         try:
             os.rename(agent_dir, trash)
-        except OSError:
+        except FileNotFoundError:
             return
+        except OSError:
+            trash = agent_dir
         shutil.rmtree(trash, ignore_errors=True)
 
     # -- state --
@@ -352,11 +501,14 @@ class ProcessRuntime(AgentRuntime):
         result = _read_json(agent_dir / sup.RESULT)
         if result is not None:
             return AgentStatus(AgentState.EXITED, self._outcome(agent_dir, result))
-        if self._live_pid(agent_dir) is not None or self._starting(agent_dir):
+        # the lock first: a launch that ends between the two checks has claimed by then
+        if _launch_under_way(agent_dir) or self._live_pid(agent_dir) is not None:
             return AgentStatus(AgentState.RUNNING)
         result = _read_json(agent_dir / sup.RESULT)  # it may have finished meanwhile
         if result is None:
             result = {"exit_code": -1, "lost": True}
+            if not (agent_dir / sup.SUPERVISOR_PID).exists():
+                result["never_started"] = True
         return AgentStatus(AgentState.EXITED, self._outcome(agent_dir, result))
 
     def _live_pid(self, agent_dir: Path) -> _Pid | None:
@@ -366,17 +518,6 @@ class ProcessRuntime(AgentRuntime):
             if p is not None and _alive(p):
                 return p
         return None
-
-    @staticmethod
-    def _starting(agent_dir: Path) -> bool:
-        """No supervisor recorded yet, but the directory is fresh: a launch is under way."""
-        if (agent_dir / sup.SUPERVISOR_PID).exists():
-            return False
-        try:
-            age = time.time() - (agent_dir / SPEC).stat().st_mtime
-        except OSError:
-            return False
-        return age < _SPAWN_GRACE
 
     @staticmethod
     def _outcome(agent_dir: Path, result: Mapping[str, Any]) -> AgentOutcome:
@@ -394,7 +535,7 @@ class ProcessRuntime(AgentRuntime):
         return AgentOutcome(
             exit_code=int(result.get("exit_code", -1)),
             output=output,
-            log_tail=_log_tail(agent_dir, _LOST + "\n" if lost else ""),
+            log_tail=_log_tail(agent_dir, _note(result)),
             started_at=float(started_at) if started_at is not None else None,
             finished_at=float(finished_at) if finished_at is not None else None,
             timed_out=bool(result.get("timed_out", False)),
@@ -453,12 +594,11 @@ class ProcessRuntime(AgentRuntime):
         await self._terminate(self.agent_dir(agent_id), timed_out=False)
 
     async def _terminate(self, agent_dir: Path, *, timed_out: bool) -> None:
-        """Stop the agent and make sure ``result.json`` exists afterwards."""
+        """Stop the agent and make sure ``result.json`` exists afterwards (unless the agent
+        was lost: its outcome is known without one)."""
         result_path = agent_dir / sup.RESULT
-        while True:  # a launch under way elsewhere: let it record its pids first
-            if not self._starting(agent_dir):
-                break
-            await asyncio.sleep(self.poll_interval)
+        if _stop_before_start(agent_dir, timed_out=timed_out):
+            return
         if self._status(agent_dir).state is not AgentState.RUNNING:
             return
         supervisor = _read_pid(agent_dir / sup.SUPERVISOR_PID)
@@ -492,7 +632,8 @@ class ProcessRuntime(AgentRuntime):
         }
         if exit_code == -1:
             result["lost"] = True
-        sup.write_atomic(str(result_path), json.dumps(result) + "\n", exclusive=True)
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+            sup.write_atomic(str(result_path), json.dumps(result) + "\n", exclusive=True)
 
     # -- logs / remove --
 
@@ -503,13 +644,112 @@ class ProcessRuntime(AgentRuntime):
         return _tail_lines(agent_dir / sup.STDOUT, tail) + _tail_lines(agent_dir / sup.STDERR, tail)
 
     async def remove(self, agent_id: str) -> None:
+        """Stop the agent if it may still run (or start: an interrupted launch), then delete
+        its directory. Works in every state; a directory already gone is fine."""
         agent_dir = self.agent_dir(agent_id)
         if not agent_dir.is_dir():
             return
-        if self._status(agent_dir).state is AgentState.RUNNING:
-            await self.stop(agent_id)
+        await self._terminate(agent_dir, timed_out=False)
         _reap_exited(_read_pid(agent_dir / sup.SUPERVISOR_PID))
         self._discard(agent_dir)
+
+    async def cleanup_orphans(self, older_than: float = 300.0) -> int:
+        """Delete what killed launches and removals left under the root (``.tmp-*``,
+        ``.trash-*`` older than ``older_than`` seconds). Best effort; returns how many."""
+        return await asyncio.to_thread(self._cleanup_orphans, older_than)
+
+    def _cleanup_orphans(self, older_than: float) -> int:
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            return 0
+        cutoff = time.time() - older_than
+        removed = 0
+        for entry in entries:
+            if not entry.name.startswith((".tmp-", ".trash-")):
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                    continue
+            except OSError:
+                continue
+            path = Path(entry.path)
+            if entry.name.startswith(".tmp-") and _launch_under_way(path):
+                continue  # a (very slow) launch is preparing it
+            shutil.rmtree(path, ignore_errors=True)
+            removed += not path.exists()
+        return removed
+
+
+def _settled(agent_dir: Path) -> bool:
+    """Whether a supervisor owns the directory or the agent has a result: nothing to start."""
+    return (agent_dir / sup.SUPERVISOR_PID).exists() or (agent_dir / sup.RESULT).exists()
+
+
+def _try_lock(agent_dir: Path) -> int | None:
+    """Take the directory's launch lock: the fd holding it, or None if another process holds
+    it or the directory is gone. Where ``flock`` is not supported the fd holds nothing (the
+    supervisor's exclusive claim still keeps the agent from running twice)."""
+    try:
+        fd = os.open(agent_dir / LAUNCH_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        pass  # no flock on this file system
+    return fd
+
+
+def _launch_under_way(agent_dir: Path) -> bool:
+    """Whether a live process holds the directory's launch lock (it is starting a
+    supervisor). Where ``flock`` is not supported: whether the directory is young."""
+    try:
+        fd = os.open(agent_dir / LAUNCH_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released by the close below
+    except BlockingIOError:
+        return True
+    except OSError:
+        try:
+            return time.time() - (agent_dir / SPEC).stat().st_mtime < _SPAWN_GRACE
+        except OSError:
+            return False
+    finally:
+        os.close(fd)
+    return False
+
+
+def _request_stop(agent_dir: Path, *, timed_out: bool) -> None:
+    """Leave the ``stop`` marker: a supervisor that claims the directory later runs nothing."""
+    with contextlib.suppress(OSError):
+        sup.write_atomic(str(agent_dir / sup.STOP), "timeout\n" if timed_out else "stop\n",
+                         sync=False)
+
+
+def _stop_before_start(agent_dir: Path, *, timed_out: bool) -> bool:
+    """The part of a stop that needs no supervisor: True when there is nothing to signal
+    (the directory is gone, has a result, or was never claimed and now never will be)."""
+    result_path = agent_dir / sup.RESULT
+    if not agent_dir.is_dir() or result_path.exists():
+        return True
+    # marker, then claim check; a supervisor does claim, then marker check: whatever the
+    # interleaving, either we see its claim and signal it, or it sees the marker
+    _request_stop(agent_dir, timed_out=timed_out)
+    if (agent_dir / sup.SUPERVISOR_PID).exists():
+        return False
+    # never started, and now never will: record it (a supervisor that claims meanwhile
+    # records the same; whichever is first wins)
+    stopped = {"exit_code": -signal.SIGTERM, "started_at": None, "finished_at": time.time(),
+               "timed_out": timed_out, "stopped": not timed_out}
+    with contextlib.suppress(FileNotFoundError):
+        sup.write_atomic(str(result_path), json.dumps(stopped) + "\n", exclusive=True)
+    return result_path.exists() or not agent_dir.is_dir()
 
 
 def _start_supervisor(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,8 +20,13 @@ from typing import Any
 
 import pytest
 
+from agentainer_flow.engine.runtimes import _supervisor as sup
 from agentainer_flow.engine.runtimes.base import AgentSpec, AgentState
-from agentainer_flow.engine.runtimes.process import ProcessRuntime
+from agentainer_flow.engine.runtimes.process import (
+    ProcessRuntime,
+    _supervisor_argv,
+    default_agent_root,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX processes only")
 
@@ -363,16 +370,29 @@ async def test_reused_pid_is_not_taken_for_the_supervisor(rt: ProcessRuntime) ->
     assert status.outcome.exit_code == -1
 
 
-async def test_stale_half_launched_directory_is_lost(rt: ProcessRuntime) -> None:
+async def test_half_launched_directory(rt: ProcessRuntime, tmp_path: Path) -> None:
+    """A directory no supervisor owns: being launched while its launch lock is held, an
+    interrupted launch once nobody holds it, which ``launch`` completes (no time guess)."""
+    counter = tmp_path / "counter"
+    agent = spec("half", sh(f"echo run >> '{counter}'; echo '{{\"done\": 1}}'"))
     agent_dir = rt.root / "half"
     agent_dir.mkdir(parents=True)
     (agent_dir / "spec.json").write_text("{}")
-    assert (await rt.lookup("half")).state is AgentState.RUNNING  # a launch may be under way
-    old = time.time() - 60
-    os.utime(agent_dir / "spec.json", (old, old))
-    status = await rt.lookup("half")
+    lock = os.open(agent_dir / "launch.lock", os.O_RDWR | os.O_CREAT)
+    try:  # a launcher at work elsewhere
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert (await rt.lookup("half")).state is AgentState.RUNNING
+    finally:
+        os.close(lock)
+    status = await rt.lookup("half")  # the launcher is gone
     assert status.state is AgentState.EXITED and status.outcome is not None
     assert status.outcome.exit_code == -1
+    assert "never started" in status.outcome.log_tail
+    await rt.launch(agent)
+    outcome = await rt.wait("half", timeout=30)
+    assert outcome.exit_code == 0 and outcome.output == {"done": 1}
+    await rt.launch(agent)
+    assert counter.read_text() == "run\n"
 
 
 # -- timeouts, stop, cancellation --
@@ -498,3 +518,199 @@ async def test_launch_latency(rt: ProcessRuntime) -> None:
         timings.append(time.perf_counter() - started)
         assert outcome.exit_code == 0
     assert sorted(timings)[2] < 1.0  # generous: CI machines are slow; ~20-40 ms locally
+
+
+# -- launching is idempotent from every state a crash leaves --
+
+LAUNCHER_SCRIPT = """
+import asyncio, sys
+from agentainer_flow.engine.runtimes.base import AgentSpec
+from agentainer_flow.engine.runtimes.process import ProcessRuntime
+
+agent = AgentSpec(agent_id="killed", name="a", image="x", command=sys.argv[2:])
+asyncio.run(ProcessRuntime(root=sys.argv[1]).launch(agent))
+"""
+
+
+@pytest.mark.parametrize("point", ["agent.dir_created", "agent.supervisor_spawned"])
+def test_launch_completes_after_launcher_was_killed(tmp_path: Path, point: str) -> None:
+    root, counter = tmp_path / "agents", tmp_path / "counter"
+    command = sh(f"echo run >> '{counter}'; echo '{{\"ok\": 1}}'")
+    launcher = subprocess.run([sys.executable, "-c", LAUNCHER_SCRIPT, str(root), *command],
+                              env={**os.environ, "FLOW_TEST_KILL_AT": point}, timeout=60)
+    assert launcher.returncode == -signal.SIGKILL
+    runtime = ProcessRuntime(root=root)
+    agent = AgentSpec(agent_id="killed", name="a", image="x", command=command)
+
+    async def resume() -> None:
+        await runtime.launch(agent)  # completes the launch, or adopts the orphan's supervisor
+        outcome = await runtime.wait("killed", timeout=30)
+        assert outcome.exit_code == 0 and outcome.output == {"ok": 1}, outcome.log_tail
+        await runtime.launch(agent)
+
+    asyncio.run(resume())
+    assert counter.read_text() == "run\n"
+
+
+def _launch_in_thread(root: Path, agent: AgentSpec, start: threading.Barrier,
+                      errors: list[BaseException]) -> None:
+    async def launch() -> None:
+        runtime = ProcessRuntime(root=root)
+        start.wait(timeout=30)
+        await runtime.launch(agent)
+
+    try:
+        asyncio.run(launch())
+    except BaseException as exc:
+        errors.append(exc)
+
+
+def test_concurrent_launches_run_once(tmp_path: Path) -> None:
+    """Two engines launching one id at once (fresh, or completing an interrupted launch)."""
+    root = tmp_path / "agents"
+    runtime = ProcessRuntime(root=root)
+    for n in range(20):
+        counter = tmp_path / f"counter-{n}"
+        agent = spec(f"race-{n}", sh(f"echo run >> '{counter}'"))
+        if n % 2:  # a directory its launcher left before starting a supervisor
+            (root / agent.agent_id).mkdir(parents=True)
+            (root / agent.agent_id / "spec.json").write_text("{}")
+        start, errors = threading.Barrier(2), []
+        threads = [threading.Thread(target=_launch_in_thread, args=(root, agent, start, errors))
+                   for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not errors, errors
+        outcome = asyncio.run(runtime.wait(agent.agent_id, timeout=30))
+        assert outcome.exit_code == 0, outcome.log_tail
+        assert counter.read_text() == "run\n", n
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
+def test_only_one_of_competing_supervisors_runs_the_agent(tmp_path: Path) -> None:
+    """The supervisor's exclusive claim alone (no launch lock) keeps the agent single."""
+    agent_dir, counter = tmp_path / "agents" / "claimed", tmp_path / "counter"
+    agent_dir.mkdir(parents=True)
+    argv = [*_supervisor_argv(sys.executable), str(agent_dir), "--",
+            *sh(f"echo run >> '{counter}'")]
+    starters = [subprocess.Popen(argv, cwd=agent_dir, stdin=subprocess.DEVNULL)
+                for _ in range(4)]
+    codes = sorted(p.wait(timeout=60) for p in starters)
+    assert codes == [0, sup.EXIT_TAKEN, sup.EXIT_TAKEN, sup.EXIT_TAKEN]
+    outcome = asyncio.run(ProcessRuntime(root=agent_dir.parent).wait("claimed", timeout=30))
+    assert outcome.exit_code == 0
+    assert counter.read_text() == "run\n"
+
+
+async def test_stop_requested_before_the_supervisor_claims(rt: ProcessRuntime,
+                                                            tmp_path: Path) -> None:
+    counter = tmp_path / "counter"
+    agent_dir = rt.root / "early"
+    agent_dir.mkdir(parents=True)
+    (agent_dir / "stop").write_text("stop\n")  # left by a stop while nobody owned it
+    await rt.launch(spec("early", sh(f"echo run >> '{counter}'")))
+    outcome = await rt.wait("early", timeout=30)
+    assert outcome.exit_code == -signal.SIGTERM and not outcome.timed_out
+    assert json.loads((agent_dir / "result.json").read_text())["stopped"]
+    assert not counter.exists()
+
+
+async def test_stop_of_an_interrupted_launch(rt: ProcessRuntime, tmp_path: Path) -> None:
+    counter = tmp_path / "counter"
+    agent_dir = rt.root / "cut"
+    agent_dir.mkdir(parents=True)
+    (agent_dir / "spec.json").write_text("{}")
+    await rt.stop("cut")
+    status = await rt.lookup("cut")
+    assert status.state is AgentState.EXITED and status.outcome is not None
+    assert status.outcome.exit_code == -signal.SIGTERM
+    await rt.launch(spec("cut", sh(f"echo run >> '{counter}'")))  # stopped: adopted, not run
+    assert not (agent_dir / "supervisor.pid").exists()
+    assert (await rt.wait("cut")).exit_code == -signal.SIGTERM
+    assert not counter.exists()
+
+
+async def test_remove_in_every_state(rt: ProcessRuntime) -> None:
+    await rt.launch(spec("r-done", ["true"]))
+    await rt.wait("r-done")
+    await rt.launch(spec("r-stopped", sh("sleep 30")))
+    await rt.stop("r-stopped")
+    await rt.launch(spec("r-timeout", sh("sleep 30"), timeout=0.2))
+    assert (await rt.wait("r-timeout")).timed_out
+    await rt.launch(spec("r-lost", sh("sleep 30")))
+    lost_dir = rt.root / "r-lost"
+    await until(lambda: (lost_dir / "agent.pid").exists())
+    supervisor, agent = pid_of(lost_dir, "supervisor.pid"), pid_of(lost_dir, "agent.pid")
+    os.kill(supervisor, signal.SIGKILL)
+    os.killpg(agent, signal.SIGKILL)
+    await until(lambda: not running(supervisor) and not running(agent))
+    lost = (await rt.lookup("r-lost")).outcome
+    assert lost is not None and lost.exit_code == -1
+    (rt.root / "r-cut").mkdir()  # an interrupted launch
+    (rt.root / "r-cut" / "spec.json").write_text("{}")
+    names = ["r-done", "r-stopped", "r-timeout", "r-lost", "r-cut"]
+    for name in names:
+        await rt.remove(name)
+        assert (await rt.lookup(name)).state is AgentState.MISSING, name
+        await rt.remove(name)  # already gone
+    assert not list(rt.root.iterdir())
+
+
+async def test_cleanup_orphans(rt: ProcessRuntime) -> None:
+    await rt.launch(spec("keep", ["true"]))
+    await rt.wait("keep")
+    old = time.time() - 3600
+    for name in (".tmp-a-1", ".trash-b-2", ".tmp-young-3", "keep"):
+        path = rt.root / name
+        path.mkdir(exist_ok=True)
+        (path / "spec.json").write_text("{}")
+        if name != ".tmp-young-3":
+            os.utime(path, (old, old))
+    assert await rt.cleanup_orphans(older_than=60) == 2
+    assert sorted(p.name for p in rt.root.iterdir()) == [".tmp-young-3", "keep"]
+    assert await rt.cleanup_orphans(older_than=60) == 0
+
+
+# -- where agents live --
+
+
+def test_default_agent_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("FLOW_HOME", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.chdir(tmp_path)
+    assert default_agent_root(f"sqlite:///{tmp_path}/x/flow.db") == tmp_path / "x" / "agents"
+    assert default_agent_root("sqlite:///rel/flow.db") == tmp_path / "rel" / "agents"
+    pg = default_agent_root("postgresql://u:secret@DB.example:5432/flow")
+    assert pg.name == "agents" and pg.parent.parent == tmp_path / "state" / "agentainer-flow"
+    # the same database spelled differently shares its agents; another one does not
+    assert default_agent_root("postgres://u:other@db.example/flow?sslmode=require") == pg
+    assert default_agent_root("postgresql://u@db.example/other") != pg
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    memory = default_agent_root("memory://")
+    assert memory.is_relative_to(tmp_path / "home" / ".local" / "state" / "agentainer-flow")
+    monkeypatch.setenv("FLOW_HOME", str(tmp_path / "flow-home"))  # wins over the store
+    flow_home = tmp_path / "flow-home" / "agents"
+    assert default_agent_root(f"sqlite:///{tmp_path}/x/flow.db") == flow_home
+
+
+def test_clients_keep_agents_next_to_the_store(monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    from agentainer_flow import WorkflowClient
+    from agentainer_flow._cli import _client
+
+    for name in ("FLOW_HOME", "FLOW_RUNTIME"):
+        monkeypatch.delenv(name, raising=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    url = f"sqlite:///{tmp_path}/db/flow.db"
+    expected = tmp_path / "db" / "agents"
+    runtime = WorkflowClient(store=url).runtime
+    assert isinstance(runtime, ProcessRuntime) and runtime.root == expected
+    runtime = _client(url, "process").runtime
+    assert isinstance(runtime, ProcessRuntime) and runtime.root == expected
+    mine = ProcessRuntime(root=tmp_path / "mine")
+    assert WorkflowClient(store=url, runtime=mine).runtime is mine
