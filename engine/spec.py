@@ -18,7 +18,6 @@ from .durations import Duration, parse_duration
 from .errors import (
     NonDeterminismError,
     SecretNotFoundError,
-    SerializationError,
     WorkflowDefinitionError,
     WorkflowNotRegisteredError,
 )
@@ -46,9 +45,10 @@ class ErrorHandler(enum.Enum):
     CONTINUE = "continue"  # record the failure; dependants run with ``None``
 
 
+# A value refused where it entered (SerializationError) is retried like any step error: an
+# agent's next answer, or a step's next result, may well be storable.
 _ALWAYS_FATAL: tuple[type[BaseException], ...] = (
     NonDeterminismError,
-    SerializationError,
     SecretNotFoundError,
     WorkflowDefinitionError,
 )
