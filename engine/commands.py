@@ -9,6 +9,7 @@ without side effects, after checking that the code asks for the same thing (else
 from __future__ import annotations
 
 import datetime as dt
+import math
 import random as _random
 import uuid
 from collections.abc import Iterator, MutableMapping, Sequence
@@ -31,12 +32,14 @@ from agentainer_flow.store.events import (
 )
 
 from . import values
+from ._testhooks import reach
 from .durations import Duration, parse_duration
 from .errors import (
     AgentFailedError,
     AgentTimeoutError,
     ChildWorkflowError,
     NonDeterminismError,
+    SerializationError,
 )
 from .runtimes.base import AgentOutcome, AgentSpec, AgentState
 from .secrets import SecretStore
@@ -186,6 +189,22 @@ class StepRuntime:
         res = resources.to_dict() if isinstance(resources, ResourceRequirements) else dict(
             resources or {}
         )
+        # refused here, not by the store after the intent is half recorded; values of env
+        # and command may be secrets, so messages name where they are, never what they hold
+        where = f"agent {name!r} in step {self.step.name!r}"
+        values.check_text(name, f"deploy_agent in step {self.step.name!r}: the agent name "
+                          f"{name!r}", allow_nul=False)
+        values.check_text(image, f"{where}: the image {image!r}", allow_nul=False)
+        if network is not None:
+            values.check_text(network, f"{where}: the network {network!r}", allow_nul=False)
+        for k, v in clean_env.items():
+            values.check_text(k, f"{where}: the env name {k!r}", allow_nul=False)
+            values.check_text(v, f"{where}: the value of env[{k!r}]", allow_nul=False)
+        for i, arg in enumerate(cmd or ()):
+            values.check_text(arg, f"{where}: command[{i}]", allow_nul=False)
+        for k in res:
+            values.check_text(k, f"{where}: the resources key {k!r}")
+        values.dump(res, where=f"{where}: resources")
         timeout_s = parse_duration(timeout, what=f"agent {name!r} timeout")
         idx, recorded = self._command(
             f"deploy_agent(name={name!r}, image={image!r})",
@@ -219,6 +238,7 @@ class StepRuntime:
                 **self._base(idx), name=name, image=image, agent_id=agent_id,
                 env=clean_env, command=cmd, resources=res, deadline=deadline))
             await runner.flush()  # the intent is durable before anything is launched
+            reach("agent.intent_logged")
             await self._launch(idx, spec, adopted=False)
             handle = AgentHandle(self, idx, spec, deadline, None)
         else:
@@ -229,26 +249,28 @@ class StepRuntime:
             handle = AgentHandle(self, idx, spec, req.deadline, final)
             if final is None:
                 status = await runner.runtime.lookup(agent_id)
-                started = any(isinstance(e, AgentStarted) for e in recorded)
-                if status.state is AgentState.MISSING:
-                    if not started:
-                        await self._launch(idx, spec, adopted=False)
-                    else:
-                        handle.lost = True
-                elif not started:
-                    self._emit(AgentStarted(**self._base(idx), agent_id=agent_id,
-                                            runtime=runner.runtime.name, adopted=True))
+                if any(isinstance(e, AgentStarted) for e in recorded):
+                    handle.lost = status.state is AgentState.MISSING
+                else:
+                    # the engine died somewhere in the launch: launching again is idempotent,
+                    # it adopts what is there and completes what was interrupted
+                    await self._launch(idx, spec,
+                                       adopted=status.state is not AgentState.MISSING)
         self.handles.append(handle)
         return handle
 
     async def _launch(self, idx: int, spec: AgentSpec, *, adopted: bool) -> None:
+        """Launch (or adopt: launches are idempotent) and record ``AgentStarted``; a launch
+        that fails is recorded as the agent failing."""
         runner = self.runner
+        runner.check_alive()  # a runner that lost its lease launches nothing more
         try:
             await runner.runtime.launch(spec)
         except Exception as exc:
             msg = f"agent {spec.name!r} (image {spec.image!r}) could not be launched: {exc}"
             self._emit(AgentFailed(**self._base(idx), agent_id=spec.agent_id, error=msg))
             raise AgentFailedError(runner.redactor.text(msg), agent=spec.name) from None
+        reach("agent.started")
         self._emit(AgentStarted(**self._base(idx), agent_id=spec.agent_id,
                                 runtime=runner.runtime.name, adopted=adopted))
 
@@ -339,9 +361,13 @@ class StepRuntime:
         idx, recorded = self._command("log(...)", lambda ev: isinstance(ev, LogRecorded))
         if recorded is not None:
             return
-        text = self.runner.redactor.text(str(message))
-        self._emit(LogRecorded(**self._base(idx), level=level, message=text))
-        self.runner.log_user(level, text, self, fields)
+        runner = self.runner
+        text = values.safe_text(runner.redactor.text(str(message)))  # for people: redacted
+        tree = values.dump(  # user data: a secret's value in a field is refused
+            fields, where=f"the fields of ctx.log in step {self.step.name!r}",
+            secrets=runner.redactor.scanner) if fields else {}
+        self._emit(LogRecorded(**self._base(idx), level=level, message=text, fields=tree))
+        runner.log_user(level, text, self, fields)
 
     async def metric(self, name: str, value: float, tags: dict[str, str] | None = None) -> None:
         """A metric sample, recorded once."""
@@ -350,8 +376,21 @@ class StepRuntime:
         )
         if recorded is not None:
             return
-        self._emit(MetricRecorded(**self._base(idx), name=name, value=float(value),
-                                  tags={str(k): str(v) for k, v in (tags or {}).items()}))
+        clean_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        where = f"metric {name!r} in step {self.step.name!r}"
+        values.check_text(str(name), f"{where}: its name", allow_nul=False)
+        for k, v in clean_tags.items():
+            values.check_text(k, f"{where}: the tag name {k!r}", allow_nul=False)
+            values.check_text(v, f"{where}: the value of tag {k!r}", allow_nul=False)
+        number = float(value)
+        if not math.isfinite(number):
+            raise SerializationError(f"{where}: the value {number!r} is not a finite number")
+        if self.runner.redactor:  # user data: a secret's value is refused
+            self.runner.redactor.check(
+                {"name": name, "tags": clean_tags},
+                f"metric {name!r} in step {self.step.name!r} (its name or tags)")
+        self._emit(MetricRecorded(**self._base(idx), name=str(name), value=number,
+                                  tags=clean_tags))
 
     # state ------------------------------------------------------------------------------
     def _write_state(self, key: str, tree: Any, deleted: bool) -> Any:
@@ -398,7 +437,12 @@ class StateView(MutableMapping[str, Any]):
     def __setitem__(self, key: str, value: Any) -> None:
         if not isinstance(key, str):
             raise TypeError(f"ctx.state keys must be strings, got {type(key).__name__}")
-        tree = values.dump(value, where=f"ctx.state[{key!r}] in step {self._rt.step.name!r}")
+        values.check_text(key, f"ctx.state key {key!r} in step {self._rt.step.name!r}")
+        redactor = self._rt.runner.redactor
+        if redactor:  # a secret's value is refused in the key as in the value
+            redactor.check(key, f"a ctx.state key in step {self._rt.step.name!r}")
+        tree = values.dump(value, where=f"ctx.state[{key!r}] in step {self._rt.step.name!r}",
+                           secrets=redactor.scanner)
         self._trees[key] = self._rt._write_state(key, tree, False)
 
     def __delitem__(self, key: str) -> None:
@@ -454,6 +498,8 @@ class AgentHandle:
             self._final = await self._collect()
         final = self._final
         if isinstance(final, AgentFailed):
+            if final.error_type in ("SerializationError", "SecretLeakError"):  # unstorable
+                raise SerializationError(final.error)
             cls = AgentTimeoutError if "timed out" in final.error else AgentFailedError
             raise cls(final.error, agent=self.name, exit_code=final.exit_code,
                       log_tail=final.log_tail)
@@ -481,15 +527,27 @@ class AgentHandle:
                 with runner.clock.busy():
                     outcome = await runner.runtime.wait(self.id, timeout)
             except BaseException:
-                if not runner.engine.is_shutting_down:  # else left running, to be adopted
+                if not runner.leaves_agents:  # else left running, to be adopted
                     await runner.runtime.stop(self.id)
                 raise
         redact = runner.redactor
         base = rt._base(self._index)  # stamped when the agent finished, not when we began
+        ev: AgentCompleted | AgentFailed
         if outcome.exit_code == 0 and not outcome.timed_out:
-            ev: AgentCompleted | AgentFailed = AgentCompleted(
-                **base, agent_id=self.id, output=values.dump(outcome.output, where="agent output"),
-                exit_code=0, started_at=outcome.started_at, finished_at=outcome.finished_at)
+            try:
+                output = values.dump(outcome.output, where=f"the output of agent "
+                                     f"{self.name!r} (image {self._spec.image!r}) in step "
+                                     f"{rt.step.name!r}", secrets=redact.scanner)
+            except SerializationError as exc:  # recorded as a failure: replays raise it too
+                ev = AgentFailed(
+                    **base, agent_id=self.id, exit_code=0, error_type=type(exc).__name__,
+                    error=f"cannot store {exc}",
+                    log_tail=values.safe_text(redact.text(outcome.log_tail[-4000:])),
+                    started_at=outcome.started_at, finished_at=outcome.finished_at)
+            else:
+                ev = AgentCompleted(
+                    **base, agent_id=self.id, output=output, exit_code=0,
+                    started_at=outcome.started_at, finished_at=outcome.finished_at)
         else:
             if outcome.timed_out:
                 error = f"agent {self.name!r} (image {self._spec.image!r}) timed out"
@@ -499,7 +557,7 @@ class AgentHandle:
                 error = (f"agent {self.name!r} (image {self._spec.image!r}) exited with code "
                          f"{outcome.exit_code}")
             ev = AgentFailed(**base, agent_id=self.id, error=error, exit_code=outcome.exit_code,
-                             log_tail=redact.text(outcome.log_tail[-4000:]),
+                             log_tail=values.safe_text(redact.text(outcome.log_tail[-4000:])),
                              started_at=outcome.started_at, finished_at=outcome.finished_at)
         ev = runner.emit(ev)
         runner.after_flush(lambda: runner.runtime.remove(self.id))
@@ -536,7 +594,7 @@ class ChildWorkflowHandle:
             try:
                 outcome = await runner.engine.wait_outcome(self.id)
             except BaseException:
-                if not runner.engine.is_shutting_down:
+                if not runner.leaves_agents:
                     await runner.engine.cancel(self.id)
                 raise
             ev = runner.emit(ChildWorkflowCompleted(

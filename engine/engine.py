@@ -8,6 +8,7 @@ starting fresh and resuming after a crash are the same code path.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,8 +16,19 @@ from typing import Any
 
 import structlog
 
-from agentainer_flow.store.base import EventStore, ExecutionRecord, NewExecution, StoredEvent
-from agentainer_flow.store.errors import ExecutionNotFoundError
+from agentainer_flow.store.base import (
+    EventStore,
+    ExecutionRecord,
+    ExecutionStatus,
+    NewExecution,
+    StoredEvent,
+)
+from agentainer_flow.store.errors import (
+    AppendConflictError,
+    ExecutionNotFoundError,
+    LeaseLostError,
+    StoreError,
+)
 from agentainer_flow.store.events import (
     Event,
     ExecutionCancelled,
@@ -28,13 +40,17 @@ from agentainer_flow.store.events import (
 from . import values
 from .clock import Clock
 from .errors import (
+    ExecutionBlockedError,
     FlowError,
+    IdempotencyConflictError,
+    SecretNotFoundError,
     WorkflowCancelledError,
     WorkflowFailedError,
     WorkflowNotRegisteredError,
     WorkflowTimeoutError,
 )
-from .runner import Runner, _redact_event
+from .leases import holder_is_dead, lease_seconds_from_env, make_owner_id
+from .runner import Runner
 from .runtimes.base import AgentRuntime
 from .secrets import Redactor, encrypt_secrets, resolve_secrets
 from .spec import ARGS_ATTR, WorkflowSpec, get_workflow_spec
@@ -99,8 +115,14 @@ class Engine:
         clock: Clock | None = None,
         context_factory: Callable[[Any], Any] | None = None,
         secret_fallback: Callable[[str], str] | None = None,
+        owner_id: str | None = None,
+        lease_seconds: float | None = None,
     ) -> None:
         self.store = store
+        #: this engine's lease owner id (see ``leases.make_owner_id``)
+        self.owner_id = owner_id or make_owner_id()
+        self.lease_seconds = lease_seconds or lease_seconds_from_env()
+        self._renewer: asyncio.Task[None] | None = None
         self.runtime = runtime
         self.clock = clock or Clock()
         self.context_factory = context_factory or _identity
@@ -126,8 +148,14 @@ class Engine:
         idempotency_key: str | None = None,
         execution_id: str | None = None,
         parent_id: str | None = None,
+        run_here: bool = True,
     ) -> tuple[ExecutionRecord, bool]:
-        """Record a new execution (or find the one with this id / idempotency key)."""
+        """Record a new execution (or find the one with this id / idempotency key).
+
+        With ``run_here`` the new execution is leased to this engine from the start (it
+        is about to run it: nobody else may start it first); without, it waits for a
+        worker or a resume.
+        """
         spec = get_workflow_spec(workflow)
         if isinstance(workflow, type):
             raise TypeError(
@@ -135,11 +163,32 @@ class Engine:
                 f"create one first: {spec.cls.__name__}(...)"
             )
         secrets = {str(k): str(v) for k, v in (secrets or {}).items()}
+        redactor = Redactor(secrets)  # an empty secret value is refused here
+        if redactor:  # user data holding a secret's value is refused, never rewritten
+            redactor.check({str(k): str(v) for k, v in (tags or {}).items()},
+                           f"the tags of workflow {spec.name!r}")
+            ids = [("idempotency_key", idempotency_key)]
+            if parent_id is None:  # a child's id is derived from its parent's
+                ids.append(("execution_id", execution_id))
+            for what, text in ids:
+                if text is not None:
+                    redactor.check(str(text), f"the {what} of workflow {spec.name!r}")
         args, kwargs = getattr(workflow, ARGS_ATTR, ((), {}))
         ctor = values.dump([list(args), kwargs],
-                           where=f"constructor arguments of workflow {spec.name!r}")
-        input_tree = values.dump(input, where=f"input of workflow {spec.name!r}")
-        clean_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+                           where=f"constructor arguments of workflow {spec.name!r} ($[0]: "
+                           "positional, $[1]: keyword)", secrets=redactor.scanner)
+        input_tree = values.dump(input, where=f"input of workflow {spec.name!r}",
+                                 secrets=redactor.scanner)
+        clean_tags: dict[str, str] = {}
+        for k, v in (tags or {}).items():  # kept in text/JSONB columns: no NUL, no surrogate
+            key = values.check_text(str(k), f"tag {str(k)!r} of workflow {spec.name!r}: its "
+                                    "name", allow_nul=False)
+            clean_tags[key] = values.check_text(str(v), f"tag {key!r} of workflow "
+                                                f"{spec.name!r}: its value", allow_nul=False)
+        for what, text in (("idempotency_key", idempotency_key), ("execution_id", execution_id)):
+            if text is not None:
+                values.check_text(text, f"{what} {text!r} of workflow {spec.name!r}",
+                                  allow_nul=False)
         now = self.clock.now()
         eid = execution_id or str(uuid.uuid4())
         started = ExecutionStarted(
@@ -147,14 +196,15 @@ class Engine:
             input=input_tree, tags=clean_tags, secret_names=sorted(secrets),
             parent_id=parent_id,
             deadline=now + spec.timeout if spec.timeout is not None else None)
-        redactor = Redactor(secrets)
-        if redactor:
-            started = _redact_event(started, redactor)  # type: ignore[assignment]
         record, created = await self.store.create_execution(
             NewExecution(id=eid, workflow_name=spec.name, workflow_version=spec.version,
                          tags=clean_tags, idempotency_key=idempotency_key, parent_id=parent_id,
-                         secrets=encrypt_secrets(secrets)),
+                         secrets=encrypt_secrets(secrets),
+                         lease_owner=self.owner_id if run_here else None,
+                         lease_seconds=self.lease_seconds),
             started)
+        if not created and idempotency_key is not None:
+            await self._check_same_start(record, idempotency_key, started)
         if created:
             self._fresh[record.id] = (record, [StoredEvent(record.id, 1, started)])
             self._objects[record.id] = workflow
@@ -162,14 +212,34 @@ class Engine:
             log.info("execution_started", execution_id=record.id, workflow=spec.name)
         return record, created
 
+    async def _check_same_start(self, record: ExecutionRecord, key: str,
+                                started: ExecutionStarted) -> None:
+        """An idempotency key names one run: the same workflow with the same arguments."""
+        if record.workflow_name != started.workflow_name:
+            raise IdempotencyConflictError(key, record.id,
+                                           f"workflow {record.workflow_name!r}, not "
+                                           f"{started.workflow_name!r}")
+        first = (await self.store.load(record.id))[0].event
+        assert isinstance(first, ExecutionStarted)
+        if first.args != started.args or first.input != started.input:
+            raise IdempotencyConflictError(key, record.id, "other constructor arguments or input")
+
     def launch(self, execution_id: str, *, secrets: Mapping[str, str] | None = None,
-               workflow: object | None = None) -> asyncio.Task[Outcome]:
-        """Run (or keep running) the execution as a task of this process."""
+               workflow: object | None = None, leased: ExecutionRecord | None = None,
+               takeover: bool = False) -> asyncio.Task[Outcome]:
+        """Run (or keep running) the execution as a task of this process.
+
+        The run first takes the execution's lease (``leased``: already taken, e.g. by a
+        worker's claim). While another live process holds it, the run follows that process
+        to the execution's outcome and takes over only if the lease expires or its holder
+        dies; ``takeover`` takes it at once (the other holder is fenced out).
+        """
         task = self.tasks.get(execution_id)
         if task is not None:
             return task
         self._stopped.pop(execution_id, None)
-        task = asyncio.ensure_future(self._run(execution_id, secrets=secrets, workflow=workflow))
+        task = asyncio.ensure_future(self._run(execution_id, secrets=secrets, workflow=workflow,
+                                               leased=leased, takeover=takeover))
         self.tasks[execution_id] = task
         task.add_done_callback(lambda t: self._forget(execution_id, t))
         return task
@@ -181,7 +251,11 @@ class Engine:
         self._secrets.pop(execution_id, None)
         self._objects.pop(execution_id, None)
         self._fresh.pop(execution_id, None)
-        if not task.cancelled() and (exc := task.exception()) is not None:
+        if not task.cancelled() and isinstance(exc := task.exception(),
+                                               LeaseLostError | AppendConflictError):
+            # taken over by another process: waiters here follow it to the outcome
+            log.warning("execution_lease_lost", execution_id=execution_id, error=str(exc))
+        elif not task.cancelled() and (exc := task.exception()) is not None:
             # A run that stopped without an outcome (non-determinism, a missing secret, a
             # store error): waiters get this error instead of waiting for an end that will
             # not come from this process. Resuming again clears it.
@@ -194,34 +268,110 @@ class Engine:
         return await asyncio.shield(self.launch(execution_id, **kwargs))
 
     async def _run(self, execution_id: str, *, secrets: Mapping[str, str] | None,
-                   workflow: object | None) -> Outcome:
+                   workflow: object | None, leased: ExecutionRecord | None = None,
+                   takeover: bool = False) -> Outcome:
         fresh = self._fresh.pop(execution_id, None)
         if fresh is not None:
             record, history = fresh
         else:
-            found = await self.store.get_execution(execution_id)
-            if found is None:
-                raise ExecutionNotFoundError(execution_id)
-            record = found
+            got = leased or await self._acquire(execution_id, takeover=takeover)
+            if isinstance(got, Outcome):
+                return got
+            record = got
             history = await self.store.load(execution_id)
-        started = history[0].event
-        assert isinstance(started, ExecutionStarted)
-        if record.status.is_terminal:
-            return Outcome.from_event(execution_id, history[-1].event)
-        spec = self._spec_for(started, workflow)
-        if workflow is None:
-            workflow = self._objects.pop(execution_id, None)
-        if workflow is None:
-            workflow = rebuild_workflow(spec, started)
-        given = dict(self._secrets.get(execution_id) or {})
-        given.update(secrets or {})
-        resolved = resolve_secrets(started.secret_names, given, record.secrets)
-        self._secrets[execution_id] = resolved
-        runner = Runner(self, record, spec, workflow, history, resolved)
-        self.runners[execution_id] = runner
-        if self.store.url != "memory://" and len(history) > 1:
-            log.info("execution_resumed", execution_id=execution_id, events=len(history))
-        return await runner.run()
+        runner: Runner | None = None
+        try:
+            started = history[0].event
+            assert isinstance(started, ExecutionStarted)
+            if _is_terminal(history[-1].event):
+                return Outcome.from_event(execution_id, history[-1].event)
+            spec = self._spec_for(started, workflow)
+            if workflow is None:
+                workflow = self._objects.pop(execution_id, None)
+            if workflow is None:
+                workflow = rebuild_workflow(spec, started)
+            given = dict(self._secrets.get(execution_id) or {})
+            given.update(secrets or {})
+            resolved = _resolve_available(started.secret_names, given, record.secrets)
+            self._secrets[execution_id] = resolved
+            runner = Runner(self, record, spec, workflow, history, resolved)
+            self.runners[execution_id] = runner
+            self._ensure_renewer()
+            if self.store.url != "memory://" and len(history) > 1:
+                log.info("execution_resumed", execution_id=execution_id, events=len(history))
+            return await runner.run()
+        finally:
+            if runner is None or not runner.finished:
+                # stopped without an outcome (blocked, diverged, store down, shut down):
+                # let whoever resumes it take over at once; a no-op if we lost the lease
+                try:
+                    await asyncio.shield(self.store.release(self.owner_id, execution_id))
+                except (StoreError, asyncio.CancelledError):
+                    pass
+
+    async def _acquire(self, execution_id: str, *, takeover: bool) -> ExecutionRecord | Outcome:
+        """Take the execution's lease; while a live process holds it, follow that process
+        until the execution ends (its outcome) or the lease can be taken over."""
+        following = False
+        while True:
+            record = await self.store.get_execution(execution_id)
+            if record is None:
+                raise ExecutionNotFoundError(execution_id)
+            if record.status.is_terminal:
+                history = await self.store.load(execution_id)
+                return Outcome.from_event(execution_id, history[-1].event)
+            now = time.time()  # leases are wall-clock times, whatever clock the engine uses
+            holder = record.lease_owner
+            if takeover or (holder is not None and holder != self.owner_id
+                            and holder_is_dead(holder)):
+                got = await self.store.acquire(execution_id, self.owner_id,
+                                               lease_seconds=self.lease_seconds,
+                                               takeover_from=holder)
+            elif not record.lease_live(now) or holder == self.owner_id:
+                got = await self.store.acquire(execution_id, self.owner_id,
+                                               lease_seconds=self.lease_seconds)
+            else:
+                got = None
+                if not following:
+                    following = True
+                    log.info("execution_followed", execution_id=execution_id, holder=holder,
+                             lease_expires_at=record.lease_expires_at)
+                left = (record.lease_expires_at or now) - now
+                await self.store.wait_for_change(execution_id, max(0.05, min(1.0, left)))
+            if got is not None:
+                if following:
+                    log.info("execution_taken_over", execution_id=execution_id,
+                             previous_holder=holder)
+                return got
+            takeover = False
+
+    # leases -----------------------------------------------------------------------------
+    def _ensure_renewer(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.ensure_future(self._renew_leases())
+
+    async def _renew_leases(self) -> None:
+        """Renew the leases of every execution this engine runs, a third of a lease apart.
+
+        A lease the store no longer gives back was taken over: its runner stops at once,
+        leaving its agents to the new holder. A store that cannot be reached is tried again
+        at the next round; appends are fenced anyway.
+        """
+        while self.runners:
+            await asyncio.sleep(self.lease_seconds / 3)
+            ids = [eid for eid, r in self.runners.items() if not r.finished]
+            if not ids:
+                continue
+            try:
+                held = set(await self.store.renew_lease(self.owner_id, ids, self.lease_seconds))
+            except StoreError as exc:
+                log.warning("lease_renewal_failed", error=str(exc), executions=len(ids))
+                continue
+            for eid in ids:
+                runner = self.runners.get(eid)
+                if eid not in held and runner is not None and not runner.finished:
+                    runner.lease_lost("its lease was not renewed in time and another "
+                                      "process may have taken it over")
 
     def _spec_for(self, started: ExecutionStarted, workflow: object | None) -> WorkflowSpec:
         spec = get_workflow_spec(workflow if workflow is not None else started.workflow_name)
@@ -247,20 +397,33 @@ class Engine:
 
     # waiting and cancelling -------------------------------------------------------------
     async def wait_outcome(self, execution_id: str) -> Outcome:
-        """How the execution ended, waiting for it (in this process or in the store)."""
+        """How the execution ended, waiting for it (in this process or in the store).
+
+        Raises ``ExecutionBlockedError`` for an execution that waits for a secret.
+        """
         task = self.tasks.get(execution_id)
         if task is not None:
             return await asyncio.shield(task)
         stopped = self._stopped.get(execution_id)
         if stopped is not None:
             raise stopped
-        async for stored in self.store.subscribe(execution_id):
-            if isinstance(stored.event, ExecutionCompleted | ExecutionFailed |
-                          ExecutionCancelled):
-                return Outcome.from_event(execution_id, stored.event)
-        if await self.store.get_execution(execution_id) is None:
-            raise ExecutionNotFoundError(execution_id)
-        raise FlowError(f"execution {execution_id} ended without a terminal event")
+        seq = 0
+        while True:
+            watch = self.store._watch(execution_id)
+            batch = await self.store.load(execution_id, seq)
+            for stored in batch:
+                seq = stored.seq
+                if _is_terminal(stored.event):
+                    return Outcome.from_event(execution_id, stored.event)
+            record = await self.store.get_execution(execution_id)
+            if record is None:
+                raise ExecutionNotFoundError(execution_id)
+            if record.status.is_terminal and record.last_seq <= seq:
+                raise FlowError(f"execution {execution_id} ended without a terminal event")
+            if record.status is ExecutionStatus.BLOCKED and not record.lease_live(time.time()):
+                raise ExecutionBlockedError(execution_id, _blocked_secret(record.error))
+            if not batch:
+                await self.store.wait_for_change(execution_id, 1.0, watch=watch)
 
     async def cancel(self, execution_id: str, reason: str = "") -> bool:
         """Ask the execution to stop: running agents are stopped, ``always_run`` steps run."""
@@ -271,13 +434,52 @@ class Engine:
         return ok
 
     async def shutdown(self) -> None:
-        """Stop running executions in this process; they stay resumable."""
+        """Stop running executions in this process; they stay resumable (their leases are
+        released, their agents keep running and are adopted by whoever resumes them)."""
         self.is_shutting_down = True
         tasks = list(self.tasks.values())
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        renewer, self._renewer = self._renewer, None
+        if renewer is not None:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+        fresh, self._fresh = list(self._fresh), {}
+        for execution_id in fresh:  # created and leased here, never run: free them
+            try:
+                await self.store.release(self.owner_id, execution_id)
+            except StoreError:
+                pass
+
+
+def _is_terminal(event: Event) -> bool:
+    return isinstance(event, ExecutionCompleted | ExecutionFailed | ExecutionCancelled)
+
+
+def _blocked_secret(error: str | None) -> str:
+    """The secret a blocked execution waits for, from the message the runner stored."""
+    text = error or ""
+    start = text.find("secret '")
+    if start < 0:
+        return "?"
+    start += len("secret '")
+    end = text.find("'", start)
+    return text[start:end] if end > start else "?"
+
+
+def _resolve_available(names: list[str], given: Mapping[str, str],
+                       blob: bytes | None) -> dict[str, str]:
+    """The recorded secrets that can be found now. A missing one does not stop the run: a
+    step that reads it blocks the execution until it is resumed with the secret."""
+    out = dict(given)  # given now for a blocked step, perhaps never recorded at the start
+    for name in names:
+        try:
+            out.update(resolve_secrets([name], given, blob))
+        except SecretNotFoundError:
+            continue
+    return out
 
 
 def rebuild_workflow(spec: WorkflowSpec, started: ExecutionStarted) -> object:

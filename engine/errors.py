@@ -4,6 +4,7 @@
     ├── WorkflowDefinitionError     a @workflow class is invalid (cycle, unknown step...)
     ├── NonDeterminismError         code no longer matches the recorded history
     ├── SerializationError          a value cannot be stored in the event log
+    │   └── SecretLeakError         ... because it holds a secret's value
     ├── SecretNotFoundError         a secret the execution needs is not available
     ├── StepError                   raised inside steps by engine operations
     │   ├── AgentFailedError        an agent exited non-zero, timed out or was lost
@@ -14,6 +15,8 @@
     │   ├── WorkflowTimeoutError    the execution ran past the workflow timeout
     │   └── WorkflowCancelledError  the execution was cancelled
     ├── WorkflowNotRegisteredError  resuming an execution whose class is not importable
+    ├── ExecutionBlockedError       the execution waits for a secret only a person can give
+    ├── IdempotencyConflictError    an idempotency key reused for another workflow or input
     └── ConfigurationError          bad client/runtime options
 """
 
@@ -29,8 +32,11 @@ __all__ = [
     "ChildWorkflowError",
     "ConfigurationError",
     "EngineSignal",
+    "ExecutionBlockedError",
     "FlowError",
+    "IdempotencyConflictError",
     "NonDeterminismError",
+    "SecretLeakError",
     "SecretNotFoundError",
     "SerializationError",
     "StepError",
@@ -95,6 +101,23 @@ class SerializationError(FlowError):
     """A value (step result, state value, input) cannot be encoded for the event log."""
 
     code = "serialization"
+
+
+class SecretLeakError(SerializationError):
+    """User data to be stored holds a secret's value. Names the secret and where it is
+    (``where``, and ``path`` inside the value), never the value."""
+
+    code = "secret_leak"
+
+    def __init__(self, secret: str, where: str, path: str = "$") -> None:
+        self.secret = secret
+        self.where = where
+        self.path = path
+        super().__init__(
+            f"secret {secret!r} found in {where} at {path}: results, state, agent outputs, "
+            "inputs, tags, log fields and metric tags are stored as they are, so they must not "
+            "hold a secret's value (agents get secrets through env=)"
+        )
 
 
 class SecretNotFoundError(FlowError, KeyError):
@@ -199,6 +222,40 @@ class WorkflowNotRegisteredError(FlowError):
     """An execution names a workflow this process does not know."""
 
     code = "workflow_not_registered"
+
+
+class ExecutionBlockedError(FlowError):
+    """The execution is suspended (status ``blocked``) until it is resumed with a secret.
+
+    Finished work is kept: ``resume(id, secrets={name: ...})`` (``flow resume ID --secret
+    NAME=...``) carries on from where it stopped.
+    """
+
+    code = "execution_blocked"
+
+    def __init__(self, execution_id: str, secret: str) -> None:
+        self.execution_id = execution_id
+        self.secret = secret
+        super().__init__(
+            f"execution {execution_id} is blocked: it needs the secret {secret!r}, which was "
+            f"not given; resume it with the secret (resume(..., secrets={{{secret!r}: ...}}) "
+            f"in Python, flow resume {execution_id} --secret {secret}=... on the CLI, or set "
+            f"FLOW_SECRET_{secret.upper()})"
+        )
+
+
+class IdempotencyConflictError(FlowError):
+    """An idempotency key was reused with another workflow or other arguments or input."""
+
+    code = "idempotency_conflict"
+
+    def __init__(self, key: str, execution_id: str, what: str) -> None:
+        self.key = key
+        self.execution_id = execution_id
+        super().__init__(
+            f"idempotency key {key!r} already belongs to execution {execution_id}, which was "
+            f"started with {what}; use another key for a different run"
+        )
 
 
 class ConfigurationError(FlowError):

@@ -1,14 +1,18 @@
 """The fold of an execution's events into the state the scheduler works from.
 
 The same ``apply`` runs when a history is loaded and when the engine emits a new event, so
-what a resumed execution knows is, by construction, what the original run knew.
+what a resumed execution knows is, by construction, what the original run knew. It also
+refuses events that cannot follow the ones before them (a second outcome for a finished
+instance, an event of an attempt that never started, anything after the end) with
+``HistoryCorruptedError``: such a history was damaged, and replaying it would redo work.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
+from agentainer_flow.store.errors import HistoryCorruptedError
 from agentainer_flow.store.events import (
     CancelRequested,
     CommandEvent,
@@ -19,6 +23,7 @@ from agentainer_flow.store.events import (
     ExecutionStarted,
     StateSet,
     StepCompleted,
+    StepEvent,
     StepFailed,
     StepRetryScheduled,
     StepSkipped,
@@ -65,8 +70,10 @@ class StepState:
 class ExecutionState:
     """Everything the events of one execution say, kept up to date event by event."""
 
-    def __init__(self, spec: WorkflowSpec) -> None:
+    def __init__(self, spec: WorkflowSpec, execution_id: str = "") -> None:
         self.spec = spec
+        #: named by ``HistoryCorruptedError`` when an event cannot follow the ones before
+        self.execution_id = execution_id
         self.started: ExecutionStarted | None = None
         self.steps: dict[str, StepState] = {name: StepState() for name in spec.order}
         self.commands: dict[CommandKey, dict[int, list[CommandEvent]]] = {}
@@ -81,10 +88,15 @@ class ExecutionState:
         self.last_seq = 0
 
     def apply(self, seq: int, ev: Event) -> None:
-        """Fold one event in."""
+        """Fold one event in; raises ``HistoryCorruptedError`` if it cannot follow the
+        events before it."""
+        if self.started is None or self.terminal is not None:
+            self._check_ends(seq, ev)
         self.last_seq = seq
         if isinstance(ev, CommandEvent):
             key = (ev.step, ev.instance, ev.attempt)
+            if key not in self.snapshots:
+                self._check_attempt(seq, ev)
             by_index = self.commands.get(key)
             if by_index is None:
                 by_index = self.commands[key] = {}
@@ -113,6 +125,8 @@ class ExecutionState:
             if inst is None:
                 inst = step.instances[ev.instance] = InstanceState()
                 step.started += 1
+            elif inst.status in _FINISHED:
+                self._corrupt(seq, f"{_what(ev)} started again after it {inst.status}")
             inst.attempt = ev.attempt
             inst.status = "running"
             inst.deadline = ev.deadline
@@ -122,7 +136,7 @@ class ExecutionState:
             step = self._step(ev.step)
             if step is None:
                 return
-            inst = step.instances.setdefault(ev.instance, InstanceState(attempt=ev.attempt))
+            inst = self._outcome_of(seq, ev, step)
             inst.status = "completed"
             inst.result = ev.result
             self.snapshots.pop((ev.step, ev.instance, ev.attempt), None)
@@ -131,7 +145,7 @@ class ExecutionState:
             step = self._step(ev.step)
             if step is None:
                 return
-            inst = step.instances.setdefault(ev.instance, InstanceState(attempt=ev.attempt))
+            inst = self._outcome_of(seq, ev, step)
             inst.error, inst.error_type = ev.error, ev.error_type
             self.snapshots.pop((ev.step, ev.instance, ev.attempt), None)
             if not ev.final:
@@ -152,7 +166,7 @@ class ExecutionState:
             step = self._step(ev.step)
             if step is None:
                 return
-            inst = step.instances.setdefault(ev.instance, InstanceState(attempt=ev.attempt))
+            inst = self._outcome_of(seq, ev, step)
             inst.status = "retry_wait"
             inst.retry_at = ev.retry_at
         elif isinstance(ev, StepSkipped):
@@ -162,12 +176,43 @@ class ExecutionState:
             step.skip_reason = ev.reason
             self._resolve(ev.step, step, "skipped")
         elif isinstance(ev, ExecutionStarted):
+            if self.started is not None:
+                self._corrupt(seq, "a second ExecutionStarted")
             self.started = ev
         elif isinstance(ev, CancelRequested):
             self.cancel_requested = True
             self.cancel_reason = ev.reason
         elif isinstance(ev, ExecutionCompleted | ExecutionFailed | ExecutionCancelled):
             self.terminal = ev
+
+    def _corrupt(self, seq: int, problem: str) -> NoReturn:
+        raise HistoryCorruptedError(self.execution_id or "?", seq, problem)
+
+    def _check_ends(self, seq: int, ev: Event) -> None:
+        """Nothing comes before ``ExecutionStarted``, nothing after the terminal event."""
+        if self.terminal is not None:
+            self._corrupt(seq, f"{type(ev).__name__} after the execution ended "
+                               f"({type(self.terminal).__name__})")
+        if not isinstance(ev, ExecutionStarted):
+            self._corrupt(seq, f"the history begins with {type(ev).__name__}, "
+                               "not ExecutionStarted")
+
+    def _check_attempt(self, seq: int, ev: StepEvent) -> None:
+        """An event of a step attempt needs that attempt to have started."""
+        step = self.steps.get(ev.step)
+        inst = None if step is None else step.instances.get(ev.instance)
+        if step is not None and (inst is None or not 1 <= ev.attempt <= inst.attempt):
+            self._corrupt(seq, f"{type(ev).__name__} of {_what(ev)}, which never started")
+
+    def _outcome_of(self, seq: int, ev: StepEvent, step: StepState) -> InstanceState:
+        """The instance an outcome event is about: started, and not finished already."""
+        inst = step.instances.get(ev.instance)
+        if inst is None or not 1 <= ev.attempt <= inst.attempt:
+            self._corrupt(seq, f"{type(ev).__name__} of {_what(ev)}, which never started")
+        if inst.status in _FINISHED:
+            self._corrupt(seq, f"a second outcome ({type(ev).__name__}) of {_what(ev)}, "
+                               f"which already {inst.status}")
+        return inst
 
     def _step(self, name: str) -> StepState | None:
         step = self.steps.get(name)
@@ -202,3 +247,10 @@ class ExecutionState:
             return None
         inst = step.instances.get(0)
         return inst.result if inst is not None else None
+
+
+_FINISHED = ("completed", "failed")
+
+
+def _what(ev: StepEvent) -> str:
+    return f"step {ev.step!r} instance {ev.instance} attempt {ev.attempt}"

@@ -10,15 +10,16 @@ their effect: one commit per scheduling round in a chain of steps.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import structlog
 
 from agentainer_flow.store.base import UNSET, ExecutionRecord, ExecutionStatus, StoredEvent
-from agentainer_flow.store.errors import StoreError
+from agentainer_flow.store.errors import LeaseLostError, StoreError
 from agentainer_flow.store.events import (
     CancelRequested,
     Event,
@@ -36,8 +37,9 @@ from . import values
 from .commands import StepRuntime
 from .errors import (
     EngineSignal,
+    ExecutionBlockedError,
     NonDeterminismError,
-    SerializationError,
+    SecretNotFoundError,
     StepTimeoutError,
 )
 from .history import ExecutionState
@@ -55,6 +57,35 @@ _NAME_SAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
 
 class _Aborted(EngineSignal):
     """Raised through user code when the runner must stop (lost the history, diverged)."""
+
+
+#: secrets a step instance asked for and did not get (set per instance task)
+_MISSING: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "flow_missing_secrets", default=None)
+
+
+class _WatchedSecrets(SecretStore):
+    """``ctx.secrets`` that notes a missing secret, so the attempt blocks the execution
+    (status ``blocked``) instead of failing it, whatever the step does with the error."""
+
+    def __getitem__(self, name: str) -> str:
+        try:
+            return super().__getitem__(name)
+        except SecretNotFoundError:
+            missing = _MISSING.get()
+            if missing is not None:
+                missing.append(name)
+            raise
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """An optional secret: ``default`` when missing (does not block)."""
+        try:
+            return super().__getitem__(name)
+        except SecretNotFoundError:
+            return default
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
 
 
 class Runner:
@@ -77,9 +108,13 @@ class Runner:
         self.workflow = workflow
         self.record = record
         self.execution_id = record.id
-        self.secret_store = SecretStore(secrets, engine.secret_fallback)
+        self.secret_store = _WatchedSecrets(secrets, engine.secret_fallback)
+        #: the fencing token of this run's lease: every append carries it
+        self.lease_token: int | None = record.lease_token or None
+        #: the execution reached its end here (its terminal event is durable)
+        self.finished = False
         self.redactor = Redactor(secrets)
-        self.h = ExecutionState(spec)
+        self.h = ExecutionState(spec, record.id)
         for stored in history:
             self.h.apply(stored.seq, stored.event)
         self.seq = self.durable_seq = self.h.last_seq
@@ -117,7 +152,8 @@ class Runner:
 
     # events ---------------------------------------------------------------------------
     def emit(self, event: Event) -> Any:
-        """Buffer an event (redacting secrets) and fold it into the state; returns it."""
+        """Buffer an event (secrets redacted from its text for people) and fold it into the
+        state; returns it. User data in it was checked where it was encoded."""
         if self.redactor:
             event = _redact_event(event, self.redactor)
         self.seq += 1
@@ -143,9 +179,12 @@ class Runner:
             try:
                 result = await self.store.append(
                     self.execution_id, self.durable_seq + 1, batch,
-                    status=status, error=error, wake_at=wake_at)
+                    status=status, error=error, wake_at=wake_at, lease_token=self.lease_token)
             except StoreError as exc:
-                self._fatal = exc
+                # lost the lease or a race, or the store stayed down: stop here; the agents
+                # are left running for whoever holds (or takes) the lease
+                if self._fatal is None:
+                    self._fatal = exc
                 self._wakeup()
                 raise _Aborted() from exc
             self.durable_seq = result.last_seq
@@ -167,6 +206,20 @@ class Runner:
         """
         return any(type(ev) is not StepStarted for ev in self._pending)
 
+    def lease_lost(self, why: str) -> None:
+        """Another process took the execution over: stop before the next side effect."""
+        if self._fatal is None:
+            self._fatal = LeaseLostError(f"execution {self.execution_id}: {why}; this run "
+                                         "stops and leaves its agents to the new holder")
+            self._wakeup()
+
+    @property
+    def leaves_agents(self) -> bool:
+        """Whether stopping now must leave running agents alone (to be adopted): on
+        shutdown, and whenever the run stops without an outcome (lease lost, store down,
+        blocked, diverged). Only a cancel, a failure or a timeout stops agents."""
+        return self.engine.is_shutting_down or self._fatal is not None
+
     def check_alive(self) -> None:
         """Raise through user code if the execution must stop."""
         if self._fatal is not None:
@@ -186,8 +239,10 @@ class Runner:
         self._wakeup()
 
     def log_user(self, level: str, message: str, rt: StepRuntime, fields: dict[str, Any]) -> None:
-        getattr(self._log, level)(message, step=rt.step.name, instance=rt.instance,
-                                  attempt=rt.attempt, **fields)
+        """Send a ``ctx.log`` line to structlog: the message redacted, the fields (checked
+        by ``ctx.log``: they hold no secret) as they are."""
+        getattr(self._log, level)(self.redactor.text(message), step=rt.step.name,
+                                  instance=rt.instance, attempt=rt.attempt, **fields)
 
     # the loop -------------------------------------------------------------------------
     async def run(self) -> Outcome:
@@ -213,11 +268,11 @@ class Runner:
         try:
             while True:
                 if self._fatal is not None:
-                    raise self._fatal
+                    raise _Aborted()
                 self._check_interrupts(deadline_task)
                 next_retry = self._schedule()
                 if self._fatal is not None:
-                    raise self._fatal
+                    raise _Aborted()
                 if not self._tasks and not self._starting and next_retry is None:
                     break
                 if self._must_flush():
@@ -230,6 +285,8 @@ class Runner:
         except _Aborted:
             await self._cancel_tasks()
             assert self._fatal is not None
+            if isinstance(self._fatal, ExecutionBlockedError):
+                await self._suspend(self._fatal)
             raise self._fatal from None
         except BaseException:
             await self._cancel_tasks()
@@ -241,8 +298,8 @@ class Runner:
                 watcher.cancel()
 
     async def _watch_cancel(self, interval: float = 1.0) -> None:
-        """Notice a cancel requested by another process (``flow cancel``) while nothing is
-        appended, e.g. during a long agent run; appends also report it."""
+        """Notice a cancel requested by another process (``flow cancel``), or a lease taken
+        over, while nothing is appended, e.g. during a long agent run; appends also tell."""
         while True:
             await asyncio.sleep(interval)
             try:
@@ -250,8 +307,21 @@ class Runner:
             except StoreError as exc:  # a passing store outage: the next append will tell
                 self._log.warning("cancel_watch_failed", error=str(exc))
                 continue
-            if record is not None and record.cancel_requested and not self.h.cancel_requested:
+            if record is None:
+                continue
+            if self.lease_token is not None and record.lease_token != self.lease_token:
+                self.lease_lost(f"{record.lease_owner or 'another process'} acquired its lease")
+            elif record.cancel_requested and not self.h.cancel_requested:
                 self.request_cancel("requested")
+
+    async def _suspend(self, blocked: ExecutionBlockedError) -> None:
+        """Record what was done and mark the execution blocked; it resumes from here."""
+        try:
+            await self.flush(status=ExecutionStatus.BLOCKED,
+                             error=f"blocked: waiting for secret {blocked.secret!r}")
+        except _Aborted:
+            return  # the store error is the fatal one now
+        self._log.warning("execution_blocked", secret=blocked.secret)
 
     def _init_scheduler(self) -> None:
         spec, h = self.spec, self.h
@@ -466,7 +536,8 @@ class Runner:
         return kwargs, item
 
     async def _run_instance(self, step: StepSpec, instance: int, attempt: int) -> tuple[str, Any]:
-        """Run one attempt; returns ("ok", tree) or ("error", exception)."""
+        """Run one attempt; returns ("ok", tree), ("error", exception) or ("blocked",
+        secret name)."""
         h = self.h
         st = h.steps[step.name]
         kwargs, item = self.arguments(step, instance)
@@ -474,6 +545,8 @@ class Runner:
         rt = StepRuntime(self, step, instance, st.total, attempt, item, snapshot)
         ctx = self.engine.context_factory(rt)
         deadline = st.instances[instance].deadline
+        missing: list[str] = []
+        _MISSING.set(missing)
         try:
             coro = step.fn(self.workflow, ctx, **kwargs)
             if deadline is None:
@@ -482,18 +555,24 @@ class Runner:
                 result = await self._with_deadline(coro, deadline, step)
             if self._fatal is not None:
                 raise _Aborted()
+            if missing:  # it read a secret it did not get: its result cannot be trusted
+                return ("blocked", missing[0])
             rt.check_finished()
-            tree = values.dump(result, where=f"result of step {step.name!r}")
+            tree = values.dump(result, where=f"result of step {step.name!r}",
+                               secrets=self.redactor.scanner)
             return ("ok", tree)
         except asyncio.CancelledError:
-            if not self.engine.is_shutting_down:  # on shutdown agents run on, to be adopted
+            if not self.leaves_agents:  # cancelled, failed or timed out: stop, then clean up
                 for handle in rt.handles:
                     if not handle.done:
                         await self.runtime.stop(handle.id)
+                        self.after_flush(functools.partial(self.runtime.remove, handle.id))
             raise
         except _Aborted:
             raise
         except Exception as exc:
+            if missing:
+                return ("blocked", missing[0])
             return ("error", exc)
 
     async def _with_deadline(self, coro: Any, deadline: float, step: StepSpec) -> Any:
@@ -564,6 +643,10 @@ class Runner:
                     self._fatal = exc
                 continue
             kind, value = task.result()
+            if kind == "blocked":
+                if self._fatal is None:
+                    self._fatal = ExecutionBlockedError(self.execution_id, value)
+                continue
             if kind == "ok":
                 self.emit(StepCompleted(ts=self.clock.now(), step=name, instance=instance,
                                         attempt=attempt, result=value))
@@ -576,8 +659,8 @@ class Runner:
     def _handle_error(self, step: StepSpec, instance: int, attempt: int,
                       exc: BaseException) -> None:
         policy = self._policy(step)
-        message = self.redactor.text(str(exc) or type(exc).__name__)
-        retryable = policy.is_retryable(exc) and not isinstance(exc, SerializationError)
+        message = values.safe_text(self.redactor.text(str(exc) or type(exc).__name__))
+        retryable = policy.is_retryable(exc)
         if retryable and attempt < policy.max_attempts and not self._stopping:
             now = self.clock.now()
             self._fail_instance(step, instance, attempt, message, type(exc).__name__,
@@ -595,7 +678,8 @@ class Runner:
     def _fail_instance(self, step: StepSpec, instance: int, attempt: int, error: str,
                        error_type: str, *, final: bool, retryable: bool = False) -> None:
         self.emit(StepFailed(ts=self.clock.now(), step=step.name, instance=instance,
-                             attempt=attempt, error=error, error_type=error_type, final=final,
+                             attempt=attempt, error=values.safe_text(error),
+                             error_type=values.safe_text(error_type), final=final,
                              retryable=retryable))
 
     async def _cancel_tasks(self) -> None:
@@ -631,14 +715,12 @@ class Runner:
             status, error = ExecutionStatus.COMPLETED, None
         self.emit(ev)
         await self.flush(status=status, error=error)
+        self.finished = True
         self._log.info("execution_finished", status=status.value)
         return Outcome.from_event(self.execution_id, ev)
 
 
 def _redact_event(event: Event, redactor: Redactor) -> Event:
-    data = msgspec.to_builtins(event)
-    cleaned = redactor.tree(data)
-    if cleaned == data:
-        return event
-    return msgspec.convert(cleaned, type(event))
+    """``event`` with secret values replaced in its text for people (``Redactor.event``)."""
+    return redactor.event(event)
 

@@ -12,10 +12,11 @@ from collections.abc import MutableMapping
 
 from agentainer_flow.engine.commands import AgentHandle, ChildWorkflowHandle
 from agentainer_flow.engine.durations import parse_duration
+from agentainer_flow.engine.errors import SecretLeakError
 from agentainer_flow.engine.secrets import SecretStore
 from agentainer_flow.engine.spec import ErrorHandler, RetryPolicy
 from agentainer_flow.engine.types import AgentResult, ParallelContext, ResourceRequirements
-from agentainer_flow.store import ExecutionRecord, ExecutionStatus
+from agentainer_flow.store import ExecutionRecord, ExecutionStatus, HistoryCorruptedError
 
 from ._client import ExecutionMode, WorkflowClient, WorkflowExecution, WorkflowMetrics
 from ._context import Context
@@ -26,8 +27,10 @@ from ._errors import (
     AppendConflictError,
     ChildWorkflowError,
     ConfigurationError,
+    ExecutionBlockedError,
     ExecutionNotFoundError,
     FlowError,
+    IdempotencyConflictError,
     LeaseLostError,
     NonDeterminismError,
     SecretNotFoundError,
@@ -60,17 +63,21 @@ __all__ = [
     "ConfigurationError",
     "Context",
     "ErrorHandler",
+    "ExecutionBlockedError",
     "ExecutionEvent",
     "ExecutionMode",
     "ExecutionNotFoundError",
     "ExecutionRecord",
     "ExecutionStatus",
     "FlowError",
+    "HistoryCorruptedError",
+    "IdempotencyConflictError",
     "LeaseLostError",
     "NonDeterminismError",
     "ParallelContext",
     "ResourceRequirements",
     "RetryPolicy",
+    "SecretLeakError",
     "SecretNotFoundError",
     "SecretStore",
     "SerializationError",

@@ -24,10 +24,8 @@ import logging
 import os
 import shlex
 import signal
-import socket
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,25 +38,31 @@ from agentainer_flow.engine import Outcome, values
 from agentainer_flow.engine.engine import rebuild_workflow
 from agentainer_flow.engine.errors import (
     ConfigurationError,
+    ExecutionBlockedError,
     SecretNotFoundError,
     WorkflowDefinitionError,
     WorkflowNotRegisteredError,
 )
+from agentainer_flow.engine.leases import holder_is_dead, make_owner_id
 from agentainer_flow.engine.replayer import replay_history
 from agentainer_flow.engine.secrets import Redactor
 from agentainer_flow.engine.spec import SPEC_ATTR
 from agentainer_flow.store import (
+    AuditedEvent,
     ExecutionNotFoundError,
     ExecutionRecord,
     ExecutionStatus,
     FlowError,
+    HistoryCorruptedError,
+    StoredEvent,
+    StoreError,
     StoreUnavailableError,
 )
-from agentainer_flow.store.events import ExecutionStarted
+from agentainer_flow.store.events import EVENT_TYPES, ExecutionStarted
 
 from ._client import DEFAULT_STORE, ExecutionMode, WorkflowClient
 from ._context import Context
-from ._events import ExecutionEvent
+from ._events import ExecutionEvent, event_type
 from ._loading import (
     SOURCE_TAG,
     UsageError,
@@ -73,8 +77,6 @@ from ._loading import (
 
 __all__ = ["SOURCE_TAG", "app", "main"]
 
-LEASE_SECONDS = 30.0
-RENEW_EVERY = 10.0
 
 _PROGRESS_TYPES = frozenset({
     "step_started", "step_completed", "step_failed", "step_retry_scheduled", "step_skipped",
@@ -116,6 +118,7 @@ class _Output:
         typer.secho("error: " + self.clean(text), err=True, fg="red")
 
     def json(self, data: Any) -> None:
+        # redacted before encoding, so a value JSON would escape is still found
         typer.echo(json.dumps(self.redactor.tree(_jsonable(data)), indent=2, ensure_ascii=False))
 
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]],
@@ -166,11 +169,16 @@ def _configure_logging(verbose: int, quiet_level: int) -> None:
         redacted: dict[str, Any] = _out.redactor.tree(dict(event))
         return redacted
 
+    def redact_rendered(_: Any, __: str, line: Any) -> Any:
+        # values the tree pass cannot see (objects rendered with str()) are redacted here
+        return _out.clean(line) if isinstance(line, str) else line
+
     renderer: Any = (structlog.dev.ConsoleRenderer() if sys.stderr.isatty()
                      else structlog.processors.JSONRenderer(default=str))
     structlog.configure(
         processors=[structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True), redact, renderer],
+                    structlog.processors.TimeStamper(fmt="iso", utc=True), redact, renderer,
+                    redact_rendered],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
@@ -199,8 +207,21 @@ def _dur(seconds: float | None) -> str:
     return f"{h}h{m:02d}m"
 
 
+def _holder(r: ExecutionRecord) -> tuple[str, bool] | None:
+    """Who holds a running execution, and whether that holder is gone (orphaned: its lease
+    expired or its process died); ``None`` when nobody holds it."""
+    if r.status.is_terminal or r.lease_owner is None:
+        return None
+    gone = not r.lease_live(time.time()) or holder_is_dead(r.lease_owner)
+    return r.lease_owner, gone
+
+
 def _record_dict(r: ExecutionRecord) -> dict[str, Any]:
+    holder = _holder(r)
     return {
+        "lease_token": r.lease_token, "lease_renewed_at": _iso(r.lease_renewed_at),
+        "lease_expires_at": _iso(r.lease_expires_at),
+        "orphaned": holder is not None and holder[1],
         "id": r.id, "workflow": r.workflow_name, "version": r.workflow_version,
         "status": r.status.value, "created_at": _iso(r.created_at),
         "updated_at": _iso(r.updated_at), "finished_at": _iso(r.finished_at),
@@ -208,6 +229,23 @@ def _record_dict(r: ExecutionRecord) -> dict[str, Any]:
         "idempotency_key": r.idempotency_key, "cancel_requested": r.cancel_requested,
         "lease_owner": r.lease_owner, "events": r.last_seq,
     }
+
+
+def _status_text(r: ExecutionRecord) -> str:
+    holder = _holder(r)
+    if holder is not None and holder[1]:
+        return f"{r.status.value} (orphaned)"
+    return r.status.value
+
+
+def _holder_text(r: ExecutionRecord) -> str:
+    holder = _holder(r)
+    if holder is None:
+        return "-"
+    owner, gone = holder
+    if gone:
+        return f"{owner} (gone; lease expired {_ts(r.lease_expires_at)}: resume takes it over)"
+    return f"{owner} (lease until {_ts(r.lease_expires_at)})"
 
 
 def _iso(t: float | None) -> str | None:
@@ -288,10 +326,11 @@ def _parse_input(text: str | None) -> Any:
 
 
 # running --------------------------------------------------------------------------------
-def _client(store: str, runtime: str = "mock", images: Mapping[str, Sequence[str]] | None = None
-            ) -> WorkflowClient:
+def _client(store: str, runtime: str = "mock", images: Mapping[str, Sequence[str]] | None = None,
+            **engine_options: Any) -> WorkflowClient:
     """A client; read-only commands use the mock runtime, which touches nothing."""
-    return WorkflowClient(store or DEFAULT_STORE, runtime, images=images or None)
+    return WorkflowClient(store or DEFAULT_STORE, runtime, images=images or None,
+                          **engine_options)
 
 
 async def _progress(client: WorkflowClient, execution_id: str, after_seq: int) -> None:
@@ -343,6 +382,8 @@ def _report_outcome(outcome: Outcome, record: ExecutionRecord, *, as_json: bool)
 
 
 def _exit_code(exc: FlowError) -> int:
+    if isinstance(exc, ExecutionBlockedError):
+        return 3
     return 2 if isinstance(exc, (*_USAGE_ERRORS, UsageError)) else 1
 
 
@@ -465,7 +506,7 @@ def run(
             if not wait:
                 record, _ = await client.engine.start(
                     workflow, input=value, tags=tags, secrets=secrets,
-                    idempotency_key=idempotency_key)
+                    idempotency_key=idempotency_key, run_here=False)
                 if as_json:
                     _out.json({"execution_id": record.id, "workflow": record.workflow_name,
                                "status": record.status.value})
@@ -501,7 +542,8 @@ def resume(
     runtime: RuntimeOpt = "process",
     image: ImagesOpt = None,
     force: Annotated[bool, typer.Option(
-        "--force", help="Resume even if a worker holds a live lease on it.")] = False,
+        "--force", help="Take it over now even if a live process holds its lease (that "
+        "process is fenced out: it stops before its next step).")] = False,
     store: StoreOpt = DEFAULT_STORE,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -514,17 +556,16 @@ def resume(
         import_modules(module)
         async with _client(store, runtime, images) as client:
             record = await client.describe(execution_id)
-            if (not force and record.lease_owner is not None and not record.status.is_terminal
-                    and (record.lease_expires_at or 0) > time.time()):
-                raise UsageError(
-                    f"execution {record.id} is leased by worker {record.lease_owner} until "
-                    f"{_ts(record.lease_expires_at)}: it is running there; use --force to "
-                    "resume it here anyway")
             ensure_registered(record)
-            if not quiet and not record.status.is_terminal:
+            holder = _holder(record)
+            if not quiet and holder is not None and not holder[1] and not force:
+                _out.info(f"execution {record.id} is running in {holder[0]}: following it "
+                          "to its end (it is taken over here if that process dies; --force "
+                          "takes it over now)")
+            elif not quiet and not record.status.is_terminal:
                 _out.info(f"resuming execution {record.id} ({record.workflow_name}) from "
                           f"{record.last_seq} events")
-            await client.resume(record.id, secrets=secrets, wait=False)
+            await client.resume(record.id, secrets=secrets, wait=False, takeover=force)
             return await _follow(client, record.id, after_seq=record.last_seq,
                                  as_json=as_json, quiet=quiet)
 
@@ -549,8 +590,8 @@ def status(execution_id: IdArg, store: StoreOpt = DEFAULT_STORE, as_json: JsonOp
             rows = [
                 ("execution", r.id),
                 ("workflow", f"{r.workflow_name} (version {r.workflow_version})"),
-                ("status", r.status.value + (" (cancel requested)" if r.cancel_requested
-                                             and not r.status.is_terminal else "")),
+                ("status", _status_text(r) + (" (cancel requested)" if r.cancel_requested
+                                              and not r.status.is_terminal else "")),
                 ("created", _ts(r.created_at)),
                 ("updated", _ts(r.updated_at)),
                 ("finished", _ts(r.finished_at)),
@@ -561,8 +602,9 @@ def status(execution_id: IdArg, store: StoreOpt = DEFAULT_STORE, as_json: JsonOp
                 rows.append(("parent", r.parent_id))
             if r.tags:
                 rows.append(("tags", ", ".join(f"{k}={v}" for k, v in sorted(r.tags.items()))))
-            if r.lease_owner and not r.status.is_terminal:
-                rows.append(("lease", f"{r.lease_owner} until {_ts(r.lease_expires_at)}"))
+            if _holder(r) is not None:
+                rows.append(("held by", _holder_text(r)))
+                rows.append(("renewed", _ts(r.lease_renewed_at)))
             for key, value in rows:
                 if key == "status":
                     _out.out(f"{key:<10} " + typer.style(_out.clean(value),
@@ -604,9 +646,9 @@ def list_(
         if not rows:
             _out.info("no executions")
             return 0
-        _out.table(["id", "workflow", "status", "created", "duration"],
-                   [(r.id, r.workflow_name, r.status.value, _ts(r.created_at), _dur(r.duration))
-                    for r in rows])
+        _out.table(["id", "workflow", "status", "created", "duration", "holder"],
+                   [(r.id, r.workflow_name, _status_text(r), _ts(r.created_at),
+                     _dur(r.duration), _holder_text(r)) for r in rows])
         return 0
 
     _go(body)
@@ -654,7 +696,14 @@ def history(execution_id: IdArg, store: StoreOpt = DEFAULT_STORE, as_json: JsonO
 
     async def body() -> int:
         async with _client(store) as client:
-            events = await client.get_history(execution_id)
+            try:
+                events = await client.get_history(execution_id)
+            except HistoryCorruptedError as exc:
+                # show what can be read, the damage marked, and fail with the error
+                _damaged_timeline(execution_id, await client.store.audit(execution_id),
+                                  as_json=as_json)
+                _out.error(str(exc))
+                return 1
         if as_json:
             _out.json([e.to_dict() for e in events])
         else:
@@ -662,6 +711,34 @@ def history(execution_id: IdArg, store: StoreOpt = DEFAULT_STORE, as_json: JsonO
         return 0
 
     _go(body)
+
+
+def _damaged_timeline(execution_id: str, audit: Sequence[AuditedEvent], *, as_json: bool
+                      ) -> None:
+    """A damaged history as ``flow history`` shows it: every readable event, and the
+    damage marked where it is (a changed or unreadable event, a gap, a missing tail)."""
+    rows: list[dict[str, Any]] = []
+    cells: list[tuple[str, ...]] = []
+    for entry in audit:
+        mark = f"DAMAGED: {entry.problem}" if entry.problem else ""
+        if entry.event is not None:
+            ev = ExecutionEvent.from_stored(StoredEvent(execution_id, entry.seq, entry.event))
+            rows.append({**ev.to_dict(), "problem": entry.problem})
+            cells.append((str(ev.seq), _ts(ev.timestamp.timestamp(), ms=True), ev.type,
+                          _where(ev), ev.message, mark))
+            continue
+        what = "(unreadable)" if entry.type else "(missing)"
+        known = EVENT_TYPES.get(entry.type)
+        kind = event_type(known) if known is not None else entry.type
+        rows.append({"execution_id": execution_id, "seq": entry.seq, "type": kind or None,
+                     "timestamp": None, "step": None, "instance": None, "attempt": None,
+                     "message": what, "details": {}, "problem": entry.problem})
+        cells.append((str(entry.seq), "", kind, "", what, mark))
+    if as_json:
+        _out.json(rows)
+    else:
+        _out.table(["seq", "time", "type", "step", "message", "damage"], cells,
+                   wrap=("message", "damage"))
 
 
 @app.command()
@@ -787,10 +864,11 @@ class _Worker:
     concurrency: int
     poll_interval: float
     once: bool
+    name: str = ""  # how it is shown (--id), else its lease owner id
 
     def __post_init__(self) -> None:
         self.running: dict[str, asyncio.Task[None]] = {}
-        self.skipped: set[str] = set()  # could not load or crashed here: left to others
+        self.skipped: set[str] = set()  # cannot run here (not importable, diverged): left
         self.done = 0
         self.stop = asyncio.Event()
 
@@ -798,8 +876,7 @@ class _Worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        renewer = asyncio.ensure_future(self._renew_loop())
-        _out.out(f"worker {self.worker_id} started (concurrency {self.concurrency}"
+        _out.out(f"worker {self.name} started (concurrency {self.concurrency}"
                  + (", once" if self.once else "") + ")")
         try:
             while not self.stop.is_set():
@@ -814,13 +891,10 @@ class _Worker:
                     break
                 await self._wait(self.poll_interval if not (self.once and claimed) else 0.0)
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             await self._shutdown()
-        _out.out(f"worker {self.worker_id} stopped; {self.done} executions processed")
+        _out.out(f"worker {self.name} stopped; {self.done} executions processed")
         return 0
 
     def _on_signal(self, sig: int) -> None:
@@ -835,7 +909,8 @@ class _Worker:
             return 0
         store = self.client.store
         extra = min(len(self.skipped), 100)  # so skipped rows cannot starve runnable ones
-        records = await store.claim(self.worker_id, lease_seconds=LEASE_SECONDS,
+        records = await store.claim(self.worker_id,
+                                    lease_seconds=self.client.engine.lease_seconds,
                                     limit=free + extra)
         started = 0
         for record in records:
@@ -852,18 +927,26 @@ class _Worker:
                 continue
             _out.out(f"{record.id} {record.workflow_name}: claimed ({record.status.value})")
             self.running[record.id] = asyncio.ensure_future(self._process(record))
+            # the engine renews the lease from here on, and its runner carries the token
             started += 1
         return started
 
     async def _process(self, record: ExecutionRecord) -> None:
         eid = record.id
         try:
-            outcome = await self.client.engine.run(eid)
+            outcome = await asyncio.shield(self.client.engine.launch(eid, leased=record))
             detail = f": {outcome.error}" if outcome.error else ""
             self.done += 1
             _out.out(f"{eid} {record.workflow_name}: {outcome.status}{detail}")
         except asyncio.CancelledError:
             raise
+        except HistoryCorruptedError as exc:  # never replayed: left for a person to look at
+            self.skipped.add(eid)
+            _out.error(f"execution {eid} not run: {exc}")
+        except (StoreError, ExecutionBlockedError) as exc:
+            # the store went away (it is retried at the next claim), the lease was taken
+            # over (the new holder runs it), or it waits for a secret (`flow resume`)
+            _out.error(f"execution {eid} stopped here: {exc}")
         except Exception as exc:
             self.skipped.add(eid)
             _out.error(f"execution {eid} stopped: {type(exc).__name__}: {exc}")
@@ -879,26 +962,6 @@ class _Worker:
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
-
-    async def _renew_loop(self) -> None:
-        while True:
-            await asyncio.sleep(RENEW_EVERY)
-            ids = list(self.running)
-            if not ids:
-                continue
-            try:
-                held = set(await self.client.store.renew_lease(self.worker_id, ids,
-                                                               LEASE_SECONDS))
-            except FlowError as exc:
-                _out.error(f"renewing leases failed: {exc}")
-                continue
-            for eid in ids:
-                if eid not in held and eid in self.running:
-                    _out.error(f"lost the lease on {eid}; stopping it here (another worker "
-                               "may resume it)")
-                    task = self.client.engine.tasks.get(eid)
-                    if task is not None:
-                        task.cancel()
 
     async def _shutdown(self) -> None:
         tasks = list(self.running.values())  # each removes itself from ``running``
@@ -916,8 +979,13 @@ def worker(
                                                  help="Seconds between claims.")] = 1.0,
     once: Annotated[bool, typer.Option(
         "--once", help="Process what is claimable now, then exit.")] = False,
-    worker_id: Annotated[str | None, typer.Option("--worker-id",
-                                                  help="Default: host:pid:random.")] = None,
+    worker_id: Annotated[str | None, typer.Option(
+        "--worker-id", "--id", help="A name for this worker (its lease owner id is "
+        "host:pid:start:boot:NAME). Default: random.")] = None,
+    lease: Annotated[float | None, typer.Option(
+        "--lease", min=0.5, envvar="FLOW_LEASE_SECONDS",
+        help="Seconds a lease lasts without renewal (renewed every third of it); another "
+        "worker takes over an execution whose lease expired.")] = None,
     runtime: RuntimeOpt = "process",
     image: ImagesOpt = None,
     store: StoreOpt = DEFAULT_STORE,
@@ -927,9 +995,11 @@ def worker(
     async def body() -> int:
         images = _parse_images(image)
         import_modules(module)
-        wid = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        async with _client(store, runtime, images) as client:
-            return await _Worker(client, wid, concurrency, poll_interval, once).run()
+        wid = make_owner_id(worker_id)
+        async with _client(store, runtime, images, owner_id=wid,
+                           lease_seconds=lease) as client:
+            return await _Worker(client, wid, concurrency, poll_interval, once,
+                                 name=worker_id or wid).run()
 
     _go(body)
 

@@ -59,14 +59,21 @@ class WorkflowMetrics:
     avg_duration: float | None  # seconds, over finished executions
 
 
-def make_runtime(runtime: str | AgentRuntime | None, **options: Any) -> AgentRuntime:
-    """The agent runtime a name stands for: ``process`` (default) or ``mock``."""
+def make_runtime(
+    runtime: str | AgentRuntime | None, *, store_url: str = "", **options: Any
+) -> AgentRuntime:
+    """The agent runtime a name stands for: ``process`` (default) or ``mock``.
+
+    The ``process`` runtime keeps its agents where the store at ``store_url`` is (see
+    ``default_agent_root``), so every engine of one store finds them; ``root=`` wins."""
     if isinstance(runtime, AgentRuntime):
         return runtime
     name = (runtime or os.environ.get("FLOW_RUNTIME") or "process").lower()
     if name == "process":
-        from agentainer_flow.engine.runtimes.process import ProcessRuntime
+        from agentainer_flow.engine.runtimes.process import ProcessRuntime, default_agent_root
 
+        if options.get("root") is None and store_url:
+            options["root"] = default_agent_root(store_url)
         return ProcessRuntime(**options)
     if name == "mock":
         from agentainer_flow.engine.runtimes.mock import MockRuntime
@@ -109,7 +116,9 @@ class WorkflowClient:
         url = store if store is not None else os.environ.get("FLOW_STORE") or DEFAULT_STORE
         self.store: EventStore = create_store(url) if isinstance(url, str) else url
         runtime_options = {"images": images} if images else {}
-        self.runtime = make_runtime(runtime, **runtime_options)
+        self.runtime = make_runtime(
+            runtime, store_url=url if isinstance(url, str) else self.store.url, **runtime_options
+        )
         self.engine = Engine(self.store, self.runtime, clock=clock, context_factory=Context,
                              **engine_options)
         self._opened = False
@@ -171,7 +180,8 @@ class WorkflowClient:
             task = self.engine.launch(record.id, secrets=secrets,
                                       workflow=workflow if created else None)
             if mode is ExecutionMode.SYNC:
-                await asyncio.shield(task)
+                # how it ended (failed, blocked, stopped) is for get_result() to raise
+                await asyncio.wait([task])
         return execution
 
     def get_execution(self, execution_id: str) -> WorkflowExecution:
@@ -179,18 +189,26 @@ class WorkflowClient:
         return WorkflowExecution(self, execution_id)
 
     async def resume(
-        self, execution_id: str, *, secrets: Mapping[str, str] | None = None, wait: bool = True
+        self,
+        execution_id: str,
+        *,
+        secrets: Mapping[str, str] | None = None,
+        wait: bool = True,
+        takeover: bool = False,
     ) -> WorkflowExecution:
         """Resume an unfinished execution from its history in this process.
 
-        Its workflow class must be registered (its module imported). Raises
+        Its workflow class must be registered (its module imported). If another live
+        process runs it (holds its lease), this follows that process to the outcome, and
+        takes the execution over only if that process dies or its lease expires;
+        ``takeover=True`` takes it over at once (the other process is fenced out). Raises
         ``NonDeterminismError`` if the code no longer matches the history, and
-        ``SecretNotFoundError`` if a secret it needs is unavailable.
+        ``ExecutionBlockedError`` if a step needs a secret that is still missing.
         """
         await self.open()
         if await self.store.get_execution(execution_id) is None:
             raise ExecutionNotFoundError(execution_id)
-        task = self.engine.launch(execution_id, secrets=secrets)
+        task = self.engine.launch(execution_id, secrets=secrets, takeover=takeover)
         if wait:
             await asyncio.shield(task)
         return WorkflowExecution(self, execution_id)

@@ -10,6 +10,8 @@
     ├── StepError (AgentFailedError > AgentTimeoutError, StepTimeoutError, ChildWorkflowError)
     ├── WorkflowFailedError (WorkflowTimeoutError, WorkflowCancelledError)
     ├── WorkflowNotRegisteredError
+    ├── ExecutionBlockedError      waits for a secret (status ``blocked``); resume with it
+    ├── IdempotencyConflictError   a key reused for another workflow or input
     └── ConfigurationError
 
 Every class has a stable ``code`` attribute for scripts.
@@ -22,6 +24,8 @@ from agentainer_flow.engine.errors import (
     AgentTimeoutError,
     ChildWorkflowError,
     ConfigurationError,
+    ExecutionBlockedError,
+    IdempotencyConflictError,
     NonDeterminismError,
     SecretNotFoundError,
     SerializationError,
@@ -48,8 +52,10 @@ __all__ = [
     "AppendConflictError",
     "ChildWorkflowError",
     "ConfigurationError",
+    "ExecutionBlockedError",
     "ExecutionNotFoundError",
     "FlowError",
+    "IdempotencyConflictError",
     "LeaseLostError",
     "NonDeterminismError",
     "SecretNotFoundError",

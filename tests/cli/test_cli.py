@@ -217,7 +217,7 @@ def test_status_list_history_logs(flow: Flow, ok_id: str) -> None:
     assert record["duration"] > 0 and record["finished_at"]
 
     header = listed.out.splitlines()[0].split()
-    assert header == ["ID", "WORKFLOW", "STATUS", "CREATED", "DURATION"]
+    assert header == ["ID", "WORKFLOW", "STATUS", "CREATED", "DURATION", "HOLDER"]
     assert ok_id in listed.out and "completed" in listed.out
     assert [e["id"] for e in listed_json.json()] == [ok_id]
 
@@ -290,17 +290,20 @@ def test_cancel_a_pending_execution(flow: Flow) -> None:
 def test_secret_values_never_appear_in_output(flow: Flow) -> None:
     waited = flow("run", f"{WF}:SecretWorkflow", "--secret", f"token={SECRET}")
     assert waited.code == 0, waited
-    assert waited.json() == {"seen": "[secret:token]", "token": "[secret:token]"}
+    assert waited.json() == {"seen": len(SECRET), "token_length": len(SECRET)}
     # NAME alone reads FLOW_SECRET_NAME; --no-wait does not store it, the worker's env has it
     env = {"FLOW_SECRET_TOKEN": SECRET}
     queued = flow("run", f"{WF}:SecretWorkflow", "--secret", "token", "--no-wait", env=env)
     assert queued.code == 0, queued
     assert "FLOW_SECRET_TOKEN" in queued.err
     qid = queued.out.strip()
-    missing = flow("resume", qid)  # no secret in this environment: a clear error
-    assert missing.code == 2 and "secret 'token' is not available" in missing.err, missing
-    worker = flow("worker", "--once", env=env)
-    assert f"{qid} cli_secret: completed" in worker.out, worker
+    missing = flow("resume", qid)  # no secret in this environment: it waits for one
+    assert missing.code == 3 and "needs the secret 'token'" in missing.err, missing
+    assert flow("status", qid, "--json").json()["status"] == "blocked"
+    assert flow("worker", "--once", env=env).code == 0  # a blocked one waits for a person
+    assert flow("status", qid, "--json").json()["status"] == "blocked"
+    resumed = flow("resume", qid, env=env)  # with FLOW_SECRET_TOKEN it carries on
+    assert resumed.code == 0 and "completed" in resumed.err, resumed
     wid = _id_of(waited)
     *_, logs = flow.many(["status", wid], ["history", qid, "--json"], ["logs", qid])
     assert "the token is [secret:token]" in logs.out
@@ -347,3 +350,22 @@ def _write(flow: Flow, name: str, data: Any) -> str:
     path = flow.root / name
     path.write_text(json.dumps(data))
     return str(path)
+
+
+def test_a_missing_secret_blocks_and_resume_carries_on(flow: Flow, tmp_path: Path) -> None:
+    """`flow run` without a secret that a late step reads: the execution is blocked (exit 3),
+    its finished work kept; `flow resume ID --secret` finishes it without redoing any."""
+    marks = tmp_path / "marks"
+    config = _write(flow, "late.json", str(marks))
+    blocked = flow("run", f"{WF}:LateSecretWorkflow", "--config", config, "--json")
+    assert blocked.code == 3, blocked
+    assert "needs the secret 'token'" in blocked.err and "--secret token=" in blocked.err
+    eid = next(w for w in blocked.err.split() if w.count("-") == 4)
+    status = flow("status", eid, "--json").json()
+    assert status["status"] == "blocked" and "waiting for secret 'token'" in status["error"]
+    assert status["lease_owner"] is None  # nobody holds it: it waits for a person
+    resumed = flow("resume", eid, "--secret", "token=s3cr3t-value-123", "--json")
+    assert resumed.code == 0, resumed
+    assert resumed.json()["result"] == {"answer": 42, "token_length": 16}
+    assert marks.read_text().split() == ["expensive"]  # finished work was not redone
+    assert "s3cr3t-value-123" not in resumed.out + resumed.err

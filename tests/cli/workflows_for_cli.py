@@ -15,7 +15,8 @@ PRINT_X = [sys.executable, "-c", "print('{\"x\": 1}')"]
 FAIL = [sys.executable, "-c", "import sys; print('boom: disk on fire'); sys.exit(3)"]
 # prints the secret it gets through its environment, so redaction is exercised end to end
 ECHO_TOKEN = [sys.executable, "-c",
-              "import json, os; print(json.dumps({'seen': os.environ['TOKEN']}))"]
+              "import json, os, sys; t = os.environ['TOKEN']; print('token:', t);"
+              " print('token:', t, file=sys.stderr); print(json.dumps({'seen': len(t)}))"]
 
 
 @workflow(name="cli_ok")
@@ -49,7 +50,8 @@ class FailWorkflow:
 
 @workflow(name="cli_secret")
 class SecretWorkflow:
-    """Hands a secret to an agent that prints it back, logs it and returns it."""
+    """Hands a secret to an agent that prints it (its logs), logs it, and returns only
+    what is not secret: a result holding the secret would be refused (SecretLeakError)."""
 
     @step()
     async def use_secret(self, ctx: Context) -> dict[str, Any]:
@@ -58,7 +60,7 @@ class SecretWorkflow:
                                        env={"TOKEN": token}, command=ECHO_TOKEN)
         result = await agent.wait_for_completion()
         await ctx.log(f"the token is {token}")
-        return {"seen": result.output["seen"], "token": token}
+        return {"seen": result.output["seen"], "token_length": len(token)}
 
 
 @workflow(name="cli_kwargs")
@@ -88,3 +90,22 @@ class SlowWorkflow:
                                        command=[sys.executable, "-c", code])
         result = await agent.wait_for_completion()
         return dict(result.output)
+
+
+@workflow(name="cli_late_secret")
+class LateSecretWorkflow:
+    """An expensive first step (it counts its runs in a file), then a step needing a secret."""
+
+    def __init__(self, marks: str) -> None:
+        self.marks = marks
+
+    @step()
+    async def expensive(self, ctx: Context) -> int:
+        with open(self.marks, "a") as f:  # noqa: ASYNC230 - a test's marker file
+            f.write("expensive\n")
+        return 41
+
+    @step(depends_on=["expensive"])
+    async def late(self, ctx: Context, expensive_result: int) -> dict[str, Any]:
+        token = ctx.secrets["token"]
+        return {"answer": expensive_result + 1, "token_length": len(token)}

@@ -46,6 +46,9 @@ async def main(mode: str, store_url: str, execution_id: str) -> None:
         store.create_execution = killing_create  # type: ignore[method-assign]
     if mode == "run":
         execution = await client.run_workflow(SmallFlow(3), execution_id=execution_id)
+    elif mode == "runkey":  # the id is an idempotency key: concurrent callers share a run
+        execution = await client.run_workflow(SmallFlow(3), idempotency_key=execution_id)
+        print(f"execution {execution.id}", file=sys.stderr)
     else:
         execution = await client.resume(execution_id)
     result = await execution.get_result()

@@ -178,6 +178,23 @@ def test_cancel_from_another_process_stops_a_running_agent(store_url: str,
     code, _, err = finish(proc, timeout=30)
     assert time.monotonic() - started < 15
     assert code != 0 and "cancelled" in err, err
-    agent_dir = next((tmp_path / "agents").iterdir())
-    result = json.loads((agent_dir / "result.json").read_text())
-    assert result["exit_code"] != 0  # the agent was stopped, not left to finish its minute
+    # the agent was stopped, not left to finish its minute, and its directory removed once
+    # the cancellation was durable
+    assert not _agent_processes(tmp_path)
+    assert not [p for p in (tmp_path / "agents").iterdir() if not p.name.startswith(".")]
+
+
+def _agent_processes(tmp: Path) -> list[int]:
+    """Pids of live processes started with this test's marks file in their environment."""
+    needle = f"MARKS={tmp / 'marks'}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes() and \
+                    (entry / "stat").read_text().split(") ")[1][0] not in "ZX":
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found

@@ -12,9 +12,10 @@ from structlog.testing import capture_logs
 from agentainer_flow import (
     Context,
     ErrorHandler,
+    ExecutionBlockedError,
     ExecutionMode,
     ExecutionStatus,
-    SecretNotFoundError,
+    IdempotencyConflictError,
     SerializationError,
     StepTimeoutError,
     WorkflowCancelledError,
@@ -216,16 +217,25 @@ class TestSecrets(WorkflowTestCase):
 
     async def test_secret_values_never_recorded(self):
         mock_agent("caller").returns(lambda call: {"echo": call.env["TOKEN"]})
-        result = await self.run_workflow(NeedsSecret(), secrets={"token": "sk-live-abcdef"})
-        assert result == "[secret:token]"  # what the agent echoed back is redacted too
+        # the agent echoes the secret back: its output is refused, not rewritten
+        with pytest.raises(WorkflowFailedError, match="secret 'token'"):
+            await self.run_workflow(NeedsSecret(), secrets={"token": "sk-live-abcdef"})
         dump = repr([e.to_dict() for e in self.events])
         assert "sk-live-abcdef" not in dump
         assert "using token [secret:token]" in "\n".join(await self.execution.logs())
 
-    async def test_missing_secret_is_a_clear_error(self):
-        with pytest.raises(WorkflowFailedError, match="secret 'token' is not available"):
+    async def test_missing_secret_blocks_then_resumes_with_it(self):
+        with pytest.raises(ExecutionBlockedError, match="needs the secret 'token'") as info:
             await self.run_workflow(NeedsSecret())
-        assert self.events[-1].details["error_type"] == SecretNotFoundError.__name__
+        assert info.value.secret == "token"
+        assert self.execution is not None
+        assert await self.execution.status() == "blocked"
+        assert "step_failed" not in self.event_types()  # nothing failed: it waits
+        with mock_agent("caller") as caller:
+            caller.returns({"echo": "ok"})
+        await self.client.resume(self.execution.id, secrets={"token": "sk-live-abcdef"})
+        assert await self.execution.get_result() == "ok"
+        assert await self.execution.status() == "completed"
 
 
 @workflow(name="counted")
@@ -243,6 +253,20 @@ class TestClient(WorkflowTestCase):
         b = await self.client.run_workflow(Counted(), idempotency_key="order-42")
         assert a.id == b.id
         assert len(await self.client.list_executions(workflow_name="counted")) == 1
+
+    async def test_idempotency_key_reused_for_other_input_or_workflow_is_refused(self):
+        first = await self.client.run_workflow(Counted(), idempotency_key="order-7",
+                                               input={"n": 1})
+        with pytest.raises(IdempotencyConflictError, match="other constructor arguments or "
+                           "input") as info:
+            await self.client.run_workflow(Counted(), idempotency_key="order-7",
+                                           input={"n": 2})
+        assert info.value.execution_id == first.id and info.value.key == "order-7"
+        with pytest.raises(IdempotencyConflictError, match="workflow 'counted', not"):
+            await self.client.run_workflow(NeedsSecret(), idempotency_key="order-7")
+        again = await self.client.run_workflow(Counted(), idempotency_key="order-7",
+                                               input={"n": 1})
+        assert again.id == first.id and await again.get_result() == 1
 
     async def test_stream_events_and_logs(self):
         execution = await self.client.run_workflow(

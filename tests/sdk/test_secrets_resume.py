@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from agentainer_flow import Context, SecretNotFoundError, WorkflowClient, step, workflow
+from agentainer_flow import Context, ExecutionBlockedError, WorkflowClient, step, workflow
 from agentainer_flow.engine.runtimes.mock import MockRegistry, MockRuntime
 from agentainer_flow.testing import mock_agent
 
@@ -43,9 +43,10 @@ async def test_missing_secret_blocks_resume_without_losing_anything(
     monkeypatch.delenv("FLOW_SECRETS_KEY", raising=False)
     eid = await start_only(sqlite_url)
     async with WorkflowClient(store=sqlite_url, runtime=runtime()) as client:
-        with pytest.raises(SecretNotFoundError, match="token"):
+        with pytest.raises(ExecutionBlockedError, match="token"):
             await client.resume(eid)
-        assert str(await client.get_workflow_status(eid)) == "pending"
+        assert str(await client.get_workflow_status(eid)) == "blocked"
+        assert "waiting for secret 'token'" in ((await client.describe(eid)).error or "")
         execution = await client.resume(eid, secrets={"token": SECRET})
         assert await execution.get_result() == "ok"
 
@@ -81,7 +82,7 @@ async def test_a_resume_that_cannot_run_does_not_leave_waiters_hanging(
     eid = await start_only(sqlite_url)
     async with WorkflowClient(store=sqlite_url, runtime=runtime()) as client:
         [execution] = await client.recover()  # no secret anywhere: this run cannot start
-        with pytest.raises(SecretNotFoundError):
+        with pytest.raises(ExecutionBlockedError):
             await asyncio.wait_for(execution.get_result(), 10)
         execution = await client.resume(eid, secrets={"token": SECRET})
         assert await execution.get_result() == "ok"
