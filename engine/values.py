@@ -372,6 +372,9 @@ class _Walker:
         return self.envelope(kind, type=name, **{key: tree})
 
 
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgspec encodes as a JSON number
+
+
 def dump(value: Any, *, where: str = "value",
          secrets: Callable[[Any, str], None] | None = None) -> Any:
     """Encode ``value`` to a JSON-compatible tree, or raise ``SerializationError`` naming
@@ -379,6 +382,9 @@ def dump(value: Any, *, where: str = "value",
 
     ``secrets`` (``Redactor.scanner``) is called with the tree and ``where``; it raises
     ``SecretLeakError`` to refuse a value that holds a secret's value."""
+    t = type(value)
+    if value is None or t is bool or (t is int and _INT_MIN <= value <= _INT_MAX):
+        return value  # the common small results: nothing to check, nothing to scan
     walker = _Walker()
     try:
         tree = walker.value(value, 0)
