@@ -432,7 +432,7 @@ SecretsOpt = Annotated[list[str] | None, typer.Option(
     "--secret", help="NAME=VALUE, or NAME to read $FLOW_SECRET_NAME (repeatable). "
     "Never printed.")]
 RuntimeOpt = Annotated[str, typer.Option(
-    "--runtime", envvar="FLOW_RUNTIME", help="Agent runtime: process or mock.")]
+    "--runtime", envvar="FLOW_RUNTIME", help="Agent runtime: process, docker or mock.")]
 ImagesOpt = Annotated[list[str] | None, typer.Option(
     "--image", help="IMAGE=COMMAND: run agents of IMAGE as this local command "
     "(process runtime; repeatable).")]

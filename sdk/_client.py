@@ -62,7 +62,7 @@ class WorkflowMetrics:
 def make_runtime(
     runtime: str | AgentRuntime | None, *, store_url: str = "", **options: Any
 ) -> AgentRuntime:
-    """The agent runtime a name stands for: ``process`` (default) or ``mock``.
+    """The agent runtime a name stands for: ``process`` (default), ``docker`` or ``mock``.
 
     The ``process`` runtime keeps its agents where the store at ``store_url`` is (see
     ``default_agent_root``), so every engine of one store finds them; ``root=`` wins."""
@@ -75,13 +75,25 @@ def make_runtime(
         if options.get("root") is None and store_url:
             options["root"] = default_agent_root(store_url)
         return ProcessRuntime(**options)
+    if name == "docker":
+        from agentainer_flow.engine.runtimes.docker import DockerRuntime
+
+        if options.get("images"):
+            raise ConfigurationError(
+                "images= maps container images to local commands for the process runtime; "
+                "the docker runtime runs the images themselves: drop images= (or --image) or "
+                "use runtime='process'"
+            )
+        options.pop("images", None)
+        options.pop("root", None)
+        return DockerRuntime(**options)
     if name == "mock":
         from agentainer_flow.engine.runtimes.mock import MockRuntime
 
         return MockRuntime()
     raise ConfigurationError(
-        f"unknown agent runtime {name!r}: use 'process' (local subprocesses) or 'mock' "
-        "(tests); the 'docker' runtime is not available in this version"
+        f"unknown agent runtime {name!r}: use 'process' (local subprocesses), 'docker' "
+        "(containers on a Docker engine) or 'mock' (tests)"
     )
 
 
@@ -90,9 +102,9 @@ class WorkflowClient:
 
     ``store`` is a URL (``sqlite:///path.db``, ``postgresql://user@host/db``,
     ``memory://``) or an ``EventStore``; it defaults to ``$FLOW_STORE``, else
-    ``sqlite:///.flow/flow.db``. ``runtime`` is ``"process"`` (default) or ``"mock"`` or an
-    ``AgentRuntime``; ``images`` maps container images to local commands for the process
-    runtime. Use as ``async with WorkflowClient(...) as client`` or call ``close()``.
+    ``sqlite:///.flow/flow.db``. ``runtime`` is ``"process"`` (default), ``"docker"``,
+    ``"mock"`` or an ``AgentRuntime``; ``images`` maps container images to local commands for
+    the process runtime. Use as ``async with WorkflowClient(...) as client`` or call ``close()``.
     """
 
     def __init__(
@@ -134,7 +146,11 @@ class WorkflowClient:
         async with self._open_lock:
             if not self._opened:
                 await self.store.open()
-                await self.runtime.open()
+                try:
+                    await self.runtime.open()
+                except BaseException:  # e.g. no Docker engine: leave nothing open
+                    await self.store.close()
+                    raise
                 self._opened = True
         return self
 

@@ -1,17 +1,23 @@
-"""Fixtures shared by every test tier: store URLs and an opened store on each backend.
+"""Fixtures shared by every test tier: store URLs, an opened store on each backend, a Docker
+engine with a test image.
 
 Postgres tests get a fresh database each (``CREATE DATABASE`` copies ``template1``, tens of
 milliseconds) on ``$FLOW_TEST_POSTGRES_URL`` (default: postgres on 127.0.0.1:5432, trust
 auth). Without a reachable server they skip, except under CI (``$CI`` set), where a missing
-database is a broken build, not a reason to skip.
+database is a broken build, not a reason to skip. Docker tests do the same with the engine
+``docker.from_env()`` finds (``$DOCKER_HOST``); no registry is needed: the test image is built
+``FROM scratch`` with the host's ``/bin/busybox``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -45,6 +51,49 @@ def postgres_server() -> str:
             pytest.fail(message + " (CI is set: Postgres tests must run)")
         pytest.skip(message)
     return POSTGRES_ADMIN_URL
+
+
+TEST_IMAGE = "agentainer-flow-test/busybox:1"
+
+
+@dataclass(frozen=True)
+class DockerEngine:
+    """A reachable Docker engine: its SDK client and the test image (busybox, ``sh``)."""
+
+    client: Any
+    image: str
+
+
+@pytest.fixture(scope="session")
+def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerEngine]:
+    """A Docker engine with the test image built, or skip (fail under CI)."""
+    try:
+        import docker
+
+        client = docker.from_env()
+        client.ping()
+        busybox = shutil.which("busybox") or "/bin/busybox"
+        if not os.path.isfile(busybox):
+            raise RuntimeError("no busybox binary to build the test image (apt install "
+                               "busybox-static)")
+        context = tmp_path_factory.mktemp("docker-image")
+        shutil.copy(busybox, context / "busybox")
+        (context / "Dockerfile").write_text(
+            'FROM scratch\nCOPY busybox /bin/busybox\n'
+            'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+        )
+        client.images.build(path=str(context), tag=TEST_IMAGE, rm=True)
+    except Exception as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        message = f"Docker engine not usable ({os.environ.get('DOCKER_HOST') or 'default'}): "
+        message += reason
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI is set: Docker tests must run)")
+        pytest.skip(message)
+    try:
+        yield DockerEngine(client, TEST_IMAGE)
+    finally:
+        client.close()
 
 
 @pytest.fixture

@@ -1,0 +1,44 @@
+"""Runs or resumes a one-step workflow whose agent is a container, for the docker kill tests.
+
+The agent sleeps ``$SLEEP`` seconds, then prints its output as its last stdout line. With
+``FLOW_TEST_KILL_AT`` set the engine SIGKILLs itself at that point of the launch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+from agentainer_flow import Context, WorkflowClient, step, workflow
+
+IMAGE = "agentainer-flow-test/busybox:1"
+
+
+@workflow(name="docker_kill")
+class OneContainer:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    @step()
+    async def only(self, ctx: Context) -> dict:
+        agent = await ctx.deploy_agent(
+            "worker", IMAGE, env={"VALUE": str(self.value), "SLEEP": os.environ["SLEEP"]},
+            command=["sh", "-c", 'sleep "$SLEEP"; echo "{\\"value\\": $((VALUE * 2))}"'])
+        result = await agent.wait_for_completion()
+        return {"value": result["value"]}
+
+
+async def main(mode: str, store_url: str, execution_id: str) -> None:
+    async with WorkflowClient(store=store_url, runtime="docker") as client:
+        if mode == "run":
+            execution = await client.run_workflow(OneContainer(21), execution_id=execution_id)
+        else:
+            execution = await client.resume(execution_id)
+        result = await execution.get_result()
+    print(json.dumps({"result": result}))
+
+
+if __name__ == "__main__":
+    asyncio.run(main(*sys.argv[1:4]))

@@ -1,0 +1,266 @@
+"""The ``docker`` runtime against a real Docker engine (no mocks), and one workflow on it."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentainer_flow import Context, WorkflowClient, step, workflow
+from agentainer_flow._client import make_runtime
+from agentainer_flow.engine.errors import ConfigurationError
+from agentainer_flow.engine.runtimes.base import AgentSpec, AgentState
+from agentainer_flow.engine.runtimes.docker import DockerRuntime, parse_memory
+from tests.conftest import DockerEngine
+
+pytestmark = pytest.mark.docker
+
+
+def sh(script: str) -> list[str]:
+    return ["sh", "-c", script]
+
+
+def new_id() -> str:
+    return f"flow-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def rt(docker_engine: DockerEngine) -> AsyncIterator[DockerRuntime]:
+    """An opened runtime; every container the test made is removed afterwards."""
+    runtime = DockerRuntime(kill_grace=1.0)
+    await runtime.open()
+    try:
+        yield runtime
+    finally:
+        for c in docker_engine.client.containers.list(
+            all=True, filters={"label": "agentainer.flow.test=1"}
+        ):
+            c.remove(force=True)
+        await runtime.close()
+
+
+def spec(image: str, command: list[str] | None, *, agent_id: str | None = None,
+         **kw: Any) -> AgentSpec:
+    labels = {"flow.execution": "exec-1", "flow.step": "s", "flow.instance": "0",
+              "flow.attempt": "1", "flow.command": "0", "flow.workflow": "wf", "flow.test": "1"}
+    return AgentSpec(agent_id=agent_id or new_id(), name="agent", image=image,
+                     command=command, labels=labels, **kw)
+
+
+async def test_output_through_flow_output_file(rt: DockerRuntime,
+                                               docker_engine: DockerEngine) -> None:
+    s = spec(docker_engine.image,
+             sh('echo \'{"from": "stdout"}\'; echo \'{"from": "file"}\' > "$FLOW_OUTPUT"'))
+    await rt.launch(s)
+    outcome = await rt.wait(s.agent_id, 30)
+    assert outcome.exit_code == 0
+    assert outcome.output == {"from": "file"}
+    assert outcome.started_at is not None and outcome.finished_at is not None
+    assert outcome.started_at <= outcome.finished_at
+
+
+async def test_output_through_last_json_stdout_line(rt: DockerRuntime,
+                                                    docker_engine: DockerEngine) -> None:
+    s = spec(docker_engine.image, sh('echo \'{"a": 1}\'; echo \'{"b": 2}\'; echo done'))
+    await rt.launch(s)
+    outcome = await rt.wait(s.agent_id, 30)
+    assert outcome.output == {"b": 2}
+    assert "done" in outcome.log_tail
+
+
+async def test_env_command_labels_and_defaults_reach_the_container(
+    rt: DockerRuntime, docker_engine: DockerEngine
+) -> None:
+    s = spec(docker_engine.image, ["sh", "-c", 'echo "{\\"greeting\\": \\"$GREETING $1\\"}"',
+                                   "sh", "world"],
+             env={"GREETING": "hello"})
+    await rt.launch(s)
+    outcome = await rt.wait(s.agent_id, 30)
+    assert outcome.output == {"greeting": "hello world"}
+    attrs = docker_engine.client.containers.get(s.agent_id).attrs
+    labels = attrs["Config"]["Labels"]
+    assert labels["agentainer.flow.execution_id"] == "exec-1"
+    assert labels["agentainer.flow.step"] == "s"
+    assert labels["agentainer.flow.instance"] == "0"
+    assert labels["agentainer.flow.attempt"] == "1"
+    assert labels["agentainer.flow.command"] == "0"
+    assert "FLOW_OUTPUT=/flow/output.json" in attrs["Config"]["Env"]
+    assert attrs["HostConfig"]["NetworkMode"] == "none"
+    assert attrs["HostConfig"]["Privileged"] is False
+
+
+async def test_network_is_off_by_default(rt: DockerRuntime,
+                                         docker_engine: DockerEngine) -> None:
+    s = spec(docker_engine.image, sh("ls /sys/class/net | tr '\\n' ' '"))
+    await rt.launch(s)
+    outcome = await rt.wait(s.agent_id, 30)
+    assert outcome.log_tail.split() == ["lo"]
+
+
+async def test_resources_are_applied(rt: DockerRuntime, docker_engine: DockerEngine) -> None:
+    s = spec(docker_engine.image, sh("true"), resources={"memory": "64m", "cpu": 0.5})
+    await rt.launch(s)
+    await rt.wait(s.agent_id, 30)
+    host = docker_engine.client.containers.get(s.agent_id).attrs["HostConfig"]
+    assert host["Memory"] == 64 * 1024 * 1024
+    assert host["NanoCpus"] == 500_000_000
+
+
+async def test_a_request_the_engine_cannot_meet_is_a_clear_error(
+    rt: DockerRuntime, docker_engine: DockerEngine
+) -> None:
+    ncpu = docker_engine.client.info()["NCPU"]
+    s = spec(docker_engine.image, sh("true"), resources={"cpu": ncpu + 1})
+    with pytest.raises(ConfigurationError, match=rf"asks for {ncpu + 1} CPUs.*has {ncpu}"):
+        await rt.launch(s)
+    s = spec(docker_engine.image, sh("true"), resources={"memory": "64t"})
+    with pytest.raises(ConfigurationError, match="asks for memory '64t'"):
+        await rt.launch(s)
+    assert (await rt.lookup(s.agent_id)).state is AgentState.MISSING
+
+
+def test_parse_memory() -> None:
+    assert parse_memory("512m") == 512 * 1024**2
+    assert parse_memory("2g") == parse_memory("2Gi") == 2 * 1024**3
+    assert parse_memory(1000) == 1000
+    with pytest.raises(ValueError, match="invalid memory size"):
+        parse_memory("lots")
+
+
+async def test_timeout_kills_the_container(rt: DockerRuntime,
+                                           docker_engine: DockerEngine) -> None:
+    s = spec(docker_engine.image, sh("echo started; sleep 60"))
+    await rt.launch(s)
+    outcome = await rt.wait(s.agent_id, 1.0)
+    assert outcome.timed_out
+    container = docker_engine.client.containers.get(s.agent_id)
+    assert container.status == "exited"
+    # another engine reading the exited container later knows why it ended
+    other = DockerRuntime()
+    status = await other.lookup(s.agent_id)
+    await other.close()
+    assert status.state is AgentState.EXITED and status.outcome is not None
+    assert status.outcome.timed_out
+
+
+async def test_non_zero_exit_gives_code_and_log_tail(rt: DockerRuntime,
+                                                     docker_engine: DockerEngine) -> None:
+    s = spec(docker_engine.image, sh("echo 'something broke' >&2; exit 3"))
+    await rt.launch(s)
+    outcome = await rt.wait(s.agent_id, 30)
+    assert outcome.exit_code == 3
+    assert "something broke" in outcome.log_tail
+    assert "something broke" in await rt.logs(s.agent_id)
+
+
+async def test_launch_twice_creates_one_container_and_lookup_adopts(
+    rt: DockerRuntime, docker_engine: DockerEngine
+) -> None:
+    s = spec(docker_engine.image, sh('sleep 1; echo \'{"ok": true}\''))
+    await asyncio.gather(rt.launch(s), rt.launch(s))
+    await rt.launch(s)
+    found = docker_engine.client.containers.list(all=True, filters={"name": s.agent_id})
+    assert [c.name for c in found] == [s.agent_id]
+    # a fresh runtime (a resumed engine) finds it running and adopts it
+    other = DockerRuntime()
+    assert (await other.lookup(s.agent_id)).state is AgentState.RUNNING
+    await other.launch(s)  # adopt: nothing new
+    outcome = await other.wait(s.agent_id, 30)
+    assert outcome.output == {"ok": True}
+    status = await other.lookup(s.agent_id)
+    assert status.state is AgentState.EXITED and status.outcome == outcome
+    await other.launch(s)  # an exited container is not started again
+    assert (await rt.wait(s.agent_id, 30)).started_at == outcome.started_at
+    await other.close()
+
+
+async def test_stop_and_remove(rt: DockerRuntime, docker_engine: DockerEngine) -> None:
+    s = spec(docker_engine.image, sh("sleep 60"))
+    await rt.launch(s)
+    await rt.stop(s.agent_id)
+    status = await rt.lookup(s.agent_id)
+    assert status.state is AgentState.EXITED and status.outcome is not None
+    assert status.outcome.exit_code != 0 and not status.outcome.timed_out
+    await rt.remove(s.agent_id)
+    await rt.remove(s.agent_id)  # idempotent
+    assert (await rt.lookup(s.agent_id)).state is AgentState.MISSING
+    assert docker_engine.client.containers.list(all=True, filters={"name": s.agent_id}) == []
+    await rt.stop(s.agent_id)  # nothing there: fine
+    assert await rt.logs(s.agent_id) == ""
+    with pytest.raises(LookupError):
+        await rt.wait(s.agent_id, 1)
+
+
+async def test_missing_image_is_a_clear_error(rt: DockerRuntime) -> None:
+    s = spec("agentainer-flow-test/no-such-image:0", sh("true"))
+    with pytest.raises(ConfigurationError, match="agentainer-flow-test/no-such-image:0"):
+        await rt.launch(s)
+    assert (await rt.lookup(s.agent_id)).state is AgentState.MISSING
+
+
+def test_make_runtime_docker(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert isinstance(make_runtime("docker"), DockerRuntime)
+    monkeypatch.setenv("FLOW_RUNTIME", "docker")
+    assert isinstance(make_runtime(None), DockerRuntime)
+    with pytest.raises(ConfigurationError, match="process runtime"):
+        make_runtime("docker", images={"a": ["b"]})
+
+
+async def test_unreachable_engine_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    runtime = DockerRuntime()
+    with pytest.raises(ConfigurationError, match=r"dockerd.*DOCKER_HOST"):
+        await runtime.open()
+    await runtime.close()
+
+
+IMAGE = "agentainer-flow-test/busybox:1"
+
+
+@workflow(name="docker_two_steps")
+class TwoSteps:
+    @step()
+    async def first(self, ctx: Context) -> int:
+        agent = await ctx.deploy_agent(name="counter", image=IMAGE,
+                                       command=["sh", "-c", "echo '{\"n\": 1}'"])
+        result = await agent.wait_for_completion()
+        return int(result["n"])
+
+    @step(depends_on=["first"])
+    async def second(self, ctx: Context, n: int) -> int:
+        agent = await ctx.deploy_agent(name="doubler", image=IMAGE, env={"N": str(n)},
+                                       command=["sh", "-c",
+                                                'echo "{\\"n\\": $((N * 2))}" > $FLOW_OUTPUT'])
+        result = await agent.wait_for_completion()
+        return int(result["n"]) + 1
+
+
+async def test_workflow_end_to_end_on_docker(docker_engine: DockerEngine,
+                                             tmp_path: Path) -> None:
+    assert docker_engine.image == IMAGE
+    async with WorkflowClient(store=f"sqlite:///{tmp_path / 'flow.db'}",
+                              runtime="docker") as client:
+        execution = await client.run_workflow(TwoSteps())
+        assert await execution.get_result() == 3
+        label = f"agentainer.flow.execution_id={execution.execution_id}"
+    # the engine removes containers once their outcome is durable
+    for _ in range(50):
+        left = docker_engine.client.containers.list(all=True, filters={"label": label})
+        if not left:
+            break
+        await asyncio.sleep(0.1)
+    assert left == []
+
+
+async def test_client_without_engine_fails_at_open(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    client = WorkflowClient(store=f"sqlite:///{tmp_path / 'flow.db'}", runtime="docker")
+    with pytest.raises(ConfigurationError, match="cannot reach a Docker engine"):
+        await client.open()
