@@ -352,12 +352,16 @@ class DockerRuntime(AgentRuntime):
         log_tail = tail.decode(errors="replace")
         if state.get("OOMKilled"):
             log_tail += "flow: the container was killed: out of memory\n"
+        started_at = _timestamp(state.get("StartedAt"))
+        finished_at = _timestamp(state.get("FinishedAt"))
+        if started_at is not None and finished_at is not None and finished_at < started_at:
+            finished_at = started_at  # Docker stamps a very short run's end before its start
         return AgentOutcome(
             exit_code=int(state.get("ExitCode", -1)),
             output=output,
             log_tail=_tail(log_tail, _LOG_TAIL_CHARS),
-            started_at=_timestamp(state.get("StartedAt")),
-            finished_at=_timestamp(state.get("FinishedAt")),
+            started_at=started_at,
+            finished_at=finished_at,
             timed_out=marker is not None and marker.strip() == b"timeout",
         )
 
