@@ -164,31 +164,29 @@ class Engine:
             )
         secrets = {str(k): str(v) for k, v in (secrets or {}).items()}
         redactor = Redactor(secrets)  # an empty secret value is refused here
+        str_tags = {str(k): str(v) for k, v in (tags or {}).items()}
         if redactor:  # user data holding a secret's value is refused, never rewritten
-            redactor.check({str(k): str(v) for k, v in (tags or {}).items()},
-                           f"the tags of workflow {spec.name!r}")
-            ids = [("idempotency_key", idempotency_key)]
-            if parent_id is None:  # a child's id is derived from its parent's
-                ids.append(("execution_id", execution_id))
-            for what, text in ids:
-                if text is not None:
-                    redactor.check(str(text), f"the {what} of workflow {spec.name!r}")
+            redactor.check(str_tags, f"the tags of workflow {spec.name!r}")
+        clean_tags: dict[str, str] = {}
+        for k, v in str_tags.items():  # kept in text/JSONB columns: no NUL, no surrogate
+            key = values.check_text(k, f"tag {k!r} of workflow {spec.name!r}: its name",
+                                    allow_nul=False)
+            clean_tags[key] = values.check_text(v, f"tag {key!r} of workflow "
+                                                f"{spec.name!r}: its value", allow_nul=False)
+        for what, text in (("idempotency_key", idempotency_key), ("execution_id", execution_id)):
+            if text is None:
+                continue
+            # a child's id is derived from its parent's: it holds no secret of its own
+            if redactor and (what != "execution_id" or parent_id is None):
+                redactor.check(str(text), f"the {what} of workflow {spec.name!r}")
+            values.check_text(text, f"{what} {text!r} of workflow {spec.name!r}",
+                              allow_nul=False)
         args, kwargs = getattr(workflow, ARGS_ATTR, ((), {}))
         ctor = values.dump([list(args), kwargs],
                            where=f"constructor arguments of workflow {spec.name!r} ($[0]: "
                            "positional, $[1]: keyword)", secrets=redactor.scanner)
         input_tree = values.dump(input, where=f"input of workflow {spec.name!r}",
                                  secrets=redactor.scanner)
-        clean_tags: dict[str, str] = {}
-        for k, v in (tags or {}).items():  # kept in text/JSONB columns: no NUL, no surrogate
-            key = values.check_text(str(k), f"tag {str(k)!r} of workflow {spec.name!r}: its "
-                                    "name", allow_nul=False)
-            clean_tags[key] = values.check_text(str(v), f"tag {key!r} of workflow "
-                                                f"{spec.name!r}: its value", allow_nul=False)
-        for what, text in (("idempotency_key", idempotency_key), ("execution_id", execution_id)):
-            if text is not None:
-                values.check_text(text, f"{what} {text!r} of workflow {spec.name!r}",
-                                  allow_nul=False)
         now = self.clock.now()
         eid = execution_id or str(uuid.uuid4())
         started = ExecutionStarted(
