@@ -36,6 +36,7 @@ from ._testhooks import reach
 from .durations import Duration, parse_duration
 from .errors import (
     AgentFailedError,
+    AgentOutputError,
     AgentTimeoutError,
     ChildWorkflowError,
     NonDeterminismError,
@@ -500,7 +501,9 @@ class AgentHandle:
         if isinstance(final, AgentFailed):
             if final.error_type in ("SerializationError", "SecretLeakError"):  # unstorable
                 raise SerializationError(final.error)
-            cls = AgentTimeoutError if "timed out" in final.error else AgentFailedError
+            cls: type[AgentFailedError] = (
+                AgentOutputError if final.error_type == "AgentOutputError"
+                else AgentTimeoutError if "timed out" in final.error else AgentFailedError)
             raise cls(final.error, agent=self.name, exit_code=final.exit_code,
                       log_tail=final.log_tail)
         return AgentResult(
@@ -533,7 +536,15 @@ class AgentHandle:
         redact = runner.redactor
         base = rt._base(self._index)  # stamped when the agent finished, not when we began
         ev: AgentCompleted | AgentFailed
-        if outcome.exit_code == 0 and not outcome.timed_out:
+        if outcome.exit_code == 0 and not outcome.timed_out and outcome.output_error:
+            ev = AgentFailed(
+                **base, agent_id=self.id, exit_code=0, error_type="AgentOutputError",
+                error=values.safe_text(redact.text(
+                    f"agent {self.name!r} (image {self._spec.image!r}) in step "
+                    f"{rt.step.name!r}: {outcome.output_error}")),
+                log_tail=values.safe_text(redact.text(outcome.log_tail[-4000:])),
+                started_at=outcome.started_at, finished_at=outcome.finished_at)
+        elif outcome.exit_code == 0 and not outcome.timed_out:
             try:
                 output = values.dump(outcome.output, where=f"the output of agent "
                                      f"{self.name!r} (image {self._spec.image!r}) in step "

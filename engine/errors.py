@@ -164,6 +164,14 @@ class AgentFailedError(StepError):
         super().__init__(full)
 
 
+class AgentOutputError(AgentFailedError):
+    """An agent exited 0 but its output cannot be taken: larger than
+    ``$FLOW_MAX_OUTPUT_BYTES`` (4 MiB by default), or JSON cut short. The message names the
+    agent, the step and the size."""
+
+    code = "agent_output"
+
+
 class AgentTimeoutError(AgentFailedError):
     """An agent ran past its ``timeout`` and was stopped."""
 

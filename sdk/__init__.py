@@ -23,6 +23,7 @@ from ._context import Context
 from ._decorators import step, workflow
 from ._errors import (
     AgentFailedError,
+    AgentOutputError,
     AgentTimeoutError,
     AppendConflictError,
     ChildWorkflowError,
@@ -55,6 +56,7 @@ Workflow = object  # the seed's name for "an instance of a @workflow class"
 __all__ = [
     "AgentFailedError",
     "AgentHandle",
+    "AgentOutputError",
     "AgentResult",
     "AgentTimeoutError",
     "AppendConflictError",

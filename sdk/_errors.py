@@ -7,7 +7,8 @@
     ├── NonDeterminismError
     ├── SerializationError
     ├── SecretNotFoundError
-    ├── StepError (AgentFailedError > AgentTimeoutError, StepTimeoutError, ChildWorkflowError)
+    ├── StepError (AgentFailedError > AgentTimeoutError, AgentOutputError;
+    │              StepTimeoutError, ChildWorkflowError)
     ├── WorkflowFailedError (WorkflowTimeoutError, WorkflowCancelledError)
     ├── WorkflowNotRegisteredError
     ├── ExecutionBlockedError      waits for a secret (status ``blocked``); resume with it
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from agentainer_flow.engine.errors import (
     AgentFailedError,
+    AgentOutputError,
     AgentTimeoutError,
     ChildWorkflowError,
     ConfigurationError,
@@ -48,6 +50,7 @@ from agentainer_flow.store.errors import (
 
 __all__ = [
     "AgentFailedError",
+    "AgentOutputError",
     "AgentTimeoutError",
     "AppendConflictError",
     "ChildWorkflowError",

@@ -9,19 +9,32 @@ instead of launching it again.
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "DEFAULT_MAX_OUTPUT_BYTES",
+    "MAX_OUTPUT_BYTES_ENV",
     "AgentOutcome",
+    "AgentOutputProblem",
     "AgentRuntime",
     "AgentSpec",
     "AgentState",
     "AgentStatus",
-    "parse_output",
+    "max_output_bytes",
+    "read_output",
 ]
+
+#: Default limit of an agent's output (the ``$FLOW_OUTPUT`` file or the JSON line on stdout).
+#: Agent outputs are step results, kept in the event log forever: large data belongs in a
+#: volume or an object store, and the output carries a reference to it.
+DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+MAX_OUTPUT_BYTES_ENV = "FLOW_MAX_OUTPUT_BYTES"
+#: how much more than the limit a runtime reads of stdout's end, so that the last lines fit
+STDOUT_WINDOW_SLACK = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,6 +78,9 @@ class AgentOutcome:
     started_at: float | None = None
     finished_at: float | None = None
     timed_out: bool = False
+    #: set when the agent's output cannot be taken (too large, or JSON cut short): what is
+    #: wrong with it and its size; ``output`` is then empty
+    output_error: str = ""
 
 
 class AgentRuntime(ABC):
@@ -108,19 +124,111 @@ class AgentRuntime(ABC):
         """Forget a finished agent (its outcome is recorded in the log by now). Idempotent."""
 
 
-def parse_output(output_file_text: str | None, stdout: str) -> dict[str, Any]:
-    """The output protocol: the ``$FLOW_OUTPUT`` file's JSON object if it has one, else the
-    last stdout line that parses as a JSON object, else ``{}``."""
-    if output_file_text is not None and output_file_text.strip():
+def max_output_bytes() -> int:
+    """The limit of an agent's output: ``$FLOW_MAX_OUTPUT_BYTES``, else 4 MiB."""
+    raw = os.environ.get(MAX_OUTPUT_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_OUTPUT_BYTES
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise ValueError(f"{MAX_OUTPUT_BYTES_ENV} must be a positive number of bytes, "
+                         f"got {raw[:40]!r}")
+    return limit
+
+
+class AgentOutputProblem(ValueError):
+    """An agent's output cannot be taken: too large, or JSON cut short. The text says which
+    output (file or stdout), its size and the limit; the engine adds the agent and step."""
+
+
+def _over(what: str, size: int, limit: int, *, at_least: bool = False) -> AgentOutputProblem:
+    more = "more than " if at_least else ""
+    return AgentOutputProblem(
+        f"{what} is {more}{size} bytes, over the limit of {limit} bytes "
+        f"({MAX_OUTPUT_BYTES_ENV}): write large data to a volume or an object store and "
+        "return a reference to it")
+
+
+def _looks_like_json_object(line: bytes) -> bool:
+    """``{`` then a key or ``}``: a line meant as a JSON object, not a log line like
+    ``{progress} 40%``."""
+    rest = line[1:].lstrip()
+    return line.startswith(b"{") and (not rest or rest[:1] in (b'"', b"}"))
+
+
+def read_output(
+    output_file: bytes | None,
+    stdout_tail: bytes,
+    *,
+    first_line_cut: int = 0,
+    output_file_size: int | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """The output protocol: the agent's output, or ``AgentOutputProblem`` saying why not.
+
+    The ``$FLOW_OUTPUT`` file's JSON object if the file is there and not empty, else the
+    last stdout line if it is a JSON object, else the last earlier line that is one, else
+    ``{}``. A file or line over ``limit`` bytes, a file that is not a JSON object and a last
+    line that starts like a JSON object but does not parse (cut short) are errors, never a
+    silent ``{}``.
+
+    ``stdout_tail`` is the end of stdout (at least ``limit`` bytes and some, if it is
+    longer); ``first_line_cut`` says how many bytes of its first line lie before it (that
+    line's size is then known without reading it). ``output_file_size``, when given, is the
+    file's size where ``output_file`` was not read because it was too large.
+    """
+    limit = max_output_bytes() if limit is None else limit
+    if output_file_size is not None and output_file_size > limit:
+        raise _over("its output file ($FLOW_OUTPUT)", output_file_size, limit)
+    if output_file is not None and output_file.strip():
+        size = len(output_file)
+        if size > limit:
+            raise _over("its output file ($FLOW_OUTPUT)", size, limit)
         try:
-            value = json.loads(output_file_text)
-        except ValueError:
-            value = None
-        if isinstance(value, dict):
-            return value
-    for line in reversed(stdout.splitlines()):
-        line = line.strip()
-        if not (line.startswith("{") and line.endswith("}")):
+            value = json.loads(output_file)
+        except ValueError as exc:
+            raise AgentOutputProblem(
+                f"its output file ($FLOW_OUTPUT, {size} bytes) is not valid JSON "
+                f"({_reason(exc)}): was it cut short? Write one JSON object, e.g. "
+                '{"key": "value"}') from None
+        if not isinstance(value, dict):
+            raise AgentOutputProblem(
+                f"its output file ($FLOW_OUTPUT) holds a JSON {type(value).__name__}, not an "
+                'object: write one JSON object, e.g. {"result": [1, 2]}')
+        return value
+    lines = stdout_tail.split(b"\n")
+    last = len(lines) - 1
+    while last >= 0 and not lines[last].strip():
+        last -= 1
+    if last < 0:
+        return {}
+    for i in range(last, -1, -1):
+        line = lines[i].strip()
+        size = len(lines[i]) + (first_line_cut if i == 0 else 0)
+        if i == 0 and first_line_cut:  # only its end was read
+            if i == last and line.endswith(b"}"):
+                raise _over("the last line of its stdout", size, limit)
+            return {}
+        if not line.startswith(b"{"):
+            continue
+        if i == last:
+            if size > limit and line.endswith(b"}"):
+                raise _over("the last line of its stdout", size, limit)
+            if _looks_like_json_object(line):
+                try:
+                    value = json.loads(line)
+                except ValueError as exc:
+                    raise AgentOutputProblem(
+                        f"the last line of its stdout ({size} bytes) starts like a JSON object "
+                        f"but does not parse ({_reason(exc)}): was it cut short? Print the "
+                        "output as one complete line, or write it to $FLOW_OUTPUT") from None
+                if isinstance(value, dict):
+                    return value
+                continue
+        if not line.endswith(b"}") or size > limit:
             continue
         try:
             value = json.loads(line)
@@ -129,3 +237,7 @@ def parse_output(output_file_text: str | None, stdout: str) -> dict[str, Any]:
         if isinstance(value, dict):
             return value
     return {}
+
+
+def _reason(exc: ValueError) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__

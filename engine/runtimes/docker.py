@@ -33,7 +33,17 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from ..errors import ConfigurationError
-from .base import AgentOutcome, AgentRuntime, AgentSpec, AgentState, AgentStatus, parse_output
+from .base import (
+    STDOUT_WINDOW_SLACK,
+    AgentOutcome,
+    AgentOutputProblem,
+    AgentRuntime,
+    AgentSpec,
+    AgentState,
+    AgentStatus,
+    max_output_bytes,
+    read_output,
+)
 
 __all__ = ["DockerRuntime", "parse_memory"]
 
@@ -317,37 +327,52 @@ class DockerRuntime(AgentRuntime):
             return AgentStatus(AgentState.MISSING)
         return AgentStatus(AgentState.EXITED, self._outcome(container))
 
-    def _files(self, container: Any) -> dict[str, bytes]:
-        """The files in the container's ``/flow`` (empty if it has none)."""
+    def _files(self, container: Any, limit: int | None = None) -> tuple[dict[str, bytes],
+                                                                         dict[str, int]]:
+        """The files in the container's ``/flow`` (none if it has none), and the sizes of
+        those not read because they are over ``limit`` bytes."""
         import docker.errors
 
         try:
             stream, _ = container.get_archive(FLOW_DIR)
-            data = b"".join(stream)
         except docker.errors.NotFound:
-            return {}
+            return {}, {}
         files: dict[str, bytes] = {}
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            for member in tar.getmembers():
-                f = tar.extractfile(member) if member.isfile() else None
+        skipped: dict[str, int] = {}
+        with tarfile.open(fileobj=_Chunks(stream), mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name.rsplit("/", 1)[-1]
+                if limit is not None and member.size > limit:
+                    skipped[name] = member.size
+                    continue
+                f = tar.extractfile(member)
                 if f is not None:
-                    files[member.name.rsplit("/", 1)[-1]] = f.read()
-        return files
+                    files[name] = f.read()
+        return files, skipped
 
     def _marker(self, container: Any) -> str | None:
-        data = self._files(container).get(_MARKER)
+        data = self._files(container, 4096)[0].get(_MARKER)
         return data.decode(errors="replace").strip() if data is not None else None
 
     def _outcome(self, container: Any) -> AgentOutcome:
         state = container.attrs.get("State") or {}
-        files = self._files(container)
+        limit = max_output_bytes()
+        files, too_big = self._files(container, limit)
         marker = files.get(_MARKER)
         output_file = files.get("output.json")
-        output_text = output_file.decode(errors="replace") if output_file is not None else None
-        output = parse_output(output_text, "")
-        if not output:  # no (usable) file: the last JSON line of stdout
-            stdout = container.logs(stdout=True, stderr=False).decode(errors="replace")
-            output = parse_output(output_text, stdout)
+        output: dict[str, Any] = {}
+        problem = ""
+        try:
+            if "output.json" in too_big or (output_file is not None and output_file.strip()):
+                output = read_output(output_file, b"", output_file_size=too_big.get(
+                    "output.json"), limit=limit)
+            else:  # no file: the last JSON line of stdout
+                tail, cut = _stdout_end(container, limit + STDOUT_WINDOW_SLACK)
+                output = read_output(None, tail, first_line_cut=cut, limit=limit)
+        except AgentOutputProblem as exc:
+            problem = str(exc)
         tail = container.logs(stdout=True, stderr=True, tail=_LOG_TAIL_LINES)
         log_tail = tail.decode(errors="replace")
         if state.get("OOMKilled"):
@@ -363,6 +388,7 @@ class DockerRuntime(AgentRuntime):
             started_at=started_at,
             finished_at=finished_at,
             timed_out=marker is not None and marker.strip() == b"timeout",
+            output_error=problem,
         )
 
     # -- wait / stop --
@@ -455,6 +481,50 @@ class DockerRuntime(AgentRuntime):
         except docker.errors.APIError as exc:
             if exc.status_code not in (404, 409):  # gone, or its removal is under way
                 raise
+
+
+class _Chunks(io.RawIOBase):
+    """A readable file over an iterator of byte chunks (the Docker API's streams)."""
+
+    def __init__(self, chunks: Any) -> None:
+        self._chunks = iter(chunks)
+        self._left = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._left:
+            try:
+                self._left = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(buffer), len(self._left))
+        buffer[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
+
+
+def _stdout_end(container: Any, window: int) -> tuple[bytes, int]:
+    """The last ``window`` bytes of the container's stdout, and how many bytes of their
+    first line come before them; streamed, so a huge stdout costs no memory."""
+    buf = bytearray()
+    cut = 0
+    for chunk in container.logs(stdout=True, stderr=False, stream=True):
+        buf += chunk
+        if len(buf) > 2 * window:
+            cut = _drop_head(buf, len(buf) - window, cut)
+    if len(buf) > window:
+        cut = _drop_head(buf, len(buf) - window, cut)
+    return bytes(buf), cut
+
+
+def _drop_head(buf: bytearray, n: int, cut: int) -> int:
+    """Drop ``buf``'s first ``n`` bytes; the new count of first-line bytes before it."""
+    newline = buf.rfind(b"\n", 0, n)
+    cut = n - newline - 1 if newline >= 0 else cut + n
+    del buf[:n]
+    return cut
 
 
 def _check_name(agent_id: str) -> None:

@@ -61,7 +61,17 @@ from typing import Any
 from .._testhooks import reach
 from ..secrets import redact_known
 from . import _supervisor as sup
-from .base import AgentOutcome, AgentRuntime, AgentSpec, AgentState, AgentStatus, parse_output
+from .base import (
+    STDOUT_WINDOW_SLACK,
+    AgentOutcome,
+    AgentOutputProblem,
+    AgentRuntime,
+    AgentSpec,
+    AgentState,
+    AgentStatus,
+    max_output_bytes,
+    read_output,
+)
 
 __all__ = ["ProcessRuntime", "default_agent_root"]
 
@@ -75,7 +85,6 @@ _DEFAULT_STORE = "sqlite:///.flow/flow.db"
 _ENGINE_SECRET_PREFIX = "FLOW_SECRET"
 _LOG_TAIL_LINES = 50
 _LOG_TAIL_CHARS = 4096
-_OUTPUT_SCAN_BYTES = 4 * 1024 * 1024  # how much of stdout.log the output protocol reads
 _LOST = (
     "flow: agent lost: its supervisor is gone and no result was recorded "
     "(supervisor killed or machine rebooted)"
@@ -229,6 +238,51 @@ def _read_tail(path: Path, max_bytes: int) -> str:
         newline = data.find(b"\n")
         data = data[newline + 1 :] if newline >= 0 else b""
     return data.decode("utf-8", "replace")
+
+
+def _read_agent_output(agent_dir: Path) -> dict[str, Any]:
+    """The output protocol on an agent's directory: its output file, else stdout's end (the
+    file and the last line are sized before they are read, so a huge one costs no memory)."""
+    limit = max_output_bytes()
+    path = agent_dir / sup.OUTPUT
+    try:
+        size: int | None = path.stat().st_size
+    except OSError:
+        size = None
+    data = None
+    if size is not None and size <= limit:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = None
+    tail, cut = _stdout_end(agent_dir / sup.STDOUT, limit + STDOUT_WINDOW_SLACK)
+    return read_output(data, tail, first_line_cut=cut, output_file_size=size, limit=limit)
+
+
+def _stdout_end(path: Path, window: int) -> tuple[bytes, int]:
+    """The last ``window`` bytes of a file, and how many bytes of their first line come
+    before them (found by scanning back for the newline, without keeping what is read)."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - window)
+            f.seek(start)
+            data = f.read()
+            cut = 0
+            pos = start
+            while pos > 0:
+                step = min(pos, 1024 * 1024)
+                f.seek(pos - step)
+                chunk = f.read(step)
+                newline = chunk.rfind(b"\n")
+                if newline >= 0:
+                    cut += step - newline - 1
+                    break
+                cut += step
+                pos -= step
+    except OSError:
+        return b"", 0
+    return data, cut
 
 
 def _tail_lines(path: Path, lines: int) -> str:
@@ -521,11 +575,12 @@ class ProcessRuntime(AgentRuntime):
 
     @staticmethod
     def _outcome(agent_dir: Path, result: Mapping[str, Any]) -> AgentOutcome:
+        output: dict[str, Any] = {}
+        problem = ""
         try:
-            output_text: str | None = (agent_dir / sup.OUTPUT).read_text(errors="replace")
-        except OSError:
-            output_text = None
-        output = parse_output(output_text, _read_tail(agent_dir / sup.STDOUT, _OUTPUT_SCAN_BYTES))
+            output = _read_agent_output(agent_dir)
+        except AgentOutputProblem as exc:
+            problem = str(exc)
         started_at = result.get("started_at")
         finished_at = result.get("finished_at")
         lost = bool(result.get("lost"))
@@ -539,6 +594,7 @@ class ProcessRuntime(AgentRuntime):
             started_at=float(started_at) if started_at is not None else None,
             finished_at=float(finished_at) if finished_at is not None else None,
             timed_out=bool(result.get("timed_out", False)),
+            output_error=problem,
         )
 
     # -- wait / stop --

@@ -4,7 +4,7 @@ import agentainer_flow
 import agentainer_flow.testing
 
 PUBLIC = {
-    "AgentFailedError", "AgentHandle", "AgentResult", "AgentTimeoutError",
+    "AgentFailedError", "AgentHandle", "AgentOutputError", "AgentResult", "AgentTimeoutError",
     "AppendConflictError", "ChildWorkflowError", "ChildWorkflowHandle", "ConfigurationError",
     "Context", "ErrorHandler", "ExecutionEvent", "ExecutionMode", "ExecutionNotFoundError",
     "ExecutionBlockedError", "IdempotencyConflictError",

@@ -1,0 +1,153 @@
+"""The agent output protocol: ``$FLOW_OUTPUT``, else the last JSON line of stdout; an output
+too large to store, or JSON cut short, is a clear error naming the agent, step and size, on
+every runtime (never a silent ``{}``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentainer_flow import AgentOutputError, Context, WorkflowClient, step, workflow
+from agentainer_flow.engine.runtimes.base import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    AgentOutputProblem,
+    max_output_bytes,
+    read_output,
+)
+from tests.conftest import DockerEngine
+
+# -- the protocol, as a function ----------------------------------------------------------
+
+
+def test_file_wins_over_stdout() -> None:
+    assert read_output(b'{"from": "file"}', b'{"from": "stdout"}\n') == {"from": "file"}
+
+
+def test_empty_file_falls_back_to_stdout() -> None:
+    assert read_output(b"  \n", b'log line\n{"n": 1}\n') == {"n": 1}
+
+
+def test_last_json_line_of_stdout_and_earlier_lines() -> None:
+    assert read_output(None, b'{"n": 1}\n{"n": 2}\n\n') == {"n": 2}
+    assert read_output(None, b'{"n": 1}\ndone\n') == {"n": 1}  # a log line after it
+    assert read_output(None, b"{progress} 40%\n") == {}  # braces, but not JSON: a log line
+    assert read_output(None, b"") == {}
+    assert read_output(None, b"[1, 2]\n") == {}
+
+
+@pytest.mark.parametrize("line", [b'{"data": "abc', b'{"a": 1, "b"', b'{ "a": [1, 2}'])
+def test_a_last_line_cut_short_is_an_error(line: bytes) -> None:
+    with pytest.raises(AgentOutputProblem, match=rf"last line of its stdout \({len(line)} "
+                       r"bytes\) starts like a JSON object but does not parse"):
+        read_output(None, b'{"ok": 1}\n' + line + b"\n")
+
+
+def test_a_file_that_is_not_an_object_or_not_json_is_an_error() -> None:
+    with pytest.raises(AgentOutputProblem, match="holds a JSON list, not an object"):
+        read_output(b"[1]", b"")
+    with pytest.raises(AgentOutputProblem, match=r"\(\$FLOW_OUTPUT, 7 bytes\) is not valid"):
+        read_output(b'{"a": 1', b"")
+
+
+def test_too_large_names_the_size_and_the_limit() -> None:
+    big = json.dumps({"a": "x" * 100}).encode()
+    with pytest.raises(AgentOutputProblem, match=rf"output file \(\$FLOW_OUTPUT\) is "
+                       rf"{len(big)} bytes, over the limit of 50 bytes"):
+        read_output(big, b"", limit=50)
+    with pytest.raises(AgentOutputProblem, match=rf"last line of its stdout is {len(big)} "
+                       "bytes, over the limit of 50 bytes"):
+        read_output(None, big + b"\n", limit=50)
+    with pytest.raises(AgentOutputProblem, match="is 1000000 bytes"):
+        read_output(None, b"", output_file_size=1_000_000, limit=50)
+
+
+def test_a_line_longer_than_what_was_read_is_sized_by_the_cut() -> None:
+    # the runtime read only the end of a 10 MB line: first_line_cut says how much precedes
+    with pytest.raises(AgentOutputProblem, match="is 10000000 bytes"):
+        read_output(None, b"x" * 1000 + b'"}\n', first_line_cut=10_000_000 - 1002,
+                    limit=4096)
+    # a long non-JSON log line that did not fit: no output, no error
+    assert read_output(None, b"x" * 1000 + b"\n", first_line_cut=10_000_000) == {}
+
+
+def test_limit_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert max_output_bytes() == DEFAULT_MAX_OUTPUT_BYTES
+    monkeypatch.setenv("FLOW_MAX_OUTPUT_BYTES", "1000")
+    assert max_output_bytes() == 1000
+    monkeypatch.setenv("FLOW_MAX_OUTPUT_BYTES", "lots")
+    with pytest.raises(ValueError, match="FLOW_MAX_OUTPUT_BYTES must be a positive number"):
+        max_output_bytes()
+
+
+# -- on real runtimes ---------------------------------------------------------------------
+
+TEN_MB_LINE = "printf '{\"a\": \"'; head -c 10000000 /dev/zero | tr '\\0' x; printf '\"}\\n'"
+CUT_LINE = "echo '{\"ok\": 1}'; printf '{\"data\": \"'; head -c 5000 /dev/zero | tr '\\0' y"
+BIG_FILE = "head -c 5000000 /dev/zero | tr '\\0' z > \"$FLOW_OUTPUT\""
+FINE = "echo 'working'; echo '{\"n\": 42}'; echo 'bye' >&2"
+
+
+@workflow(name="agent_output_probe")
+class OutputProbe:
+    def __init__(self, image: str, script: str) -> None:
+        self.image = image
+        self.script = script
+
+    @step(name="produce")
+    async def produce(self, ctx: Context) -> dict[str, Any]:
+        agent = await ctx.deploy_agent(name="producer", image=self.image,
+                                       command=["sh", "-c", self.script])
+        try:
+            return {"output": (await agent.wait_for_completion()).output}
+        except AgentOutputError as exc:
+            return {"error": str(exc), "type": type(exc).__name__}
+
+
+@pytest.fixture(params=["process", pytest.param("docker", marks=pytest.mark.docker)])
+def runtime_image(request: pytest.FixtureRequest) -> tuple[str, str]:
+    if request.param == "docker":
+        engine: DockerEngine = request.getfixturevalue("docker_engine")
+        return "docker", engine.image
+    return "process", "local-shell:latest"
+
+
+async def _run(tmp_path: Path, runtime_image: tuple[str, str], script: str) -> dict[str, Any]:
+    runtime, image = runtime_image
+    async with WorkflowClient(store=f"sqlite:///{tmp_path}/flow.db", runtime=runtime) as client:
+        execution = await client.run_workflow(workflow=OutputProbe(image, script))
+        result: dict[str, Any] = await execution.get_result()
+        history = await client.get_history(execution.id)
+    failed = [e for e in history if e.type == "agent_failed"]
+    if "error" in result:
+        assert failed and failed[0].details.get("error_type") == "AgentOutputError", failed
+    return result
+
+
+async def test_a_10mb_json_line_is_an_error_naming_step_and_size(
+        tmp_path: Path, runtime_image: tuple[str, str]) -> None:
+    result = await _run(tmp_path, runtime_image, TEN_MB_LINE)
+    assert result["type"] == "AgentOutputError"
+    assert "agent 'producer'" in result["error"] and "in step 'produce'" in result["error"]
+    assert "is 10000009 bytes, over the limit of 4194304 bytes" in result["error"]
+
+
+async def test_a_cut_json_line_is_an_error(tmp_path: Path,
+                                           runtime_image: tuple[str, str]) -> None:
+    result = await _run(tmp_path, runtime_image, CUT_LINE)
+    assert result["type"] == "AgentOutputError"
+    assert "(5010 bytes) starts like a JSON object but does not parse" in result["error"]
+    assert "in step 'produce'" in result["error"]
+
+
+async def test_an_output_file_over_the_limit_is_an_error(
+        tmp_path: Path, runtime_image: tuple[str, str]) -> None:
+    result = await _run(tmp_path, runtime_image, BIG_FILE)
+    assert "output file ($FLOW_OUTPUT) is 5000000 bytes, over the limit" in result["error"]
+
+
+async def test_the_last_json_line_is_the_output(tmp_path: Path,
+                                                runtime_image: tuple[str, str]) -> None:
+    assert await _run(tmp_path, runtime_image, FINE) == {"output": {"n": 42}}
