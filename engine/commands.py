@@ -35,10 +35,12 @@ from . import values
 from ._testhooks import reach
 from .durations import Duration, parse_duration
 from .errors import (
+    AgentConfigurationError,
     AgentFailedError,
     AgentOutputError,
     AgentTimeoutError,
     ChildWorkflowError,
+    ConfigurationError,
     NonDeterminismError,
     SerializationError,
 )
@@ -248,6 +250,9 @@ class StepRuntime:
             final = next((e for e in recorded if isinstance(e, AgentCompleted | AgentFailed)),
                          None)
             handle = AgentHandle(self, idx, spec, req.deadline, final)
+            if isinstance(final, AgentFailed) and not any(
+                    isinstance(e, AgentStarted) for e in recorded):
+                raise _launch_error(final, name, final.error)  # as when it happened
             if final is None:
                 status = await runner.runtime.lookup(agent_id)
                 if any(isinstance(e, AgentStarted) for e in recorded):
@@ -269,8 +274,10 @@ class StepRuntime:
             await runner.runtime.launch(spec)
         except Exception as exc:
             msg = f"agent {spec.name!r} (image {spec.image!r}) could not be launched: {exc}"
-            self._emit(AgentFailed(**self._base(idx), agent_id=spec.agent_id, error=msg))
-            raise AgentFailedError(runner.redactor.text(msg), agent=spec.name) from None
+            kind = "AgentConfigurationError" if isinstance(exc, ConfigurationError) else ""
+            ev = self._emit(AgentFailed(**self._base(idx), agent_id=spec.agent_id, error=msg,
+                                        error_type=kind))
+            raise _launch_error(ev, spec.name, runner.redactor.text(msg)) from None
         reach("agent.started")
         self._emit(AgentStarted(**self._base(idx), agent_id=spec.agent_id,
                                 runtime=runner.runtime.name, adopted=adopted))
@@ -460,6 +467,13 @@ class StateView(MutableMapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"WorkflowState({sorted(self._trees)})"
+
+
+def _launch_error(event: AgentFailed, agent: str, message: str) -> AgentFailedError:
+    """What ``deploy_agent`` raises for a launch that failed, live and on replay alike."""
+    if event.error_type == "AgentConfigurationError":
+        return AgentConfigurationError(message, agent=agent)
+    return AgentFailedError(message, agent=agent)
 
 
 class AgentHandle:

@@ -272,6 +272,14 @@ class ConfigurationError(FlowError):
     code = "configuration"
 
 
+class AgentConfigurationError(AgentFailedError, ConfigurationError):
+    """An agent cannot be launched as asked: its image is not on the engine, its resources
+    are more than the engine has, no command is known for its image. Never retried: the
+    same request fails the same way until the configuration changes."""
+
+    code = "agent_configuration"
+
+
 class EngineSignal(BaseException):
     """Engine control flow raised through user code; ``except Exception`` cannot catch it."""
 

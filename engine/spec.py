@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from .durations import Duration, parse_duration
 from .errors import (
+    AgentConfigurationError,
     NonDeterminismError,
     SecretNotFoundError,
     WorkflowDefinitionError,
@@ -48,6 +49,7 @@ class ErrorHandler(enum.Enum):
 # A value refused where it entered (SerializationError) is retried like any step error: an
 # agent's next answer, or a step's next result, may well be storable.
 _ALWAYS_FATAL: tuple[type[BaseException], ...] = (
+    AgentConfigurationError,
     NonDeterminismError,
     SecretNotFoundError,
     WorkflowDefinitionError,

@@ -22,6 +22,7 @@ from ._client import ExecutionMode, WorkflowClient, WorkflowExecution, WorkflowM
 from ._context import Context
 from ._decorators import step, workflow
 from ._errors import (
+    AgentConfigurationError,
     AgentFailedError,
     AgentOutputError,
     AgentTimeoutError,
@@ -54,6 +55,7 @@ WorkflowState = MutableMapping  # the seed's name for the type of ``ctx.state``
 Workflow = object  # the seed's name for "an instance of a @workflow class"
 
 __all__ = [
+    "AgentConfigurationError",
     "AgentFailedError",
     "AgentHandle",
     "AgentOutputError",

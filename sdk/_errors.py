@@ -7,7 +7,8 @@
     ├── NonDeterminismError
     ├── SerializationError
     ├── SecretNotFoundError
-    ├── StepError (AgentFailedError > AgentTimeoutError, AgentOutputError;
+    ├── StepError (AgentFailedError > AgentTimeoutError, AgentOutputError,
+    │              AgentConfigurationError (also a ConfigurationError);
     │              StepTimeoutError, ChildWorkflowError)
     ├── WorkflowFailedError (WorkflowTimeoutError, WorkflowCancelledError)
     ├── WorkflowNotRegisteredError
@@ -21,6 +22,7 @@ Every class has a stable ``code`` attribute for scripts.
 from __future__ import annotations
 
 from agentainer_flow.engine.errors import (
+    AgentConfigurationError,
     AgentFailedError,
     AgentOutputError,
     AgentTimeoutError,
@@ -49,6 +51,7 @@ from agentainer_flow.store.errors import (
 )
 
 __all__ = [
+    "AgentConfigurationError",
     "AgentFailedError",
     "AgentOutputError",
     "AgentTimeoutError",

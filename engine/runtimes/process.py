@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from .._testhooks import reach
+from ..errors import ConfigurationError
 from ..secrets import redact_known
 from . import _supervisor as sup
 from .base import (
@@ -391,7 +392,7 @@ class ProcessRuntime(AgentRuntime):
             command = self.images.get(key)
             if command:
                 return list(command)
-        raise ValueError(
+        raise ConfigurationError(
             f"agent '{spec.name}': no command for image '{spec.image}': pass command=[...] to "
             f"deploy_agent or map the image with ProcessRuntime(images={{'{spec.image}': [...]}})"
         )

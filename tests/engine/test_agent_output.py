@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from agentainer_flow import AgentOutputError, Context, WorkflowClient, step, workflow
+from agentainer_flow import (
+    AgentOutputError,
+    Context,
+    WorkflowClient,
+    WorkflowFailedError,
+    step,
+    workflow,
+)
 from agentainer_flow.engine.runtimes.base import (
     DEFAULT_MAX_OUTPUT_BYTES,
     AgentOutputProblem,
@@ -151,3 +158,34 @@ async def test_an_output_file_over_the_limit_is_an_error(
 async def test_the_last_json_line_is_the_output(tmp_path: Path,
                                                 runtime_image: tuple[str, str]) -> None:
     assert await _run(tmp_path, runtime_image, FINE) == {"output": {"n": 42}}
+
+
+# -- a launch that cannot succeed is not retried --------------------------------------------
+
+
+@workflow(name="missing_image_probe", max_retries=3)
+class MissingImage:
+    def __init__(self, image: str, command: list[str] | None) -> None:
+        self.image = image
+        self.command = command
+
+    @step(name="deploy")
+    async def deploy(self, ctx: Context) -> dict[str, Any]:
+        agent = await ctx.deploy_agent(name="ghost", image=self.image, command=self.command)
+        return (await agent.wait_for_completion()).output
+
+
+@pytest.mark.parametrize("runtime", ["process", pytest.param("docker", marks=pytest.mark.docker)])
+async def test_a_missing_image_fails_once_naming_the_image(
+        tmp_path: Path, runtime: str, request: pytest.FixtureRequest) -> None:
+    if runtime == "docker":
+        request.getfixturevalue("docker_engine")
+    image = "flow-test/no-such-image:0"  # not on the engine; no command mapped for it
+    async with WorkflowClient(store=f"sqlite:///{tmp_path}/flow.db", runtime=runtime) as client:
+        execution = await client.run_workflow(workflow=MissingImage(image, None))
+        with pytest.raises(WorkflowFailedError) as failed:
+            await execution.get_result()
+        history = await client.get_history(execution.id)
+    assert image in str(failed.value) and "AgentConfigurationError" == failed.value.error_type
+    attempts = [e for e in history if e.type == "step_started"]
+    assert len(attempts) == 1, "a configuration error must not be retried"

@@ -264,3 +264,24 @@ async def test_client_without_engine_fails_at_open(monkeypatch: pytest.MonkeyPat
     client = WorkflowClient(store=f"sqlite:///{tmp_path / 'flow.db'}", runtime="docker")
     with pytest.raises(ConfigurationError, match="cannot reach a Docker engine"):
         await client.open()
+
+
+async def test_the_images_non_root_user_runs_it_and_can_write_the_output(
+        rt: DockerRuntime, docker_engine: DockerEngine, tmp_path: Path) -> None:
+    """An image that names a user runs as that user (never overridden to root), and the
+    output directory is writable by it."""
+    tag = "agentainer-flow-test/busybox-user:1"
+    (tmp_path / "Dockerfile").write_text(f"FROM {docker_engine.image}\nUSER 1000:1000\n")
+    docker_engine.client.images.build(path=str(tmp_path), tag=tag, rm=True)
+    try:
+        s = spec(tag, sh('echo "{\\"uid\\": $(id -u), \\"gid\\": $(id -g)}" > "$FLOW_OUTPUT"'))
+        await rt.launch(s)
+        outcome = await rt.wait(s.agent_id, 30)
+        assert outcome.exit_code == 0, outcome.log_tail
+        assert outcome.output == {"uid": 1000, "gid": 1000}
+        config = docker_engine.client.containers.get(s.agent_id).attrs
+        assert config["Config"]["User"] == "1000:1000"
+        assert config["HostConfig"]["Privileged"] is False
+    finally:
+        await rt.remove(s.agent_id)
+        docker_engine.client.images.remove(tag, force=True)

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from agentainer_flow.engine.errors import ConfigurationError
 from agentainer_flow.engine.runtimes import _supervisor as sup
 from agentainer_flow.engine.runtimes.base import AgentSpec, AgentState
 from agentainer_flow.engine.runtimes.process import (
@@ -240,7 +241,7 @@ async def test_image_mapping_with_and_without_tag(tmp_path: Path) -> None:
     # an explicit command wins over the mapping
     await runtime.launch(spec("img-cmd", sh('echo \'{"via": "command"}\''), image="tool:1.2"))
     assert (await runtime.wait("img-cmd")).output == {"via": "command"}
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigurationError):
         await runtime.launch(spec("img-other", None, image="tool:1.3"))
 
 
@@ -249,7 +250,7 @@ async def test_missing_command_error(rt: ProcessRuntime) -> None:
         "agent 'fetch': no command for image 'acme/fetcher:2': pass command=[...] to "
         "deploy_agent or map the image with ProcessRuntime(images={'acme/fetcher:2': [...]})"
     )
-    with pytest.raises(ValueError, match=re.escape(expected)):
+    with pytest.raises(ConfigurationError, match=re.escape(expected)):
         await rt.launch(spec("nocommand", None, name="fetch", image="acme/fetcher:2"))
     assert (await rt.lookup("nocommand")).state is AgentState.MISSING
 

@@ -4,7 +4,8 @@ import agentainer_flow
 import agentainer_flow.testing
 
 PUBLIC = {
-    "AgentFailedError", "AgentHandle", "AgentOutputError", "AgentResult", "AgentTimeoutError",
+    "AgentConfigurationError", "AgentFailedError", "AgentHandle", "AgentOutputError",
+    "AgentResult", "AgentTimeoutError",
     "AppendConflictError", "ChildWorkflowError", "ChildWorkflowHandle", "ConfigurationError",
     "Context", "ErrorHandler", "ExecutionEvent", "ExecutionMode", "ExecutionNotFoundError",
     "ExecutionBlockedError", "IdempotencyConflictError",
