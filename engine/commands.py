@@ -8,6 +8,8 @@ without side effects, after checking that the code asks for the same thing (else
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import math
 import random as _random
@@ -19,6 +21,7 @@ from agentainer_flow.store.events import (
     AgentCompleted,
     AgentDeployRequested,
     AgentFailed,
+    AgentOutput,
     AgentStarted,
     ChildWorkflowCompleted,
     ChildWorkflowStarted,
@@ -469,6 +472,98 @@ class StateView(MutableMapping[str, Any]):
         return f"WorkflowState({sorted(self._trees)})"
 
 
+#: what is recorded of one agent's output (a chatty agent must not flood the event log)
+MAX_RECORDED_OUTPUT = 1024 * 1024
+_OUTPUT_BATCH_SECONDS = 0.5  # how long printed lines wait to be recorded together
+_OUTPUT_BATCH_BYTES = 64 * 1024
+_DRAIN_SECONDS = 5.0  # how long the last lines of an exited agent may take to read
+
+
+class _OutputRecorder:
+    """Records what a running agent prints as ``AgentOutput`` events (batched, durable
+    within about half a second, so ``flow logs -f`` shows it live), from the cursor the
+    history has for it. Never fails the step: output is for people."""
+
+    def __init__(self, handle: AgentHandle, cursor: str) -> None:
+        self._handle = handle
+        self._cursor = cursor
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._recorded = 0
+        self._full = False
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        pump = asyncio.ensure_future(self._pump())
+        try:
+            while not pump.done():
+                await asyncio.wait({pump}, timeout=_OUTPUT_BATCH_SECONDS)
+                if self._pending and self._record():
+                    await self._handle._rt.runner.flush()
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            pass
+        finally:
+            pump.cancel()
+            with contextlib.suppress(BaseException):
+                await pump
+
+    async def _pump(self) -> None:
+        runtime = self._handle._rt.runner.runtime
+        with contextlib.suppress(Exception):
+            async for text, cursor in runtime.follow_logs(self._handle.id, self._cursor):
+                if not self._add(text, cursor):
+                    return
+
+    def _add(self, text: str, cursor: str) -> bool:
+        """Keep ``text`` for the next event; False once the cap is reached."""
+        if self._full:
+            return False
+        room = MAX_RECORDED_OUTPUT - self._recorded - self._pending_bytes
+        if len(text) > room:
+            text = text[:max(room, 0)] + (
+                f"\nflow: output of agent {self._handle.name!r} not recorded past "
+                f"{MAX_RECORDED_OUTPUT} bytes; the runtime's own logs have it all\n")
+            self._full = True
+        self._pending.append(text)
+        self._pending_bytes += len(text)
+        if cursor:
+            self._cursor = cursor
+        return not self._full
+
+    def _record(self) -> bool:
+        """Emit what is pending as one event; whether there was something."""
+        if not self._pending:
+            return False
+        handle = self._handle
+        rt = handle._rt
+        text = values.safe_text("".join(self._pending))
+        self._recorded += self._pending_bytes
+        self._pending, self._pending_bytes = [], 0
+        base = rt._base(handle._index)
+        rt.runner.emit(AgentOutput(**base, agent_id=handle.id, name=handle.name, text=text,
+                                   cursor=self._cursor))
+        return True
+
+    async def close(self, *, drain: bool) -> None:
+        """Stop following; with ``drain`` (the agent exited), record the lines it printed
+        last. The events become durable with the agent's outcome."""
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+        if drain and not self._full:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._drain(), _DRAIN_SECONDS)
+        self._record()
+
+    async def _drain(self) -> None:
+        runtime = self._handle._rt.runner.runtime
+        async for text, cursor in runtime.follow_logs(self._handle.id, self._cursor):
+            if not self._add(text, cursor):
+                return
+
+
 def _launch_error(event: AgentFailed, agent: str, message: str) -> AgentFailedError:
     """What ``deploy_agent`` raises for a launch that failed, live and on replay alike."""
     if event.error_type == "AgentConfigurationError":
@@ -540,10 +635,16 @@ class AgentHandle:
             timeout = (
                 max(0.0, self._deadline - runner.clock.now()) if self._deadline else None
             )
+            recorder = (_OutputRecorder(self, runner.h.output_cursors.get(self.id, ""))
+                        if runner.runtime.follows_logs else None)
             try:
                 with runner.clock.busy():
                     outcome = await runner.runtime.wait(self.id, timeout)
+                    if recorder is not None:
+                        await recorder.close(drain=True)
             except BaseException:
+                if recorder is not None:
+                    await recorder.close(drain=False)
                 if not runner.leaves_agents:  # else left running, to be adopted
                     await runner.runtime.stop(self.id)
                 raise

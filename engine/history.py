@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from agentainer_flow.store.errors import HistoryCorruptedError
 from agentainer_flow.store.events import (
+    AgentOutput,
     CancelRequested,
     CommandEvent,
     Event,
@@ -86,6 +87,8 @@ class ExecutionState:
         self.unknown_steps: list[str] = []
         self.newly_resolved: list[str] = []
         self.last_seq = 0
+        #: per agent id, where its recorded output stops (``AgentOutput.cursor``)
+        self.output_cursors: dict[str, str] = {}
 
     def apply(self, seq: int, ev: Event) -> None:
         """Fold one event in; raises ``HistoryCorruptedError`` if it cannot follow the
@@ -110,6 +113,9 @@ class ExecutionState:
                     self.state.pop(ev.key, None)
                 else:
                     self.state[ev.key] = ev.value
+            return
+        if isinstance(ev, AgentOutput):
+            self.output_cursors[ev.agent_id] = ev.cursor
             return
         if isinstance(ev, StepStarted):
             step = self._step(ev.step)

@@ -27,6 +27,7 @@ import msgspec
 from agentainer_flow.store.events import (
     AgentDeployRequested,
     AgentFailed,
+    AgentOutput,
     CancelRequested,
     ChildWorkflowCompleted,
     Event,
@@ -64,6 +65,7 @@ _TEXT_FIELDS: dict[type[Event], tuple[str, ...]] = {
     StepFailed: ("error",),
     ExecutionFailed: ("error",),
     LogRecorded: ("message",),
+    AgentOutput: ("text",),
     AgentFailed: ("error", "log_tail"),
     AgentDeployRequested: ("env", "command"),
     ChildWorkflowCompleted: ("error",),

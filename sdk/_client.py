@@ -299,8 +299,10 @@ class WorkflowClient:
         return {k: values.load(v) for k, v in state.items()}
 
     async def get_logs(self, execution_id: str) -> list[str]:
-        """Log lines: ``ctx.log`` messages and step/execution milestones."""
-        return [_log_line(e) for e in await self.get_history(execution_id) if _is_log(e)]
+        """Log lines: ``ctx.log`` messages, step/execution milestones and what agents
+        printed (tagged with the agent's name)."""
+        return [line for e in await self.get_history(execution_id) if _is_log(e)
+                for line in _log_lines(e)]
 
     async def stream_logs(self, execution_id: str) -> AsyncIterator[str]:
         """Log lines as they are written, until the execution ends."""
@@ -308,7 +310,8 @@ class WorkflowClient:
         async for stored in self.store.subscribe(execution_id):
             event = ExecutionEvent.from_stored(stored)
             if _is_log(event):
-                yield _log_line(event)
+                for line in _log_lines(event):
+                    yield line
 
     async def stream_events(
         self, execution_id: str, *, after_seq: int = 0
@@ -385,9 +388,18 @@ class WorkflowClient:
 
 
 def _is_log(event: ExecutionEvent) -> bool:
-    return event.type in ("log_recorded", "workflow_started", "workflow_completed",
+    return event.type in ("log_recorded", "agent_output", "workflow_started", "workflow_completed",
                           "workflow_failed", "workflow_cancelled", "step_completed",
                           "step_failed", "step_skipped", "step_started")
+
+
+def _log_lines(event: ExecutionEvent) -> list[str]:
+    """An event as log lines: one, or one per line an agent printed."""
+    if event.type != "agent_output":
+        return [_log_line(event)]
+    ts = event.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    tag = f"{ts} {'OUTPUT':<7} [{event.details.get('name', '?')}]"
+    return [f"{tag} {line}" for line in event.message.split("\n")]
 
 
 def _log_line(event: ExecutionEvent) -> str:

@@ -14,6 +14,7 @@ from agentainer_flow.store.events import (
     AgentCompleted,
     AgentDeployRequested,
     AgentFailed,
+    AgentOutput,
     AgentStarted,
     CancelRequested,
     ChildWorkflowCompleted,
@@ -121,6 +122,8 @@ def _message(ev: Event) -> str:
         return f"agent {ev.agent_id} completed"
     if isinstance(ev, AgentFailed):
         return f"agent {ev.agent_id} failed: {ev.error}"
+    if isinstance(ev, AgentOutput):
+        return ev.text.rstrip("\n")
     if isinstance(ev, StateSet):
         return f"state[{ev.key!r}] {'deleted' if ev.deleted else 'set'}"
     if isinstance(ev, TimerStarted):

@@ -17,6 +17,7 @@ __all__ = [
     "AgentCompleted",
     "AgentDeployRequested",
     "AgentFailed",
+    "AgentOutput",
     "AgentStarted",
     "CancelRequested",
     "ChildWorkflowCompleted",
@@ -158,6 +159,20 @@ class AgentFailed(CommandEvent, kw_only=True, frozen=True):
     error_type: str = ""
 
 
+class AgentOutput(StepEvent, kw_only=True, frozen=True):
+    """Lines a running agent printed (stdout and stderr, secrets redacted), for people.
+
+    Not a command: replay ignores it. ``index`` is the agent's command index; ``cursor`` is
+    where the runtime's log stood after these lines, so that an engine adopting the agent
+    after a crash goes on from there instead of recording them twice."""
+
+    index: int
+    agent_id: str
+    name: str
+    text: str
+    cursor: str = ""
+
+
 class StateSet(CommandEvent, kw_only=True, frozen=True):
     """A write to ``ctx.state`` (``deleted`` marks ``del ctx.state[key]``)."""
 
@@ -252,6 +267,7 @@ AnyEvent = (
     | AgentStarted
     | AgentCompleted
     | AgentFailed
+    | AgentOutput
     | StateSet
     | TimerStarted
     | TimerFired

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -88,6 +89,8 @@ class AgentRuntime(ABC):
 
     #: short name recorded in ``AgentStarted`` events ("process", "docker", "mock")
     name: str = "runtime"
+    #: whether ``follow_logs`` gives what agents print (the engine records it if so)
+    follows_logs: bool = False
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Prepare the runtime (connect to an engine, create directories)."""
@@ -117,11 +120,25 @@ class AgentRuntime(ABC):
 
     @abstractmethod
     async def logs(self, agent_id: str, tail: int = 100) -> str:
-        """The last ``tail`` lines of the agent's combined output."""
+        """The last ``tail`` lines of the agent's combined output (stdout and stderr)."""
+
+    def follow_logs(self, agent_id: str, cursor: str = "") -> AsyncIterator[tuple[str, str]]:
+        """What the agent prints, as it prints it: ``(text, cursor)`` pairs of whole lines
+        (stdout and stderr), until the agent has exited and all it printed was given.
+
+        ``cursor`` (opaque, from an earlier pair) starts after what was already given, so an
+        engine adopting the agent after a crash does not record lines twice. A runtime that
+        cannot follow logs gives nothing."""
+        return _no_logs()
 
     @abstractmethod
     async def remove(self, agent_id: str) -> None:
         """Forget a finished agent (its outcome is recorded in the log by now). Idempotent."""
+
+
+async def _no_logs() -> AsyncIterator[tuple[str, str]]:
+    return
+    yield  # an async generator that gives nothing
 
 
 def max_output_bytes() -> int:

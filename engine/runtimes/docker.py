@@ -20,6 +20,7 @@ in short slices so that a cancelled wait frees its thread quickly).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import io
 import os
@@ -27,7 +28,7 @@ import re
 import tarfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -136,6 +137,7 @@ class DockerRuntime(AgentRuntime):
     """
 
     name = "docker"
+    follows_logs = True
 
     def __init__(self, *, client: Any = None, kill_grace: float = 5.0,
                  poll_interval: float = 0.1, max_threads: int = 64) -> None:
@@ -466,6 +468,58 @@ class DockerRuntime(AgentRuntime):
         data: bytes = container.logs(stdout=True, stderr=True, tail=tail)
         return data.decode(errors="replace")
 
+    async def follow_logs(self, agent_id: str,
+                          cursor: str = "") -> AsyncIterator[tuple[str, str]]:
+        """The container's output as Docker streams it; the cursor is the last line's
+        timestamp. The stream is read in a thread of its own (it blocks for the container's
+        whole life), never in the pool the other calls share."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[bytes, str] | None] = asyncio.Queue()
+        streams: list[Any] = []
+        done = threading.Event()
+
+        def put(item: tuple[bytes, str] | None) -> None:
+            if not done.is_set():
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def pump() -> None:
+            try:
+                self._pump_logs(agent_id, cursor, streams, put)
+            except Exception:
+                pass
+            finally:
+                put(None)
+
+        threading.Thread(target=pump, name=f"flow-logs-{agent_id[:40]}", daemon=True).start()
+        try:
+            while (item := await queue.get()) is not None:
+                yield item[0].decode("utf-8", "replace"), item[1]
+        finally:
+            done.set()
+            for stream in streams:
+                with contextlib.suppress(Exception):
+                    stream.close()
+
+    def _pump_logs(self, agent_id: str, cursor: str, streams: list[Any],
+                   put: Callable[[tuple[bytes, str] | None], None]) -> None:
+        after = _nanos(cursor)
+        container = self._get(agent_id)
+        if container is None:
+            return
+        since = None if after is None else after // 1_000_000_000
+        stream = container.logs(stdout=True, stderr=True, stream=True, follow=True,
+                                timestamps=True, since=since)
+        streams.append(stream)
+        pending = b""
+        for chunk in stream:
+            pending += chunk
+            lines = pending.split(b"\n")
+            pending = lines.pop()
+            if lines:
+                _give(lines, after, put)
+        if pending:
+            _give([pending], after, put)
+
     async def remove(self, agent_id: str) -> None:
         """Remove the container (killing it if it runs). Idempotent."""
         await self._run(self._remove, agent_id)
@@ -481,6 +535,32 @@ class DockerRuntime(AgentRuntime):
         except docker.errors.APIError as exc:
             if exc.status_code not in (404, 409):  # gone, or its removal is under way
                 raise
+
+
+def _nanos(stamp: str) -> int | None:
+    """Nanoseconds since the epoch from a Docker log timestamp (RFC 3339, nanoseconds)."""
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z", stamp)
+    if m is None:
+        return None
+    seconds = int(dt.datetime.fromisoformat(m.group(1) + "+00:00").timestamp())
+    return seconds * 1_000_000_000 + int((m.group(2) or "0").ljust(9, "0"))
+
+
+def _give(lines: list[bytes], after: int | None,
+          put: Callable[[tuple[bytes, str] | None], None]) -> None:
+    """Hand on timestamped log lines past ``after``, without their timestamps."""
+    out = []
+    last = ""
+    for line in lines:
+        stamp, _, text = line.partition(b" ")
+        stamp_text = stamp.decode("ascii", "replace")
+        when = _nanos(stamp_text)
+        if after is not None and when is not None and when <= after:
+            continue  # given before the engine that recorded it died
+        out.append(text)
+        last = stamp_text if when is not None else last
+    if out:
+        put((b"\n".join(out) + b"\n", last))
 
 
 class _Chunks(io.RawIOBase):

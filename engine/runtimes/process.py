@@ -53,7 +53,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -286,6 +286,37 @@ def _stdout_end(path: Path, window: int) -> tuple[bytes, int]:
     return data, cut
 
 
+_FOLLOW_CHUNK = 256 * 1024
+_FOLLOW_POLL = 0.25  # seconds between looks at a running agent's output files
+
+
+def _offsets(cursor: str) -> list[int]:
+    try:
+        out, err = (int(x) for x in cursor.split(":"))
+    except ValueError:
+        return [0, 0]
+    return [max(0, out), max(0, err)]
+
+
+def _new_lines(path: Path, offset: int, final: bool) -> tuple[bytes, int, bool]:
+    """Whole lines written to ``path`` past ``offset`` (at most a chunk; everything left once
+    the writer is ``final``), the new offset, and whether more is there to read."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = f.read(_FOLLOW_CHUNK + 1)
+    except OSError:
+        return b"", offset, False
+    more = len(data) > _FOLLOW_CHUNK
+    data = data[:_FOLLOW_CHUNK]
+    if not final or more:
+        end = data.rfind(b"\n") + 1
+        if end == 0 and len(data) == _FOLLOW_CHUNK:
+            end = len(data)  # a line longer than a chunk: give it in pieces
+        data = data[:end]
+    return data, offset + len(data), more
+
+
 def _tail_lines(path: Path, lines: int) -> str:
     if lines <= 0:
         return ""
@@ -348,6 +379,7 @@ class ProcessRuntime(AgentRuntime):
     """
 
     name = "process"
+    follows_logs = True
 
     def __init__(
         self,
@@ -695,10 +727,40 @@ class ProcessRuntime(AgentRuntime):
     # -- logs / remove --
 
     async def logs(self, agent_id: str, tail: int = 100) -> str:
-        """The last ``tail`` lines of stdout, then the last ``tail`` lines of stderr (the two
-        streams are kept in separate files, so their interleaving is not known)."""
+        """The last ``tail`` lines of the agent's output. The two streams are kept in
+        separate files, so their interleaving is not known: stderr's lines come first, then
+        stdout's (where an agent's last words, its output, usually are)."""
         agent_dir = self.agent_dir(agent_id)
-        return _tail_lines(agent_dir / sup.STDOUT, tail) + _tail_lines(agent_dir / sup.STDERR, tail)
+        text = _tail_lines(agent_dir / sup.STDERR, tail) + _tail_lines(agent_dir / sup.STDOUT, tail)
+        return "".join(text.splitlines(keepends=True)[-tail:]) if tail > 0 else ""
+
+    async def follow_logs(self, agent_id: str,
+                          cursor: str = "") -> AsyncIterator[tuple[str, str]]:
+        """Stdout then stderr lines as the files grow (polled); the cursor is the two files'
+        offsets, ``"OUT:ERR"``."""
+        agent_dir = self.agent_dir(agent_id)
+        offsets = _offsets(cursor)
+        while True:
+            finished = self._finished(agent_dir)
+            parts = []
+            more = False
+            for i, name in enumerate((sup.STDOUT, sup.STDERR)):
+                data, offsets[i], full = _new_lines(agent_dir / name, offsets[i], finished)
+                more = more or full
+                if data:
+                    parts.append(data.decode("utf-8", "replace"))
+            if parts:
+                yield "".join(parts), f"{offsets[0]}:{offsets[1]}"
+            if finished and not more:
+                return
+            if not more:
+                await asyncio.sleep(_FOLLOW_POLL)
+
+    def _finished(self, agent_dir: Path) -> bool:
+        """Whether the agent has ended (or its directory is gone): nothing more to print."""
+        if not agent_dir.is_dir() or (agent_dir / sup.RESULT).exists():
+            return True
+        return not _launch_under_way(agent_dir) and self._live_pid(agent_dir) is None
 
     async def remove(self, agent_id: str) -> None:
         """Stop the agent if it may still run (or start: an interrupted launch), then delete

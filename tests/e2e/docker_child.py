@@ -1,6 +1,7 @@
 """Runs or resumes a one-step workflow whose agent is a container, for the docker kill tests.
 
-The agent sleeps ``$SLEEP`` seconds, then prints its output as its last stdout line. With
+The agent prints ``tick N`` four times a second for ``$SLEEP`` seconds, then its output as
+its last stdout line. With
 ``FLOW_TEST_KILL_AT`` set the engine SIGKILLs itself at that point of the launch.
 """
 
@@ -25,7 +26,8 @@ class OneContainer:
     async def only(self, ctx: Context) -> dict:
         agent = await ctx.deploy_agent(
             "worker", IMAGE, env={"VALUE": str(self.value), "SLEEP": os.environ["SLEEP"]},
-            command=["sh", "-c", 'sleep "$SLEEP"; echo "{\\"value\\": $((VALUE * 2))}"'])
+            command=["sh", "-c", 'i=0; while [ $i -lt $((SLEEP * 4)) ]; do echo "tick $i"; '
+                     'i=$((i + 1)); sleep 0.25; done; echo "{\\"value\\": $((VALUE * 2))}"'])
         result = await agent.wait_for_completion()
         return {"value": result["value"]}
 

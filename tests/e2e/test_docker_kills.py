@@ -4,6 +4,7 @@ events), the result is right, and no container is left behind."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from agentainer_flow import WorkflowClient
 from tests.conftest import DockerEngine
 
 pytestmark = [pytest.mark.docker, pytest.mark.skipif(sys.platform == "win32",
@@ -71,10 +73,27 @@ def killed(proc: subprocess.Popen[str], *, kill: bool = True) -> None:
     assert proc.returncode == -signal.SIGKILL, f"the engine was not killed: {err}"
 
 
-def check(run: Run, answer: dict) -> None:
+def check(run: Run, answer: dict, seconds: int) -> None:
     assert answer["result"] == {"value": 42}
     assert run.created() == 1
     assert run.containers() == []  # removed once the outcome was durable
+    # what the container printed is in the execution's logs, each line once, in order,
+    # though two engines followed it
+    ticks = [line.split("] ", 1)[1] for line in asyncio.run(_logs(run))
+             if " OUTPUT  [worker] " in line]
+    assert ticks == [f"tick {i}" for i in range(seconds * 4)] + ['{"value": 42}']
+
+
+async def _logs(run: Run) -> list[str]:
+    async with WorkflowClient(store=run.url, runtime="docker") as client:
+        return await client.get_logs(run.eid)
+
+
+def _recorded_output(run: Run) -> bool:
+    async def look() -> bool:
+        async with WorkflowClient(store=run.url, runtime="docker") as client:
+            return any(e.type == "agent_output" for e in await client.get_history(run.eid))
+    return asyncio.run(look())
 
 
 def test_kill_while_the_container_runs(docker_engine: DockerEngine, tmp_path: Path) -> None:
@@ -85,9 +104,13 @@ def test_kill_while_the_container_runs(docker_engine: DockerEngine, tmp_path: Pa
         assert first.poll() is None, first.communicate()
         assert time.monotonic() < deadline, "the container never ran"
         time.sleep(0.05)
+    while not _recorded_output(run):  # kill once some of its output is recorded
+        assert first.poll() is None, first.communicate()
+        assert time.monotonic() < deadline, "no output recorded"
+        time.sleep(0.1)
     killed(first)
     assert len(run.containers(status="running")) == 1  # the agent outlives its engine
-    check(run, finish(run.child("resume", SLEEP="3")))
+    check(run, finish(run.child("resume", SLEEP="3")), 3)
 
 
 @pytest.mark.parametrize("point", ["agent.intent_logged", "agent.started"])
@@ -97,4 +120,4 @@ def test_kill_inside_the_launch(docker_engine: DockerEngine, tmp_path: Path,
     killed(run.child("run", SLEEP="1", FLOW_TEST_KILL_AT=point), kill=False)
     if point == "agent.intent_logged":
         assert run.containers() == []
-    check(run, finish(run.child("resume", SLEEP="1")))
+    check(run, finish(run.child("resume", SLEEP="1")), 1)

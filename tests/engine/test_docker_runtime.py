@@ -20,6 +20,10 @@ from tests.conftest import DockerEngine
 pytestmark = pytest.mark.docker
 
 
+#: this run's label value: the cleanup removes this run's containers, no other run's
+RUN = uuid.uuid4().hex[:12]
+
+
 def sh(script: str) -> list[str]:
     return ["sh", "-c", script]
 
@@ -37,7 +41,7 @@ async def rt(docker_engine: DockerEngine) -> AsyncIterator[DockerRuntime]:
         yield runtime
     finally:
         for c in docker_engine.client.containers.list(
-            all=True, filters={"label": "agentainer.flow.test=1"}
+            all=True, filters={"label": f"agentainer.flow.test={RUN}"}
         ):
             c.remove(force=True)
         await runtime.close()
@@ -46,7 +50,7 @@ async def rt(docker_engine: DockerEngine) -> AsyncIterator[DockerRuntime]:
 def spec(image: str, command: list[str] | None, *, agent_id: str | None = None,
          **kw: Any) -> AgentSpec:
     labels = {"flow.execution": "exec-1", "flow.step": "s", "flow.instance": "0",
-              "flow.attempt": "1", "flow.command": "0", "flow.workflow": "wf", "flow.test": "1"}
+              "flow.attempt": "1", "flow.command": "0", "flow.workflow": "wf", "flow.test": RUN}
     return AgentSpec(agent_id=agent_id or new_id(), name="agent", image=image,
                      command=command, labels=labels, **kw)
 

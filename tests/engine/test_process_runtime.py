@@ -478,7 +478,8 @@ async def test_logs(rt: ProcessRuntime) -> None:
     await rt.launch(spec("talk", sh("for i in 1 2 3 4; do echo out$i; echo err$i >&2; done")))
     await rt.wait("talk")
     logs = await rt.logs("talk", tail=2)
-    assert logs.splitlines() == ["out3", "out4", "err3", "err4"]
+    assert logs.splitlines() == ["out3", "out4"]  # stderr first, then stdout: the last 2
+    assert (await rt.logs("talk", tail=5)).splitlines() == ["err4", "out1", "out2", "out3", "out4"]
     assert "out1" in await rt.logs("talk")
     assert await rt.logs("unknown") == ""
 
