@@ -176,26 +176,49 @@ class Runner:
             actions, self._after_flush = self._after_flush, []
             if status is None:
                 status = self._status
-            try:
-                result = await self.store.append(
-                    self.execution_id, self.durable_seq + 1, batch,
-                    status=status, error=error, wake_at=wake_at, lease_token=self.lease_token)
-            except StoreError as exc:
-                # lost the lease or a race, or the store stayed down: stop here; the agents
-                # are left running for whoever holds (or takes) the lease
-                if self._fatal is None:
-                    self._fatal = exc
-                self._wakeup()
-                raise _Aborted() from exc
-            self.durable_seq = result.last_seq
-            self._status = None
-            if result.cancel_requested and not self.h.cancel_requested:
-                self.request_cancel("requested")
+            # the commit is not cancellable: a store may commit an append whose caller was
+            # cancelled, and durable_seq must say what the store holds, or the next append
+            # conflicts with our own events. A cancelled flush waits for it, then raises.
+            commit = asyncio.ensure_future(self._commit(batch, status, error, wake_at))
+            cancelled = False
+            with self.clock.busy():  # real work: virtual time does not skip meanwhile
+                while not commit.done():
+                    try:
+                        await asyncio.shield(commit)
+                    except asyncio.CancelledError:
+                        cancelled = True
+                    except BaseException:  # re-raised by commit.result() below
+                        break
+            if cancelled:
+                self._after_flush[:0] = actions  # the next flush runs them
+                if not commit.cancelled():
+                    commit.exception()  # retrieved; a StoreError has set _fatal
+                raise asyncio.CancelledError
+            commit.result()
         for action in actions:
             try:
                 await action()
             except Exception as exc:  # cleanup is best effort; the outcome is recorded
                 self._log.warning("cleanup_failed", error=str(exc))
+
+    async def _commit(self, batch: list[Event], status: ExecutionStatus | None,
+                      error: str | None, wake_at: float | None) -> None:
+        """Append ``batch`` under the lease; note how far the history is durable."""
+        try:
+            result = await self.store.append(
+                self.execution_id, self.durable_seq + 1, batch,
+                status=status, error=error, wake_at=wake_at, lease_token=self.lease_token)
+        except StoreError as exc:
+            # lost the lease or a race, or the store stayed down: stop here; the agents
+            # are left running for whoever holds (or takes) the lease
+            if self._fatal is None:
+                self._fatal = exc
+            self._wakeup()
+            raise _Aborted() from exc
+        self.durable_seq = result.last_seq
+        self._status = None
+        if result.cancel_requested and not self.h.cancel_requested:
+            self.request_cancel("requested")
 
     def _must_flush(self) -> bool:
         """Whether the scheduler must make its buffered events durable before it moves on.

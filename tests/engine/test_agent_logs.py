@@ -3,6 +3,7 @@ tagged with the agent's name, secrets redacted, and kept after the agent is gone
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from agentainer_flow import Context, ExecutionMode, WorkflowClient, step, workflow
+from agentainer_flow.store.sqlite import SQLiteEventStore
 from tests.conftest import DockerEngine
 
 SECRET = "tok-3f9a1c77e2b54d08"
@@ -66,3 +68,40 @@ async def test_agent_output_streams_into_the_logs(tmp_path: Path,
 def _store_bytes(folder: Path) -> bytes:
     """The SQLite database and its WAL, raw."""
     return b"".join(f.read_bytes() for f in folder.glob("flow.db*"))
+
+
+class CommitsWhenCancelled(SQLiteEventStore):
+    """A real SQLite store whose appends take 0.2 s and, like Postgres committing on its
+    own thread, complete even when their caller was cancelled."""
+
+    async def append(self, *args: Any, **kwargs: Any) -> Any:
+        async def slow() -> Any:
+            await asyncio.sleep(0.2)
+            return await SQLiteEventStore.append(self, *args, **kwargs)
+
+        return await asyncio.shield(asyncio.ensure_future(slow()))
+
+
+@workflow(name="chatty_under_slow_commits")
+class Chatty:
+    @step(name="talk")
+    async def talk(self, ctx: Context) -> dict[str, Any]:
+        agent = await ctx.deploy_agent(
+            name="chatty", image="local-shell:latest",
+            command=["sh", "-c", "for i in 1 2 3 4 5 6 7 8; do echo $i; sleep 0.15; done; "
+                     "echo '{\"n\": 8}'"])
+        return (await agent.wait_for_completion()).output
+
+
+async def test_a_flush_cancelled_mid_commit_loses_nothing(tmp_path: Path) -> None:
+    """The output recorder's flush is cancelled when the agent exits, often in the middle
+    of a commit the store finishes anyway: the runner must still know what is durable (an
+    earlier version appended at a stale seq and failed with AppendConflictError)."""
+    store = CommitsWhenCancelled(f"sqlite:///{tmp_path}/flow.db")
+    async with WorkflowClient(store=store, runtime="process") as client:
+        for _ in range(4):
+            execution = await client.run_workflow(workflow=Chatty())
+            assert await asyncio.wait_for(execution.get_result(), 30) == {"n": 8}
+            printed = [line.split("] ", 1)[1] for line in await client.get_logs(execution.id)
+                       if " OUTPUT " in line]
+            assert printed == [str(i) for i in range(1, 9)] + ['{"n": 8}']
