@@ -234,6 +234,7 @@ class StepRuntime:
                 "flow.instance": str(self.instance),
                 "flow.attempt": str(self.attempt),
                 "flow.command": str(idx),
+                "flow.store": runner.engine.store_label,
             },
             timeout=timeout_s,
             network=network,
@@ -686,8 +687,14 @@ class AgentHandle:
                              log_tail=values.safe_text(redact.text(outcome.log_tail[-4000:])),
                              started_at=outcome.started_at, finished_at=outcome.finished_at)
         ev = runner.emit(ev)
-        runner.after_flush(lambda: runner.runtime.remove(self.id))
+        runner.after_flush(self._remove)
         return ev
+
+    async def _remove(self) -> None:
+        """Once the outcome is durable: the agent is not needed any more (a crash here
+        leaves it to the reaper, ``flow gc``)."""
+        reach("agent.outcome_durable")
+        await self._rt.runner.runtime.remove(self.id)
 
     async def stop(self) -> None:
         """Stop the agent; a later ``wait_for_completion`` reports it failed."""

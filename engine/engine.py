@@ -51,7 +51,7 @@ from .errors import (
 )
 from .leases import holder_is_dead, lease_seconds_from_env, make_owner_id
 from .runner import Runner
-from .runtimes.base import AgentRuntime
+from .runtimes.base import AgentRuntime, store_label
 from .secrets import Redactor, encrypt_secrets, resolve_secrets
 from .spec import ARGS_ATTR, WorkflowSpec, get_workflow_spec
 
@@ -136,6 +136,8 @@ class Engine:
         # why runs of this process stopped without an outcome, by execution id
         self._stopped: dict[str, BaseException] = {}
         self.is_shutting_down = False
+        #: carried by every agent as its ``flow.store`` label (see ``store_label``)
+        self.store_label = store_label(getattr(store, "url", "") or "memory://")
 
     # starting ---------------------------------------------------------------------------
     async def start(

@@ -786,6 +786,51 @@ def replay(
 
 
 @app.command()
+def gc(
+    runtime: Annotated[str, typer.Option(
+        "--runtime", envvar="FLOW_RUNTIME",
+        help="Where to look: process, docker, or all (docker only if an engine answers).")
+    ] = "all",
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Show what would be removed; remove nothing.")] = False,
+    store: StoreOpt = DEFAULT_STORE,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove agents that crashes left behind: containers and agent directories of ended
+    executions, or whose outcome is recorded. Never touches running commands' agents or
+    another store's."""
+
+    async def body() -> int:
+        names = ["process", "docker"] if runtime == "all" else [runtime]
+        rows: list[dict[str, Any]] = []
+        for name in names:
+            try:
+                async with _client(store, name) as client:
+                    reaped = await client.gc(dry_run=dry_run)
+            except ConfigurationError as exc:
+                if runtime == "all" and name == "docker":
+                    _out.info(f"docker: skipped ({exc})")
+                    continue
+                raise
+            rows += [{"runtime": name, "agent_id": r.agent_id,
+                      "execution_id": r.execution_id, "reason": r.reason,
+                      "was_running": r.was_running} for r in reaped]
+        if as_json:
+            _out.json({"dry_run": dry_run, "removed": rows})
+            return 0
+        verb = "would remove" if dry_run else "removed"
+        if rows:
+            _out.table(["runtime", "agent", "execution", "why"],
+                       [(r["runtime"], r["agent_id"], r["execution_id"],
+                         r["reason"] + (" (was running)" if r["was_running"] else ""))
+                        for r in rows])
+        _out.out(f"{verb} {len(rows)} agent{'s' if len(rows) != 1 else ''}")
+        return 0
+
+    _go(body)
+
+
+@app.command()
 def cancel(
     execution_id: IdArg,
     store: StoreOpt = DEFAULT_STORE,
@@ -855,6 +900,10 @@ def metrics(
 
 
 # the worker -----------------------------------------------------------------------------
+#: seconds between a worker's sweeps for agents that crashes left behind
+_GC_INTERVAL = 60.0
+
+
 @dataclass
 class _Worker:
     """Claims executions under a lease, runs them with the client's engine, renews, releases."""
@@ -871,6 +920,7 @@ class _Worker:
         self.skipped: set[str] = set()  # cannot run here (not importable, diverged): left
         self.done = 0
         self.stop = asyncio.Event()
+        self.last_gc: float | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -880,6 +930,7 @@ class _Worker:
                  + (", once" if self.once else "") + ")")
         try:
             while not self.stop.is_set():
+                await self._gc()
                 try:
                     claimed = await self._claim()
                 except FlowError as exc:
@@ -896,6 +947,21 @@ class _Worker:
             await self._shutdown()
         _out.out(f"worker {self.name} stopped; {self.done} executions processed")
         return 0
+
+    async def _gc(self) -> None:
+        """Every ``_GC_INTERVAL`` seconds (and at start): remove the agents that crashes
+        left behind. A failure is reported, never fatal."""
+        now = time.monotonic()
+        if self.last_gc is not None and now - self.last_gc < _GC_INTERVAL:
+            return
+        self.last_gc = now
+        try:
+            reaped = await self.client.gc()
+        except Exception as exc:
+            _out.error(f"removing left-behind agents failed: {exc}")
+            return
+        for r in reaped:
+            _out.out(f"{r.execution_id}: removed left-behind agent {r.agent_id} ({r.reason})")
 
     def _on_signal(self, sig: int) -> None:
         if not self.stop.is_set():

@@ -10,9 +10,12 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
+import structlog
+
 from agentainer_flow.engine import Clock, Engine, values
 from agentainer_flow.engine.durations import Duration, parse_duration
 from agentainer_flow.engine.errors import ConfigurationError
+from agentainer_flow.engine.reaper import Reaped, reap_agents
 from agentainer_flow.engine.runtimes.base import AgentRuntime
 from agentainer_flow.store import (
     EventStore,
@@ -25,6 +28,8 @@ from agentainer_flow.store.events import StateSet
 
 from ._context import Context
 from ._events import ExecutionEvent
+
+log = structlog.get_logger("agentainer_flow.client")
 
 __all__ = [
     "DEFAULT_STORE",
@@ -229,16 +234,28 @@ class WorkflowClient:
             await asyncio.shield(task)
         return WorkflowExecution(self, execution_id)
 
+    async def gc(self, *, dry_run: bool = False) -> list[Reaped]:
+        """Remove the agents (containers, process directories) that crashes left behind:
+        those of ended executions, and those whose outcome the history already holds.
+        Agents of other stores and of running commands are never touched."""
+        await self.open()
+        return await reap_agents(self.store, self.engine.runtime, dry_run=dry_run)
+
     async def recover(
         self, *, secrets: Mapping[str, str] | None = None, wait: bool = True
     ) -> list[WorkflowExecution]:
-        """Resume every unfinished top-level execution in the store.
+        """Resume every unfinished top-level execution in the store (after removing the
+        agents that crashes left behind, see ``gc``).
 
         One that cannot run (its workflow is not importable, a secret is missing, its code
         diverged) does not stop the others: it is logged (``execution_stopped``) and its
         ``get_result()`` raises why.
         """
         await self.open()
+        try:
+            await self.gc()
+        except Exception as exc:
+            log.warning("gc_failed", error=str(exc))
         rows = await self.store.list_executions(
             statuses=[ExecutionStatus.PENDING, ExecutionStatus.RUNNING], limit=None)
         tasks = []

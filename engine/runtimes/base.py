@@ -8,6 +8,7 @@ instead of launching it again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
@@ -19,6 +20,7 @@ from typing import Any
 __all__ = [
     "DEFAULT_MAX_OUTPUT_BYTES",
     "MAX_OUTPUT_BYTES_ENV",
+    "AgentEntry",
     "AgentOutcome",
     "AgentOutputProblem",
     "AgentRuntime",
@@ -27,6 +29,8 @@ __all__ = [
     "AgentStatus",
     "max_output_bytes",
     "read_output",
+    "store_key",
+    "store_label",
 ]
 
 #: Default limit of an agent's output (the ``$FLOW_OUTPUT`` file or the JSON line on stdout).
@@ -84,6 +88,16 @@ class AgentOutcome:
     output_error: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class AgentEntry:
+    """An agent a runtime holds (running or exited and not yet removed), for the reaper."""
+
+    agent_id: str
+    execution_id: str
+    store: str = ""  # ``store_label`` of the store whose execution made it ("" if unknown)
+    running: bool = False
+
+
 class AgentRuntime(ABC):
     """Launches, finds, waits for, stops and cleans up agents."""
 
@@ -131,9 +145,40 @@ class AgentRuntime(ABC):
         cannot follow logs gives nothing."""
         return _no_logs()
 
+    async def list_agents(self) -> list[AgentEntry]:
+        """Every agent this runtime holds that an engine made (for ``flow gc``)."""
+        return []
+
     @abstractmethod
     async def remove(self, agent_id: str) -> None:
         """Forget a finished agent (its outcome is recorded in the log by now). Idempotent."""
+
+
+def store_key(url: str) -> str:
+    """A store's identity: its URL without password, options and driver variant, so that
+    every spelling of one database names the same store."""
+    import sqlalchemy as sa
+
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return url
+    backend = parsed.get_backend_name()
+    if backend == "postgres":
+        backend = "postgresql"
+    port = parsed.port
+    if backend == "postgresql" and port is None:
+        port = 5432
+    host = (parsed.host or "").lower() or None
+    normal = sa.URL.create(backend, username=parsed.username, host=host, port=port,
+                           database=parsed.database)
+    return normal.render_as_string(hide_password=False)
+
+
+def store_label(url: str) -> str:
+    """A short digest of ``store_key(url)``: agents carry it, so that the reaper of one
+    store never touches the agents of another on a shared Docker engine."""
+    return hashlib.sha256(store_key(url).encode()).hexdigest()[:16]
 
 
 async def _no_logs() -> AsyncIterator[tuple[str, str]]:

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 from ..errors import ConfigurationError
 from .base import (
     STDOUT_WINDOW_SLACK,
+    AgentEntry,
     AgentOutcome,
     AgentOutputProblem,
     AgentRuntime,
@@ -519,6 +520,20 @@ class DockerRuntime(AgentRuntime):
                 _give(lines, after, put)
         if pending:
             _give([pending], after, put)
+
+    async def list_agents(self) -> list[AgentEntry]:
+        """The containers that carry an execution label (running or not)."""
+        return await self._run(self._list_agents)
+
+    def _list_agents(self) -> list[AgentEntry]:
+        key = f"{LABEL_PREFIX}execution_id"
+        out = []
+        for c in self._docker().containers.list(all=True, filters={"label": key}):
+            labels = c.labels or {}
+            out.append(AgentEntry(c.name, labels.get(key, ""),
+                                  labels.get(f"{LABEL_PREFIX}store", ""),
+                                  running=c.status in ("created", *_RUNNING_STATES)))
+        return out
 
     async def remove(self, agent_id: str) -> None:
         """Remove the container (killing it if it runs). Idempotent."""

@@ -44,7 +44,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import secrets
@@ -64,6 +63,7 @@ from ..secrets import redact_known
 from . import _supervisor as sup
 from .base import (
     STDOUT_WINDOW_SLACK,
+    AgentEntry,
     AgentOutcome,
     AgentOutputProblem,
     AgentRuntime,
@@ -72,6 +72,7 @@ from .base import (
     AgentStatus,
     max_output_bytes,
     read_output,
+    store_label,
 )
 
 __all__ = ["ProcessRuntime", "default_agent_root"]
@@ -112,7 +113,7 @@ def default_agent_root(store_url: str) -> Path:
         return database.parent / "agents"
     state = os.environ.get("XDG_STATE_HOME", "")
     base = Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state"
-    digest = hashlib.sha256(_store_key(store_url).encode()).hexdigest()[:16]
+    digest = store_label(store_url)
     return base / "agentainer-flow" / digest / "agents"
 
 
@@ -130,27 +131,6 @@ def _sqlite_file(url: str) -> Path | None:
     if database in ("", ":memory:") or database.startswith("file:"):
         return None
     return Path(database).expanduser().absolute()
-
-
-def _store_key(url: str) -> str:
-    """The store's identity: its URL without password, options and driver variant, so
-    spellings of one database share their agents."""
-    import sqlalchemy as sa
-
-    try:
-        parsed = sa.make_url(url)
-    except sa.exc.ArgumentError:
-        return url
-    backend = parsed.get_backend_name()
-    if backend == "postgres":
-        backend = "postgresql"
-    port = parsed.port
-    if backend == "postgresql" and port is None:
-        port = 5432
-    host = (parsed.host or "").lower() or None
-    normal = sa.URL.create(backend, username=parsed.username, host=host, port=port,
-                           database=parsed.database)
-    return normal.render_as_string(hide_password=False)
 
 
 def _supervisor_argv(python: str) -> list[str]:
@@ -761,6 +741,25 @@ class ProcessRuntime(AgentRuntime):
         if not agent_dir.is_dir() or (agent_dir / sup.RESULT).exists():
             return True
         return not _launch_under_way(agent_dir) and self._live_pid(agent_dir) is None
+
+    async def list_agents(self) -> list[AgentEntry]:
+        """The agent directories under the root, with the execution in their labels."""
+        return await asyncio.to_thread(self._list_agents)
+
+    def _list_agents(self) -> list[AgentEntry]:
+        try:
+            names = [e.name for e in os.scandir(self.root)
+                     if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+        except OSError:
+            return []
+        out = []
+        for name in names:
+            labels = (_read_json(self.root / name / SPEC) or {}).get("labels") or {}
+            execution = labels.get("flow.execution") if isinstance(labels, dict) else None
+            if isinstance(execution, str) and execution:
+                out.append(AgentEntry(name, execution, str(labels.get("flow.store", "")),
+                                      running=not self._finished(self.root / name)))
+        return out
 
     async def remove(self, agent_id: str) -> None:
         """Stop the agent if it may still run (or start: an interrupted launch), then delete

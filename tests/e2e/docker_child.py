@@ -1,7 +1,7 @@
 """Runs or resumes a one-step workflow whose agent is a container, for the docker kill tests.
 
 The agent prints ``tick N`` four times a second for ``$SLEEP`` seconds, then its output as
-its last stdout line. With
+its last stdout line. With ``TWO_STEPS`` set a second step runs a second container. With
 ``FLOW_TEST_KILL_AT`` set the engine SIGKILLs itself at that point of the launch.
 """
 
@@ -30,6 +30,13 @@ class OneContainer:
                      'i=$((i + 1)); sleep 0.25; done; echo "{\\"value\\": $((VALUE * 2))}"'])
         result = await agent.wait_for_completion()
         return {"value": result["value"]}
+
+    @step(depends_on=["only"])
+    async def then(self, ctx: Context, only: dict) -> dict:
+        if os.environ.get("TWO_STEPS"):  # a second container, while the first is done
+            agent = await ctx.deploy_agent("second", IMAGE, command=["sh", "-c", "sleep 2"])
+            await agent.wait_for_completion()
+        return only
 
 
 async def main(mode: str, store_url: str, execution_id: str) -> None:

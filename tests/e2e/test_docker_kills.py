@@ -121,3 +121,82 @@ def test_kill_inside_the_launch(docker_engine: DockerEngine, tmp_path: Path,
     if point == "agent.intent_logged":
         assert run.containers() == []
     check(run, finish(run.child("resume", SLEEP="1")), 1)
+
+
+def gc(run: Run, *args: str, store: str | None = None) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "agentainer_flow._cli", "gc", "--runtime", "docker", "--json",
+         "--store", store or run.url, *args],
+        env={k: v for k, v in os.environ.items() if k not in _CLEARED},
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    answer: dict = json.loads(proc.stdout)
+    return answer
+
+
+def test_a_container_left_after_its_outcome_is_reaped(docker_engine: DockerEngine,
+                                                       tmp_path: Path) -> None:
+    """Killed after the outcome was durable, before the container was removed: ``flow gc``
+    removes it (another store's gc does not), and the resumed run completes."""
+    run = Run(docker_engine, tmp_path)
+    killed(run.child("run", SLEEP="1", TWO_STEPS="1",
+                     FLOW_TEST_KILL_AT="agent.outcome_durable"), kill=False)
+    # the execution runs on (its second step is to come); the first container is garbage
+    assert [c.status for c in run.containers()] == ["exited"]  # type: ignore[attr-defined]
+    assert gc(run, store=f"sqlite:///{tmp_path / 'other.db'}")["removed"] == []
+    assert gc(run, "--dry-run")["removed"][0]["reason"] == "outcome recorded"
+    assert len(run.containers()) == 1
+    removed = gc(run)["removed"]
+    assert [(r["execution_id"], r["reason"]) for r in removed] == [(run.eid,
+                                                                   "outcome recorded")]
+    assert run.containers() == []
+    answer = finish(run.child("resume", SLEEP="1", TWO_STEPS="1"))
+    assert answer["result"] == {"value": 42} and run.created() == 2
+    assert run.containers() == []
+
+
+def test_gc_reaps_ended_executions_and_leaves_running_ones(docker_engine: DockerEngine,
+                                                           tmp_path: Path) -> None:
+    """A container of an execution that ended is removed by ``gc()``; the running
+    container of a live execution is left alone."""
+    ended = Run(docker_engine, tmp_path)
+    killed(ended.child("run", SLEEP="1", FLOW_TEST_KILL_AT="agent.outcome_durable"), kill=False)
+    finish(ended.child("resume", SLEEP="1"))  # completes; what the crash left stays behind
+    live = Run(docker_engine, tmp_path)  # same store
+    live.eid, live.label = ended.eid + "-live", f"agentainer.flow.execution_id={ended.eid}-live"
+    first = live.child("run", SLEEP="3")
+    try:
+        deadline = time.monotonic() + 60
+        while not live.containers(status="running"):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+
+        async def recover() -> None:
+            async with WorkflowClient(store=ended.url, runtime="docker") as client:
+                reaped = await client.gc()
+                assert [r.execution_id for r in reaped] == [ended.eid]
+                assert reaped[0].reason == "execution completed"
+
+        asyncio.run(recover())
+        assert ended.containers() == []
+        assert len(live.containers(status="running")) == 1
+    finally:
+        finish(first)
+
+
+def test_recover_reaps_what_a_crash_left(docker_engine: DockerEngine, tmp_path: Path) -> None:
+    """``recover()`` first removes the container whose outcome was durable when its engine
+    died (this process cannot resume the workflow: it is not imported here), and a later
+    resume completes the run without it."""
+    run = Run(docker_engine, tmp_path)
+    killed(run.child("run", SLEEP="1", FLOW_TEST_KILL_AT="agent.outcome_durable"), kill=False)
+    assert len(run.containers()) == 1
+
+    async def recover() -> None:
+        async with WorkflowClient(store=run.url, runtime="docker") as client:
+            await client.recover()
+
+    asyncio.run(recover())
+    assert run.containers() == []
+    assert finish(run.child("resume", SLEEP="1"))["result"] == {"value": 42}
+    assert run.created() == 1

@@ -152,3 +152,27 @@ def test_kill_after_the_agent_wrote_its_output(store_url: str, tmp_path: Path,
     wait_until(resumed, "the resume adopted the agent", run.resume_deployed)
     gate2.touch()
     run.check(finish(resumed))
+
+
+def test_an_agent_left_after_its_outcome_is_reaped_by_flow_gc(store_url: str,
+                                                               tmp_path: Path) -> None:
+    """Killed once the outcome was durable, before the agent's directory was removed:
+    ``flow gc`` removes the directory; the execution still gives its result, and the agent
+    ran once."""
+    run = Run(store_url, tmp_path)
+    proc = run.child("run", FLOW_TEST_KILL_AT="agent.outcome_durable")
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    left = [p for p in run.root.iterdir() if not p.name.startswith(".")]
+    assert len(left) == 1
+    gc = subprocess.run(
+        [sys.executable, "-m", "agentainer_flow._cli", "gc", "--runtime", "process", "--json",
+         "--store", store_url], env={**os.environ}, capture_output=True, text=True,
+        timeout=120)
+    assert gc.returncode == 0, gc.stderr
+    removed = json.loads(gc.stdout)["removed"]
+    assert [r["agent_id"] for r in removed] == [left[0].name]
+    assert removed[0]["reason"] in ("outcome recorded", "execution completed")
+    assert not left[0].exists()
+    run.check(run.resume())
+    assert len(run.ran()) == 1
