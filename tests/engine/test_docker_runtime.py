@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,7 +11,14 @@ from typing import Any
 
 import pytest
 
-from agentainer_flow import Context, WorkflowClient, step, workflow
+from agentainer_flow import (
+    Context,
+    ExecutionMode,
+    WorkflowCancelledError,
+    WorkflowClient,
+    step,
+    workflow,
+)
 from agentainer_flow._client import make_runtime
 from agentainer_flow.engine.errors import ConfigurationError
 from agentainer_flow.engine.runtimes.base import AgentSpec, AgentState
@@ -289,3 +297,33 @@ async def test_the_images_non_root_user_runs_it_and_can_write_the_output(
     finally:
         await rt.remove(s.agent_id)
         docker_engine.client.images.remove(tag, force=True)
+
+
+@workflow(name="docker_cancel_probe")
+class Sleeper:
+    @step()
+    async def sleep(self, ctx: Context) -> None:
+        agent = await ctx.deploy_agent(name="sleeper", image=IMAGE,
+                                       command=["sh", "-c", "sleep 120"])
+        await agent.wait_for_completion()
+
+
+async def test_cancel_stops_and_removes_the_running_container(
+        docker_engine: DockerEngine, tmp_path: Path) -> None:
+    async with WorkflowClient(store=f"sqlite:///{tmp_path / 'flow.db'}",
+                              runtime="docker") as client:
+        execution = await client.run_workflow(Sleeper(), mode=ExecutionMode.ASYNC)
+        label = f"agentainer.flow.execution_id={execution.id}"
+        for _ in range(300):
+            if docker_engine.client.containers.list(filters={"label": label,
+                                                             "status": "running"}):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the container never ran")
+        started = time.monotonic()
+        assert await client.cancel(execution.id, "enough")
+        with pytest.raises(WorkflowCancelledError):
+            await asyncio.wait_for(execution.get_result(), 60)
+        assert time.monotonic() - started < 30  # stopped, not waited out (120 s)
+    assert docker_engine.client.containers.list(all=True, filters={"label": label}) == []
