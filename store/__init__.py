@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from .base import (
+    DEFAULT_QUEUE,
     TERMINAL_STATUSES,
     AppendResult,
     AuditedEvent,
@@ -17,6 +18,8 @@ from .base import (
     ExecutionRecord,
     ExecutionStatus,
     NewExecution,
+    QueueConfig,
+    QueueStats,
     StoredEvent,
 )
 from .errors import (
@@ -31,6 +34,7 @@ from .errors import (
 from .memory import MemoryEventStore
 
 __all__ = [
+    "DEFAULT_QUEUE",
     "TERMINAL_STATUSES",
     "AppendConflictError",
     "AppendResult",
@@ -44,6 +48,8 @@ __all__ = [
     "LeaseLostError",
     "MemoryEventStore",
     "NewExecution",
+    "QueueConfig",
+    "QueueStats",
     "StoreError",
     "StoreUnavailableError",
     "StoredEvent",

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Self
 from .events import Event, ExecutionStarted
 
 __all__ = [
+    "DEFAULT_QUEUE",
     "TERMINAL_STATUSES",
     "AppendResult",
     "AuditedEvent",
@@ -26,7 +27,10 @@ __all__ = [
     "ExecutionRecord",
     "ExecutionStatus",
     "NewExecution",
+    "QueueConfig",
+    "QueueStats",
     "StoredEvent",
+    "admit_to_queue",
 ]
 
 
@@ -64,6 +68,10 @@ class NewExecution:
     #: the creator takes the lease at once (fencing token 1), so nobody else runs it first
     lease_owner: str | None = None
     lease_seconds: float = 0.0
+    #: a queue's workers run it (no ``lease_owner`` then); higher ``priority`` first
+    queue: str | None = None
+    priority: int = 0
+    concurrency_key: str | None = None
 
     def record(self, t: float, last_chain: str | None = None) -> ExecutionRecord:
         """The row ``create_execution`` inserts for it at time ``t`` (``last_chain``: the
@@ -85,7 +93,62 @@ class NewExecution:
             lease_token=1 if self.lease_owner else 0,
             lease_renewed_at=t if self.lease_owner else None,
             last_chain=last_chain,
+            queue=self.queue,
+            priority=self.priority,
+            concurrency_key=self.concurrency_key,
         )
+
+
+DEFAULT_QUEUE = "default"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueConfig:
+    """A queue's limits; ``None`` is no limit.
+
+    ``concurrency``: executions of the queue running at once, across every worker.
+    ``rate_count`` per ``rate_seconds``: executions started (first claimed) per window.
+    ``key_tag`` / ``key_concurrency``: at most that many at once per value of the tag.
+    """
+
+    name: str
+    concurrency: int | None = None
+    rate_count: int | None = None
+    rate_seconds: float | None = None
+    key_tag: str | None = None
+    key_concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueStats:
+    """A queue's limits and load: ``pending`` (waiting for a worker), ``running`` (held by
+    a live lease), ``sleeping`` (waiting for a timer, holding nothing)."""
+
+    config: QueueConfig
+    pending: int = 0
+    running: int = 0
+    sleeping: int = 0
+
+
+def admit_to_queue(config: QueueConfig, queue: str, key: str | None,
+                   busy: dict[tuple[str, str | None], int], recent: dict[str, int], *,
+                   starts: bool = True) -> bool:
+    """Whether one more execution of ``queue`` (with concurrency ``key``) fits its limits
+    (the rate limit counts only executions that ``starts``, i.e. never claimed before);
+    if so, count it."""
+    if config.concurrency is not None and busy.get((queue, None), 0) >= config.concurrency:
+        return False
+    if (config.key_concurrency is not None and key is not None
+            and busy.get((queue, key), 0) >= config.key_concurrency):
+        return False
+    if starts and config.rate_count is not None and recent.get(queue, 0) >= config.rate_count:
+        return False
+    busy[(queue, None)] = busy.get((queue, None), 0) + 1
+    if key is not None:
+        busy[(queue, key)] = busy.get((queue, key), 0) + 1
+    if starts and queue in recent:
+        recent[queue] += 1
+    return True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,6 +176,10 @@ class ExecutionRecord:
     lease_token: int = 0
     lease_renewed_at: float | None = None
     last_chain: str | None = None
+    queue: str | None = None
+    priority: int = 0
+    concurrency_key: str | None = None
+    first_claimed_at: float | None = None
 
     def lease_live(self, t: float) -> bool:
         """Whether someone holds an unexpired lease on it at time ``t``."""
@@ -262,9 +329,25 @@ class EventStore(ABC):
     # workers ----------------------------------------------------------------------------
     @abstractmethod
     async def claim(
-        self, worker_id: str, *, lease_seconds: float, limit: int = 1
+        self, worker_id: str, *, lease_seconds: float, limit: int = 1,
+        queues: Sequence[str] | None = None,
     ) -> list[ExecutionRecord]:
-        """Lease up to ``limit`` unfinished, due executions nobody holds a live lease on."""
+        """Lease up to ``limit`` unfinished, due executions nobody holds a live lease on,
+        most urgent first (priority, then age).
+
+        ``queues`` restricts it to those queues (``"default"`` is the executions started
+        without one); ``None`` serves every queue. The limits of each queue
+        (``QueueConfig``) hold across every worker: they are checked in the claiming
+        transaction, with the queue's row locked.
+        """
+
+    @abstractmethod
+    async def set_queue(self, config: QueueConfig) -> None:
+        """Create or replace a queue's limits."""
+
+    @abstractmethod
+    async def list_queues(self) -> list[QueueStats]:
+        """Every queue that has limits or unfinished executions: limits, depth, running."""
 
     @abstractmethod
     async def acquire(

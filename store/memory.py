@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from .base import (
+    DEFAULT_QUEUE,
     UNSET,
     AppendResult,
     AuditedEvent,
@@ -18,7 +19,10 @@ from .base import (
     ExecutionRecord,
     ExecutionStatus,
     NewExecution,
+    QueueConfig,
+    QueueStats,
     StoredEvent,
+    admit_to_queue,
     now,
 )
 from .chain import Row, audited, chain_all, verified
@@ -36,6 +40,7 @@ class MemoryEventStore(EventStore):
     def __init__(self) -> None:
         super().__init__()
         self._rows: dict[str, ExecutionRecord] = {}
+        self._queues: dict[str, QueueConfig] = {}
         #: each log as the SQL stores keep it: (seq, type name, encoded payload, chain)
         self._logs: dict[str, list[Row]] = {}
         self._keys: dict[str, str] = {}
@@ -178,26 +183,69 @@ class MemoryEventStore(EventStore):
             row.last_seq, row.last_chain)
 
     async def claim(
-        self, worker_id: str, *, lease_seconds: float, limit: int = 1
+        self, worker_id: str, *, lease_seconds: float, limit: int = 1,
+        queues: Sequence[str] | None = None,
     ) -> list[ExecutionRecord]:
         t = now()
+        serve = None if queues is None else {None if q == DEFAULT_QUEUE else q for q in queues}
+        rows = [r for r in self._rows.values()
+                if not (r.status.is_terminal or r.status is ExecutionStatus.BLOCKED)]
+        busy: dict[tuple[str, str | None], int] = {}
+        recent: dict[str, int] = {}
+        for r in rows:
+            if r.queue is not None and r.lease_live(t):
+                busy[(r.queue, None)] = busy.get((r.queue, None), 0) + 1
+                if r.concurrency_key is not None:
+                    key = (r.queue, r.concurrency_key)
+                    busy[key] = busy.get(key, 0) + 1
+        for name, config in self._queues.items():
+            if config.rate_count is not None and config.rate_seconds:
+                since = t - config.rate_seconds
+                recent[name] = sum(1 for r in self._rows.values() if r.queue == name
+                                   and r.first_claimed_at is not None
+                                   and r.first_claimed_at > since)
         claimed: list[ExecutionRecord] = []
-        for row in sorted(self._rows.values(), key=lambda r: r.created_at):
+        for row in sorted(rows, key=lambda r: (-r.priority, r.created_at, r.id)):
             if len(claimed) >= limit:
                 break
-            if row.status.is_terminal or row.status is ExecutionStatus.BLOCKED:
+            if serve is not None and row.queue not in serve:
                 continue
-            if row.lease_owner is not None and (row.lease_expires_at or 0) >= t:
+            if row.lease_live(t) or (row.wake_at is not None and row.wake_at > t):
                 continue
-            if row.wake_at is not None and row.wake_at > t:
+            limits = self._queues.get(row.queue or "")
+            if limits is not None and not admit_to_queue(
+                    limits, row.queue or "", row.concurrency_key, busy, recent,
+                    starts=row.first_claimed_at is None):
                 continue
             new = dataclasses.replace(
                 row, lease_owner=worker_id, lease_expires_at=t + lease_seconds,
                 lease_token=row.lease_token + 1, lease_renewed_at=t,
+                first_claimed_at=row.first_claimed_at or t,
             )
             self._rows[row.id] = new
             claimed.append(new)
         return claimed
+
+    async def set_queue(self, config: QueueConfig) -> None:
+        self._queues[config.name] = config
+
+    async def list_queues(self) -> list[QueueStats]:
+        t = now()
+        found = dict(self._queues)
+        counts: dict[str, dict[str, int]] = {}
+        for r in self._rows.values():
+            if r.status.is_terminal or r.parent_id is not None:
+                continue
+            name = r.queue or DEFAULT_QUEUE
+            found.setdefault(name, QueueConfig(name=name))
+            c = counts.setdefault(name, {"pending": 0, "running": 0, "sleeping": 0})
+            if r.lease_live(t):
+                c["running"] += 1
+            elif r.wake_at is not None and r.wake_at > t:
+                c["sleeping"] += 1
+            else:
+                c["pending"] += 1
+        return [QueueStats(config=found[n], **counts.get(n, {})) for n in sorted(found)]
 
     async def acquire(
         self,

@@ -47,7 +47,7 @@ from .chain import chain_all
 from .errors import AppendConflictError, StoreError, StoreUnavailableError
 from .events import ENCODING, Event, encode_event, event_type_name
 from .schema import events as events_table
-from .schema import executions, migrate
+from .schema import executions, migrate, queues
 from .sql import (
     _BACKOFF_FIRST,
     _BACKOFF_MAX,
@@ -55,7 +55,6 @@ from .sql import (
     SQLEventStore,
     TransientError,
     Tx,
-    _claimable,
     _stmt_append_check,
     _stmt_append_update,
     backoff,
@@ -669,21 +668,19 @@ class PostgresEventStore(SQLEventStore):
     def _is_unique_violation(self, exc: BaseException) -> bool:
         return getattr(exc, "sqlstate", None) == "23505"
 
-    def _claim_statement(self) -> sa.Update:
-        # Lock the candidates, skipping rows another claimer holds, then lease them.
-        candidates = _claimable().with_for_update(skip_locked=True).cte("claimable")
-        ex = executions
-        return (
-            sa.update(ex)
-            .where(ex.c.id == candidates.c.id)
-            .values(
-                lease_owner=sa.bindparam("worker"),
-                lease_expires_at=sa.bindparam("expires"),
-                lease_renewed_at=sa.bindparam("t"),
-                lease_token=ex.c.lease_token + 1,
-            )
-            .returning(*ex.c)
-        )
+    def _skip_locked(self, stmt: sa.Select[Any]) -> sa.Select[Any]:
+        # lock the candidates, skipping rows another claimer holds
+        return stmt.with_for_update(skip_locked=True)
+
+    def _queue_limits_statement(self) -> sa.Select[Any]:
+        # claimers of limited queues take turns: the counts they make stay true
+        return sa.select(*queues.c).order_by(queues.c.name).with_for_update()
+
+    def _queue_upsert_statement(self) -> sa.ClauseElement:
+        stmt = pg_insert(queues)
+        return stmt.on_conflict_do_update(
+            index_elements=[queues.c.name],
+            set_={c.name: stmt.excluded[c.name] for c in queues.c if c.name != "name"})
 
     def _announce(self) -> list[sa.ColumnElement[Any]]:
         channel = sa.literal(CHANNEL, sa.Text)

@@ -27,6 +27,7 @@ __all__ = [
     "executions",
     "metadata",
     "migrate",
+    "queues",
     "schema_version",
 ]
 
@@ -59,6 +60,11 @@ executions = sa.Table(
     sa.Column("lease_token", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Column("lease_renewed_at", _Time, nullable=True),
     sa.Column("last_chain", sa.Text, nullable=True),
+    # version 3: queues (``None``: run where it was started, or by any worker)
+    sa.Column("queue", sa.Text, nullable=True),
+    sa.Column("priority", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("concurrency_key", sa.Text, nullable=True),
+    sa.Column("first_claimed_at", _Time, nullable=True),
     sa.UniqueConstraint("idempotency_key", name="uq_flow_executions_idempotency_key"),
 )
 
@@ -84,6 +90,29 @@ sa.Index(
     executions.c.wake_at,
     sqlite_where=_unfinished,
     postgresql_where=_unfinished,
+)
+
+# A worker of a queue walks that queue's unfinished executions, most urgent first.
+sa.Index(
+    "ix_flow_executions_unfinished_queue",
+    executions.c.queue,
+    executions.c.priority,
+    executions.c.created_at,
+    sqlite_where=_unfinished,
+    postgresql_where=_unfinished,
+)
+
+#: version 3: queue limits, enforced by ``claim`` across every worker
+queues = sa.Table(
+    "flow_queues",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("concurrency", sa.Integer, nullable=True),
+    sa.Column("rate_count", sa.Integer, nullable=True),
+    sa.Column("rate_seconds", _Time, nullable=True),
+    sa.Column("key_tag", sa.Text, nullable=True),
+    sa.Column("key_concurrency", sa.Integer, nullable=True),
+    sa.Column("updated_at", _Time, nullable=False),
 )
 
 events = sa.Table(
@@ -137,11 +166,29 @@ def _v2_fencing_and_chain(conn: sa.Connection) -> None:
         conn.execute(sa.text(f"ALTER TABLE {events.name} ADD COLUMN chain TEXT"))
 
 
+def _v3_queues(conn: sa.Connection) -> None:
+    """Version 3 (expand only): executions get a queue, a priority, a concurrency key and
+    their first claim time; queue limits get a table."""
+    insp = sa.inspect(conn)
+    have = {c["name"] for c in insp.get_columns(executions.name)}
+    real = "DOUBLE PRECISION" if conn.dialect.name == "postgresql" else "FLOAT"
+    added = [("queue", "TEXT"), ("priority", "INTEGER DEFAULT 0 NOT NULL"),
+             ("concurrency_key", "TEXT"), ("first_claimed_at", real)]
+    for name, ddl in added:
+        if name not in have:
+            conn.execute(sa.text(f"ALTER TABLE {executions.name} ADD COLUMN {name} {ddl}"))
+    queues.create(conn, checkfirst=True)
+    for index in executions.indexes:
+        if index.name == "ix_flow_executions_unfinished_queue":
+            index.create(conn, checkfirst=True)
+
+
 #: (version, step) in ascending order; each step runs inside the migrating transaction.
 #: A new database is created at the latest version directly (``metadata.create_all``).
 MIGRATIONS: list[tuple[int, Migration]] = [
     (1, _v1_create_all),
     (2, _v2_fencing_and_chain),
+    (3, _v3_queues),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -28,6 +28,7 @@ import structlog
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from .base import (
+    DEFAULT_QUEUE,
     UNSET,
     AppendResult,
     AuditedEvent,
@@ -35,7 +36,10 @@ from .base import (
     ExecutionRecord,
     ExecutionStatus,
     NewExecution,
+    QueueConfig,
+    QueueStats,
     StoredEvent,
+    admit_to_queue,
     now,
 )
 from .chain import ChainCache, audited, chain_all, chain_of, verified
@@ -47,7 +51,7 @@ from .errors import (
     StoreUnavailableError,
 )
 from .events import ENCODING, Event, ExecutionStarted, encode_event, event_type_name
-from .schema import events, executions
+from .schema import events, executions, queues
 
 __all__ = ["Prepared", "SQLEventStore", "Tx"]
 
@@ -55,6 +59,7 @@ T = TypeVar("T")
 Row = tuple[Any, ...]
 
 _ex = executions
+_q = queues
 _ev = events
 _p = sa.bindparam
 
@@ -180,6 +185,10 @@ def record_from_row(row: Row | sa.Row[Any]) -> ExecutionRecord:
         lease_token,
         lease_renewed_at,
         last_chain,
+        queue,
+        priority,
+        concurrency_key,
+        first_claimed_at,
     ) = values
     if isinstance(tags, str | bytes):  # SQLite keeps JSON as text; psycopg decodes JSONB
         tags = msgspec.json.decode(tags)
@@ -204,7 +213,18 @@ def record_from_row(row: Row | sa.Row[Any]) -> ExecutionRecord:
         lease_token=lease_token or 0,
         lease_renewed_at=_float(lease_renewed_at),
         last_chain=last_chain,
+        queue=queue,
+        priority=priority or 0,
+        concurrency_key=concurrency_key,
+        first_claimed_at=_float(first_claimed_at),
     )
+
+
+def _queue_config(row: Row) -> QueueConfig:
+    name, concurrency, rate_count, rate_seconds, key_tag, key_concurrency, _updated = row
+    return QueueConfig(name=name, concurrency=concurrency, rate_count=rate_count,
+                       rate_seconds=_float(rate_seconds), key_tag=key_tag,
+                       key_concurrency=key_concurrency)
 
 
 def _float(value: float | None) -> float | None:
@@ -218,6 +238,51 @@ _UNFINISHED = _ex.c.finished_at.is_(None)
 _LEASE_FREE = sa.or_(
     _ex.c.lease_owner.is_(None), sa.func.coalesce(_ex.c.lease_expires_at, 0) < _p("t")
 )
+
+
+def _stmt_lease_one() -> sa.Update:
+    """Lease one candidate (still free: checked again in the statement)."""
+    return (
+        sa.update(_ex)
+        .where(_ex.c.id == _p("id"), _UNFINISHED, _LEASE_FREE)
+        .values(lease_owner=_p("worker"), lease_expires_at=_p("expires"),
+                lease_renewed_at=_p("t"), lease_token=_ex.c.lease_token + 1,
+                first_claimed_at=sa.func.coalesce(_ex.c.first_claimed_at, _p("t")))
+        .returning(*_ex.c)
+    )
+
+
+def _stmt_queue_running() -> sa.Select[Any]:
+    """A queue's executions held by a live lease, by concurrency key."""
+    return (
+        sa.select(_ex.c.concurrency_key, sa.func.count())
+        .where(_UNFINISHED, _ex.c.queue == _p("queue"), _ex.c.lease_owner.is_not(None),
+               _ex.c.lease_expires_at >= _p("t"))
+        .group_by(_ex.c.concurrency_key)
+    )
+
+
+def _stmt_queue_started() -> sa.Select[Any]:
+    """How many of a queue's executions were first claimed since ``since``."""
+    return sa.select(sa.func.count()).where(_ex.c.queue == _p("queue"),
+                                            _ex.c.first_claimed_at > _p("since"))
+
+
+def _stmt_queue_load() -> sa.Select[Any]:
+    """Per queue: unfinished executions waiting for a worker, running, sleeping."""
+    live = sa.and_(_ex.c.lease_owner.is_not(None), _ex.c.lease_expires_at >= _p("t"))
+    sleeping = sa.and_(sa.not_(live), _ex.c.wake_at.is_not(None), _ex.c.wake_at > _p("t"))
+    one = sa.literal(1)
+    return (
+        sa.select(
+            _ex.c.queue,
+            sa.func.sum(sa.case((sa.and_(sa.not_(live), sa.not_(sleeping)), one), else_=0)),
+            sa.func.sum(sa.case((live, one), else_=0)),
+            sa.func.sum(sa.case((sleeping, one), else_=0)),
+        )
+        .where(_UNFINISHED, _ex.c.parent_id.is_(None))
+        .group_by(_ex.c.queue)
+    )
 
 
 def _stmt_get() -> sa.Select[Any]:
@@ -357,21 +422,6 @@ def _stmt_due() -> sa.Select[Any]:
     )
 
 
-def _claimable() -> sa.Select[Any]:
-    """Ids of unfinished, due executions without a live lease, oldest first."""
-    return (
-        sa.select(_ex.c.id)
-        .where(
-            _UNFINISHED,
-            _ex.c.status != ExecutionStatus.BLOCKED.value,
-            sa.or_(_ex.c.wake_at.is_(None), _ex.c.wake_at <= _p("t")),
-            _LEASE_FREE,
-        )
-        .order_by(_ex.c.created_at, _ex.c.id)
-        .limit(_p("limit"))
-    )
-
-
 def _stmt_append_update(
     announce: Sequence[sa.ColumnElement[Any]],
     has_status: bool,
@@ -465,20 +515,6 @@ class SQLEventStore(EventStore):
     def _is_unique_violation(self, exc: BaseException) -> bool:
         """Whether a driver exception is a primary-key or unique-constraint violation."""
 
-    def _claim_statement(self) -> sa.Update:
-        """Lease the claimable rows in one statement; Postgres adds ``SKIP LOCKED``."""
-        return (
-            sa.update(_ex)
-            .where(_ex.c.id.in_(_claimable()))
-            .values(
-                lease_owner=_p("worker"),
-                lease_expires_at=_p("expires"),
-                lease_renewed_at=_p("t"),
-                lease_token=_ex.c.lease_token + 1,
-            )
-            .returning(*_ex.c)
-        )
-
     # statements -------------------------------------------------------------------------
     def _stmt(self, key: Hashable, build: Callable[[], sa.ClauseElement]) -> Prepared:
         """The statement ``build`` makes, compiled for this dialect once."""
@@ -517,6 +553,10 @@ class SQLEventStore(EventStore):
             "lease_token": 1 if new.lease_owner else 0,
             "lease_renewed_at": t if new.lease_owner else None,
             "last_chain": chain,
+            "queue": new.queue,
+            "priority": new.priority,
+            "concurrency_key": new.concurrency_key,
+            "first_claimed_at": None,
         }
         first = {
             "execution_id": new.id,
@@ -790,20 +830,120 @@ class SQLEventStore(EventStore):
 
     # workers ----------------------------------------------------------------------------
     async def claim(
-        self, worker_id: str, *, lease_seconds: float, limit: int = 1
+        self, worker_id: str, *, lease_seconds: float, limit: int = 1,
+        queues: Sequence[str] | None = None,
     ) -> list[ExecutionRecord]:
         if limit <= 0:
             return []
-        claim = self._stmt("claim", self._claim_statement)
+        serve: list[str | None] | None = (
+            None if queues is None else
+            list(dict.fromkeys(None if q == DEFAULT_QUEUE else q for q in queues)))
+        lock_limits = self._stmt("queue_limits", self._queue_limits_statement)
+        candidates_all = self._stmt("candidates_all", lambda: self._candidates(None))
+        candidates_one = self._stmt("candidates_one", lambda: self._candidates(True))
+        candidates_none = self._stmt("candidates_none", lambda: self._candidates(False))
+        running = self._stmt("queue_running", _stmt_queue_running)
+        started = self._stmt("queue_started", _stmt_queue_started)
+        lease = self._stmt("lease_one", _stmt_lease_one)
 
         def op(tx: Tx) -> list[ExecutionRecord]:
             t = now()
-            values = {"worker": worker_id, "t": t, "expires": t + lease_seconds, "limit": limit}
-            return [record_from_row(row) for row in tx.rows(claim, values)]
+            # the limits of the queues served, their rows locked: claimers of a limited
+            # queue take turns, so the counts below stay true until this commits
+            limits = {row[0]: _queue_config(row) for row in tx.rows(lock_limits, {})
+                      if serve is None or row[0] in serve}
+            limited = {q for q, c in limits.items()
+                       if c.concurrency is not None or c.rate_count is not None
+                       or c.key_concurrency is not None}
+            room = limit + (50 if limited else 0)  # some candidates may be over a limit
+            rows: list[Row] = []
+            if serve is None:
+                rows = tx.rows(candidates_all, {"t": t, "limit": room})
+            else:
+                for q in serve:
+                    rows += (tx.rows(candidates_none, {"t": t, "limit": room}) if q is None
+                             else tx.rows(candidates_one, {"t": t, "limit": room, "queue": q}))
+            rows.sort(key=lambda r: (-(r[2] or 0), r[4], r[0]))
+            busy: dict[tuple[str, str | None], int] = {}
+            recent: dict[str, int] = {}
+            for q in limited:
+                for key, count in tx.rows(running, {"t": t, "queue": q}):
+                    busy[(q, None)] = busy.get((q, None), 0) + count
+                    if key is not None:
+                        busy[(q, key)] = count
+                window = limits[q].rate_seconds
+                if limits[q].rate_count is not None and window:
+                    recent[q] = tx.first(started, {"queue": q, "since": t - window})[0]  # type: ignore[index]
+            claimed: list[ExecutionRecord] = []
+            for id_, queue, _priority, key, _created, first in rows:
+                if len(claimed) >= limit:
+                    break
+                if queue in limited and not admit_to_queue(limits[queue], queue, key, busy,
+                                                           recent, starts=first is None):
+                    continue
+                row = tx.first(lease, {"id": id_, "worker": worker_id, "t": t,
+                                       "expires": t + lease_seconds})
+                if row is not None:
+                    claimed.append(record_from_row(row))
+            return claimed
 
-        claimed = await self._write(op)
-        claimed.sort(key=lambda r: (r.created_at, r.id))
-        return claimed
+        return await self._write(op)
+
+    def _candidates(self, one_queue: bool | None) -> sa.Select[Any]:
+        """Claimable rows (id, queue, priority, key, created_at, first claim), most urgent
+        first: of
+        every queue (``None``), of one (``True``), of none (``False``). Postgres skips
+        rows another claimer has locked."""
+        stmt = sa.select(_ex.c.id, _ex.c.queue, _ex.c.priority, _ex.c.concurrency_key,
+                         _ex.c.created_at, _ex.c.first_claimed_at).where(
+            _UNFINISHED,
+            _ex.c.status != ExecutionStatus.BLOCKED.value,
+            sa.or_(_ex.c.wake_at.is_(None), _ex.c.wake_at <= _p("t")),
+            _LEASE_FREE,
+        )
+        if one_queue is True:
+            stmt = stmt.where(_ex.c.queue == _p("queue"))
+        elif one_queue is False:
+            stmt = stmt.where(_ex.c.queue.is_(None))
+        stmt = stmt.order_by(_ex.c.priority.desc(), _ex.c.created_at, _ex.c.id).limit(
+            _p("limit"))
+        return self._skip_locked(stmt)
+
+    def _skip_locked(self, stmt: sa.Select[Any]) -> sa.Select[Any]:
+        """``stmt`` locking its rows for the claim (a no-op where writers are serialised)."""
+        return stmt
+
+    def _queue_limits_statement(self) -> sa.Select[Any]:
+        """Every queue's limits, locked for this transaction where the dialect can."""
+        return sa.select(*_q.c).order_by(_q.c.name)
+
+    async def set_queue(self, config: QueueConfig) -> None:
+        upsert = self._stmt("queue_upsert", self._queue_upsert_statement)
+        values = {"name": config.name, "concurrency": config.concurrency,
+                  "rate_count": config.rate_count, "rate_seconds": config.rate_seconds,
+                  "key_tag": config.key_tag, "key_concurrency": config.key_concurrency,
+                  "updated_at": now()}
+        await self._write(lambda tx: tx.execute(upsert, values))
+
+    def _queue_upsert_statement(self) -> sa.ClauseElement:
+        raise NotImplementedError  # dialect-specific ON CONFLICT
+
+    async def list_queues(self) -> list[QueueStats]:
+        configs = self._stmt("queue_configs", lambda: sa.select(*_q.c).order_by(_q.c.name))
+        load = self._stmt("queue_load", _stmt_queue_load)
+
+        def op(tx: Tx) -> list[QueueStats]:
+            t = now()
+            found = {row[0]: _queue_config(row) for row in tx.rows(configs, {})}
+            counts: dict[str, dict[str, int]] = {}
+            for queue, pending, running, sleeping in tx.rows(load, {"t": t}):
+                name = queue or DEFAULT_QUEUE
+                counts[name] = {"pending": int(pending or 0), "running": int(running or 0),
+                                "sleeping": int(sleeping or 0)}
+                found.setdefault(name, QueueConfig(name=name))
+            return [QueueStats(config=found[n], **counts.get(n, {})) for n in sorted(found)]
+
+        return await self._read(op)
 
     async def acquire(
         self,

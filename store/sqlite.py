@@ -38,7 +38,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.pool import QueuePool
 
 from .errors import StoreError, StoreUnavailableError
-from .schema import executions, migrate
+from .schema import executions, migrate, queues
 from .sql import SQLEventStore, TransientError, Tx, retry_for_option, settle
 
 __all__ = ["SQLiteEventStore"]
@@ -405,6 +405,12 @@ class SQLiteEventStore(SQLEventStore):
 
     def _insert_ignore(self) -> sa.Insert:
         return sqlite_insert(executions).on_conflict_do_nothing().returning(executions.c.id)
+
+    def _queue_upsert_statement(self) -> sa.ClauseElement:
+        stmt = sqlite_insert(queues)
+        return stmt.on_conflict_do_update(
+            index_elements=[queues.c.name],
+            set_={c.name: stmt.excluded[c.name] for c in queues.c if c.name != "name"})
 
     def _tag_is(self, key: str, value: str) -> sa.ColumnElement[bool]:
         # json_each compares the key as data; a JSON path (json_extract) cannot name every

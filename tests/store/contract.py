@@ -20,6 +20,7 @@ from agentainer_flow.store import (
     ExecutionStatus,
     LeaseLostError,
     NewExecution,
+    QueueConfig,
     StoredEvent,
 )
 from agentainer_flow.store.events import (
@@ -52,6 +53,9 @@ async def new(
     key: str | None = None,
     parent: str | None = None,
     secrets: bytes | None = None,
+    queue: str | None = None,
+    priority: int = 0,
+    concurrency_key: str | None = None,
 ) -> tuple[ExecutionRecord, bool]:
     """Create an execution with a matching ``ExecutionStarted``."""
     return await store.create_execution(
@@ -62,6 +66,9 @@ async def new(
             idempotency_key=key,
             parent_id=parent,
             secrets=secrets,
+            queue=queue,
+            priority=priority,
+            concurrency_key=concurrency_key,
         ),
         ExecutionStarted(workflow_name=workflow, tags=tags or {}, parent_id=parent, input={"x": 1}),
     )
@@ -602,3 +609,59 @@ async def an_expired_lease_nobody_took_is_renewed_by_its_holder(store: EventStor
     record = await get(store, "e1")
     assert record.lease_token == leased.lease_token and record.lease_live(time.time())
     assert (await store.append("e1", 2, steps("a"), lease_token=leased.lease_token)).last_seq == 3
+
+
+# queues ---------------------------------------------------------------------------------
+@case
+async def claims_serve_the_queues_asked_for_most_urgent_first(store: EventStore) -> None:
+    await new(store, "plain")
+    await new(store, "gpu-low", queue="gpu")
+    await new(store, "gpu-high", queue="gpu", priority=5)
+    await new(store, "cpu", queue="cpu")
+    assert (await get(store, "gpu-high")).queue == "gpu"
+    assert (await get(store, "gpu-high")).priority == 5
+    gpu = await store.claim("w1", lease_seconds=30, limit=5, queues=["gpu"])
+    assert [r.id for r in gpu] == ["gpu-high", "gpu-low"]
+    assert all(r.first_claimed_at is not None for r in gpu)
+    default = await store.claim("w2", lease_seconds=30, limit=5, queues=["default"])
+    assert [r.id for r in default] == ["plain"]
+    assert [r.id for r in await store.claim("w3", lease_seconds=30, limit=5)] == ["cpu"]
+
+
+@case
+async def a_queue_concurrency_limit_holds_across_claimers(store: EventStore) -> None:
+    await store.set_queue(QueueConfig(name="q", concurrency=2))
+    for i in range(6):
+        await new(store, f"q{i}", queue="q")
+    batches = await asyncio.gather(*(store.claim(f"w{i}", lease_seconds=30, limit=3,
+                                                 queues=["q"]) for i in range(4)))
+    held = [r for batch in batches for r in batch]
+    assert len(held) == 2
+    assert await store.claim("w9", lease_seconds=30, limit=3) == []  # serving every queue
+    await store.release(held[0].lease_owner or "", held[0].id)
+    again = await store.claim("w9", lease_seconds=30, limit=3)
+    assert len(again) == 1  # one place came free
+    stats = {q.config.name: q for q in await store.list_queues()}
+    assert stats["q"].config.concurrency == 2
+    assert (stats["q"].running, stats["q"].pending) == (2, 4)
+
+
+@case
+async def a_per_key_limit_and_a_rate_limit_hold(store: EventStore) -> None:
+    await store.set_queue(QueueConfig(name="tenants", key_tag="tenant", key_concurrency=1))
+    for i, tenant in enumerate(["a", "a", "b", "a", "b"]):
+        await new(store, f"t{i}", queue="tenants", concurrency_key=tenant)
+    first = await store.claim("w1", lease_seconds=30, limit=10, queues=["tenants"])
+    assert sorted(r.concurrency_key or "" for r in first) == ["a", "b"]
+    assert await store.claim("w2", lease_seconds=30, limit=10, queues=["tenants"]) == []
+    await store.set_queue(QueueConfig(name="slow", rate_count=2, rate_seconds=3600))
+    for i in range(4):
+        await new(store, f"s{i}", queue="slow")
+    got = await store.claim("w1", lease_seconds=30, limit=10, queues=["slow"])
+    assert len(got) == 2
+    for r in got:
+        await store.release("w1", r.id)
+    # two started this hour: those two may be claimed again, no third may start
+    again = await store.claim("w2", lease_seconds=30, limit=10, queues=["slow"])
+    assert sorted(r.id for r in again) == sorted(r.id for r in got)
+    assert await store.claim("w3", lease_seconds=30, limit=10, queues=["slow"]) == []
