@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from agentainer_flow.store import EventStore, create_store
 
@@ -54,6 +55,14 @@ def postgres_server() -> str:
 
 
 TEST_IMAGE = "agentainer-flow-test/busybox:1"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """A test that runs the CLI in-process configures structlog (a level filter, stderr);
+    later tests that capture logs must not inherit it."""
+    yield
+    structlog.reset_defaults()
 
 
 @dataclass(frozen=True)
