@@ -151,12 +151,15 @@ class Engine:
         execution_id: str | None = None,
         parent_id: str | None = None,
         run_here: bool = True,
+        queue: str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
     ) -> tuple[ExecutionRecord, bool]:
         """Record a new execution (or find the one with this id / idempotency key).
 
         With ``run_here`` the new execution is leased to this engine from the start (it
         is about to run it: nobody else may start it first); without, it waits for a
-        worker or a resume.
+        worker or a resume (of ``queue``, most urgent ``priority`` first).
         """
         spec = get_workflow_spec(workflow)
         if isinstance(workflow, type):
@@ -201,7 +204,8 @@ class Engine:
                          tags=clean_tags, idempotency_key=idempotency_key, parent_id=parent_id,
                          secrets=encrypt_secrets(secrets),
                          lease_owner=self.owner_id if run_here else None,
-                         lease_seconds=self.lease_seconds),
+                         lease_seconds=self.lease_seconds, queue=queue, priority=priority,
+                         concurrency_key=concurrency_key),
             started)
         if not created and idempotency_key is not None:
             await self._check_same_start(record, idempotency_key, started)

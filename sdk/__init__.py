@@ -48,6 +48,8 @@ from ._errors import (
     WorkflowTimeoutError,
 )
 from ._events import ExecutionEvent
+from ._queues import Queue
+from ._worker import Worker
 
 __version__ = "0.1.0"
 
@@ -79,6 +81,7 @@ __all__ = [
     "LeaseLostError",
     "NonDeterminismError",
     "ParallelContext",
+    "Queue",
     "ResourceRequirements",
     "RetryPolicy",
     "SecretLeakError",
@@ -89,6 +92,7 @@ __all__ = [
     "StepTimeoutError",
     "StoreError",
     "StoreUnavailableError",
+    "Worker",
     "Workflow",
     "WorkflowCancelledError",
     "WorkflowClient",

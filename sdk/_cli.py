@@ -27,7 +27,6 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -54,8 +53,8 @@ from agentainer_flow.store import (
     ExecutionStatus,
     FlowError,
     HistoryCorruptedError,
+    QueueConfig,
     StoredEvent,
-    StoreError,
     StoreUnavailableError,
 )
 from agentainer_flow.store.events import EVENT_TYPES, ExecutionStarted
@@ -74,6 +73,8 @@ from ._loading import (
     pick_workflow,
     split_target,
 )
+from ._queues import Queue
+from ._worker import Worker
 
 __all__ = ["SOURCE_TAG", "app", "main"]
 
@@ -485,6 +486,11 @@ def run(
     image: ImagesOpt = None,
     idempotency_key: Annotated[str | None, typer.Option(
         "--idempotency-key", help="Starting twice with one key gives one execution.")] = None,
+    queue: Annotated[str | None, typer.Option(
+        "--queue", help="Record it for the workers of this queue (`flow worker --queue`) "
+        "instead of running it here; with --wait, follow it to the end.")] = None,
+    priority: Annotated[int, typer.Option(
+        "--priority", help="With --queue: higher runs first.")] = 0,
     store: StoreOpt = DEFAULT_STORE,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -503,6 +509,21 @@ def run(
         workflow = instantiate(cls, data, has_config=config is not None)
         tags.setdefault(SOURCE_TAG, str(module_file(module)))
         async with _client(store, runtime, images) as client:
+            if queue is not None:
+                queued = await client.run_workflow(
+                    workflow, ExecutionMode.ASYNC, input=value, secrets=secrets, tags=tags,
+                    idempotency_key=idempotency_key, queue=queue, priority=priority)
+                if not wait:
+                    if as_json:
+                        _out.json({"execution_id": queued.id, "queue": queue,
+                                   "status": (await queued.status()).value})
+                    else:
+                        _out.out(queued.id)
+                    return 0
+                if not quiet:
+                    _out.info(f"execution {queued.id} queued on {queue!r}; following it")
+                return await _follow(client, queued.id, after_seq=0, as_json=as_json,
+                                     quiet=quiet)
             if not wait:
                 record, _ = await client.engine.start(
                     workflow, input=value, tags=tags, secrets=secrets,
@@ -785,6 +806,73 @@ def replay(
     _go(body)
 
 
+queue_app = typer.Typer(help="Queues: their limits and load.", no_args_is_help=True)
+app.add_typer(queue_app, name="queue")
+
+
+@queue_app.command("set")
+def queue_set(
+    name: Annotated[str, typer.Argument(help="Queue name.", show_default=False)],
+    concurrency: Annotated[int | None, typer.Option(
+        "--concurrency", min=1, help="Executions running at once, across every worker.")
+    ] = None,
+    rate_limit: Annotated[str | None, typer.Option(
+        "--rate-limit", help="Starts per period, e.g. 10/m, 5/s, 3/30s.")] = None,
+    key_tag: Annotated[str | None, typer.Option(
+        "--concurrency-key", help="A tag name: limit executions per value of this tag.")
+    ] = None,
+    key_concurrency: Annotated[int | None, typer.Option(
+        "--key-concurrency", min=1, help="With --concurrency-key: at most this many per "
+        "value (default 1).")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Create a queue or replace its limits (an option left out is no limit)."""
+
+    async def body() -> int:
+        q = Queue(name, concurrency=concurrency, rate_limit=rate_limit,
+                  concurrency_key=key_tag, key_concurrency=key_concurrency)
+        async with _client(store) as client:
+            await client.store.set_queue(q.config())
+        _out.out(f"queue {name}: {_limits(q.config())}")
+        return 0
+
+    _go(body)
+
+
+@queue_app.command("list")
+def queue_list(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
+    """Every queue with limits or unfinished executions: its depth, running and limits."""
+
+    async def body() -> int:
+        async with _client(store) as client:
+            stats = await client.store.list_queues()
+        if as_json:
+            _out.json([{"name": q.config.name, "pending": q.pending, "running": q.running,
+                        "sleeping": q.sleeping, "concurrency": q.config.concurrency,
+                        "rate_count": q.config.rate_count,
+                        "rate_seconds": q.config.rate_seconds,
+                        "concurrency_key": q.config.key_tag,
+                        "key_concurrency": q.config.key_concurrency} for q in stats])
+            return 0
+        _out.table(["queue", "pending", "running", "sleeping", "limits"],
+                   [(q.config.name, str(q.pending), str(q.running), str(q.sleeping),
+                     _limits(q.config)) for q in stats])
+        return 0
+
+    _go(body)
+
+
+def _limits(config: QueueConfig) -> str:
+    parts = []
+    if config.concurrency is not None:
+        parts.append(f"concurrency {config.concurrency}")
+    if config.rate_count is not None:
+        parts.append(f"rate {config.rate_count}/{config.rate_seconds:g}s")
+    if config.key_tag is not None:
+        parts.append(f"{config.key_concurrency or 1} per {config.key_tag}")
+    return ", ".join(parts) or "no limits"
+
+
 @app.command()
 def gc(
     runtime: Annotated[str, typer.Option(
@@ -900,142 +988,6 @@ def metrics(
 
 
 # the worker -----------------------------------------------------------------------------
-#: seconds between a worker's sweeps for agents that crashes left behind
-_GC_INTERVAL = 60.0
-
-
-@dataclass
-class _Worker:
-    """Claims executions under a lease, runs them with the client's engine, renews, releases."""
-
-    client: WorkflowClient
-    worker_id: str
-    concurrency: int
-    poll_interval: float
-    once: bool
-    name: str = ""  # how it is shown (--id), else its lease owner id
-
-    def __post_init__(self) -> None:
-        self.running: dict[str, asyncio.Task[None]] = {}
-        self.skipped: set[str] = set()  # cannot run here (not importable, diverged): left
-        self.done = 0
-        self.stop = asyncio.Event()
-        self.last_gc: float | None = None
-
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_signal, sig)
-        _out.out(f"worker {self.name} started (concurrency {self.concurrency}"
-                 + (", once" if self.once else "") + ")")
-        try:
-            while not self.stop.is_set():
-                await self._gc()
-                try:
-                    claimed = await self._claim()
-                except FlowError as exc:
-                    if self.once:
-                        raise
-                    _out.error(f"claiming failed (retrying): {exc}")  # e.g. a database blip
-                    claimed = 0
-                if self.once and not claimed and not self.running:
-                    break
-                await self._wait(self.poll_interval if not (self.once and claimed) else 0.0)
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-            await self._shutdown()
-        _out.out(f"worker {self.name} stopped; {self.done} executions processed")
-        return 0
-
-    async def _gc(self) -> None:
-        """Every ``_GC_INTERVAL`` seconds (and at start): remove the agents that crashes
-        left behind. A failure is reported, never fatal."""
-        now = time.monotonic()
-        if self.last_gc is not None and now - self.last_gc < _GC_INTERVAL:
-            return
-        self.last_gc = now
-        try:
-            reaped = await self.client.gc()
-        except Exception as exc:
-            _out.error(f"removing left-behind agents failed: {exc}")
-            return
-        for r in reaped:
-            _out.out(f"{r.execution_id}: removed left-behind agent {r.agent_id} ({r.reason})")
-
-    def _on_signal(self, sig: int) -> None:
-        if not self.stop.is_set():
-            _out.info(f"{signal.Signals(sig).name}: stopping; running executions are released "
-                      "and resume on the next worker")
-        self.stop.set()
-
-    async def _claim(self) -> int:
-        free = self.concurrency - len(self.running)
-        if free <= 0:
-            return 0
-        store = self.client.store
-        extra = min(len(self.skipped), 100)  # so skipped rows cannot starve runnable ones
-        records = await store.claim(self.worker_id,
-                                    lease_seconds=self.client.engine.lease_seconds,
-                                    limit=free + extra)
-        started = 0
-        for record in records:
-            # children run inside their parent's process; skipped ones are left alone
-            if record.parent_id is not None or record.id in self.skipped or started >= free:
-                await store.release(self.worker_id, record.id)
-                continue
-            try:
-                ensure_registered(record)
-            except FlowError as exc:
-                _out.error(f"execution {record.id}: {exc}")
-                self.skipped.add(record.id)
-                await store.release(self.worker_id, record.id)
-                continue
-            _out.out(f"{record.id} {record.workflow_name}: claimed ({record.status.value})")
-            self.running[record.id] = asyncio.ensure_future(self._process(record))
-            # the engine renews the lease from here on, and its runner carries the token
-            started += 1
-        return started
-
-    async def _process(self, record: ExecutionRecord) -> None:
-        eid = record.id
-        try:
-            outcome = await asyncio.shield(self.client.engine.launch(eid, leased=record))
-            detail = f": {outcome.error}" if outcome.error else ""
-            self.done += 1
-            _out.out(f"{eid} {record.workflow_name}: {outcome.status}{detail}")
-        except asyncio.CancelledError:
-            raise
-        except HistoryCorruptedError as exc:  # never replayed: left for a person to look at
-            self.skipped.add(eid)
-            _out.error(f"execution {eid} not run: {exc}")
-        except (StoreError, ExecutionBlockedError) as exc:
-            # the store went away (it is retried at the next claim), the lease was taken
-            # over (the new holder runs it), or it waits for a secret (`flow resume`)
-            _out.error(f"execution {eid} stopped here: {exc}")
-        except Exception as exc:
-            self.skipped.add(eid)
-            _out.error(f"execution {eid} stopped: {type(exc).__name__}: {exc}")
-        finally:
-            self.running.pop(eid, None)
-            with contextlib.suppress(FlowError):
-                await asyncio.shield(self.client.store.release(self.worker_id, eid))
-
-    async def _wait(self, timeout: float) -> None:
-        stop = asyncio.ensure_future(self.stop.wait())
-        try:
-            await asyncio.wait({stop, *self.running.values()}, timeout=timeout or None,
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-
-    async def _shutdown(self) -> None:
-        tasks = list(self.running.values())  # each removes itself from ``running``
-        if tasks:
-            await self.client.engine.shutdown()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-
 @app.command()
 def worker(
     module: ModulesOpt = None,
@@ -1052,6 +1004,12 @@ def worker(
         "--lease", min=0.5, envvar="FLOW_LEASE_SECONDS",
         help="Seconds a lease lasts without renewal (renewed every third of it); another "
         "worker takes over an execution whose lease expired.")] = None,
+    queue: Annotated[list[str] | None, typer.Option(
+        "--queue", help="Serve this queue (repeatable; 'default' is executions "
+        "started without one). Default: every queue.")] = None,
+    grace: Annotated[float, typer.Option(
+        "--grace", min=0, help="On SIGTERM/SIGINT, seconds running executions may go on "
+        "before they are handed back; a second signal hands them back at once.")] = 30.0,
     runtime: RuntimeOpt = "process",
     image: ImagesOpt = None,
     store: StoreOpt = DEFAULT_STORE,
@@ -1064,8 +1022,26 @@ def worker(
         wid = make_owner_id(worker_id)
         async with _client(store, runtime, images, owner_id=wid,
                            lease_seconds=lease) as client:
-            return await _Worker(client, wid, concurrency, poll_interval, once,
-                                 name=worker_id or wid).run()
+            w = Worker(client, queues=queue or None, concurrency=concurrency,
+                       poll_interval=poll_interval, once=once, grace=grace,
+                       name=worker_id or wid, report=_out.out, report_error=_out.error)
+            loop = asyncio.get_running_loop()
+
+            def on_signal(sig: int) -> None:
+                if w.running:
+                    _out.info(f"{signal.Signals(sig).name}: stopping; running executions "
+                              "get the grace period, then resume on the next worker"
+                              if not w.stopping else "handing everything back now")
+                w.stop()
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, on_signal, sig)
+            try:
+                await w.run()
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+        return 0
 
     _go(body)
 

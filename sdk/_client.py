@@ -18,16 +18,19 @@ from agentainer_flow.engine.errors import ConfigurationError
 from agentainer_flow.engine.reaper import Reaped, reap_agents
 from agentainer_flow.engine.runtimes.base import AgentRuntime
 from agentainer_flow.store import (
+    DEFAULT_QUEUE,
     EventStore,
     ExecutionNotFoundError,
     ExecutionRecord,
     ExecutionStatus,
+    QueueConfig,
     create_store,
 )
 from agentainer_flow.store.events import StateSet
 
 from ._context import Context
 from ._events import ExecutionEvent
+from ._queues import Queue
 
 log = structlog.get_logger("agentainer_flow.client")
 
@@ -185,14 +188,26 @@ class WorkflowClient:
         tags: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
         execution_id: str | None = None,
+        queue: str | Queue | None = None,
+        priority: int = 0,
     ) -> WorkflowExecution:
         """Start an execution of ``workflow`` (an instance of a ``@workflow`` class).
 
         With an ``idempotency_key`` (or ``execution_id``) already used, returns that
         execution instead of starting another. ``SYNC`` waits for the end (a failure is
         raised by ``get_result``, not here); ``ASYNC`` returns at once.
+
+        With ``queue`` the execution is recorded for the workers of that queue (``flow
+        worker --queue NAME`` or ``Worker``) instead of running in this process; higher
+        ``priority`` runs first. A ``Queue`` object also writes its limits to the store.
+        The caller can still ``get_result()``, ``stream_events()`` and ``cancel()`` it.
         """
         await self.open()
+        if queue is not None:
+            return await self._enqueue(workflow, mode, queue, priority, input=input,
+                                       secrets=secrets, tags=tags,
+                                       idempotency_key=idempotency_key,
+                                       execution_id=execution_id)
         record, created = await self.engine.start(
             workflow, input=input, tags=tags, secrets=secrets,
             idempotency_key=idempotency_key, execution_id=execution_id)
@@ -203,6 +218,30 @@ class WorkflowClient:
             if mode is ExecutionMode.SYNC:
                 # how it ended (failed, blocked, stopped) is for get_result() to raise
                 await asyncio.wait([task])
+        return execution
+
+    async def _enqueue(self, workflow: object, mode: ExecutionMode, queue: str | Queue,
+                       priority: int, **start: Any) -> WorkflowExecution:
+        """Record the execution for a queue's workers; with ``SYNC``, wait for its end."""
+        if isinstance(queue, Queue):
+            config = queue.config()
+            await self.store.set_queue(config)
+            name = queue.name
+        else:
+            name = str(queue)
+            if not name.strip():
+                raise ConfigurationError("queue= needs a queue name")
+            config = next((q.config for q in await self.store.list_queues()
+                           if q.config.name == name), QueueConfig(name=name))
+        tags = {str(k): str(v) for k, v in (start.get("tags") or {}).items()}
+        key = tags.get(config.key_tag) if config.key_tag else None
+        stored_queue = None if name == DEFAULT_QUEUE else name
+        record, _ = await self.engine.start(workflow, run_here=False, queue=stored_queue,
+                                            priority=int(priority), concurrency_key=key,
+                                            **start)
+        execution = WorkflowExecution(self, record.id)
+        if mode is ExecutionMode.SYNC:
+            await self.engine.wait_outcome(record.id)
         return execution
 
     def get_execution(self, execution_id: str) -> WorkflowExecution:

@@ -313,10 +313,11 @@ def test_secret_values_never_appear_in_output(flow: Flow) -> None:
 
 # the worker -----------------------------------------------------------------------------
 def test_worker_stops_cleanly_on_sigterm(flow: Flow, tmp_path: Path) -> None:
+    """With no grace period, SIGTERM hands the running execution back at once."""
     log = tmp_path / "worker.out"
     with log.open("w") as sink:
         proc = subprocess.Popen(flow._cmd(["worker", "--poll-interval", "0.1", "--worker-id",
-                                           "w-test"]),
+                                           "w-test", "--grace", "0"]),
                                 cwd=flow.root, env=flow.env, stdout=sink,
                                 stderr=subprocess.PIPE, text=True)
     try:
@@ -369,3 +370,35 @@ def test_a_missing_secret_blocks_and_resume_carries_on(flow: Flow, tmp_path: Pat
     assert resumed.json()["result"] == {"answer": 42, "token_length": 16}
     assert marks.read_text().split() == ["expensive"]  # finished work was not redone
     assert "s3cr3t-value-123" not in resumed.out + resumed.err
+
+
+def test_sigterm_lets_running_executions_finish_within_the_grace(flow: Flow,
+                                                                  tmp_path: Path) -> None:
+    """The first SIGTERM stops claiming and lets the running execution finish (its agent
+    takes about 2 s of the 20 s grace); the worker then exits."""
+    log = tmp_path / "worker.out"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(flow._cmd(["worker", "--poll-interval", "0.1", "--worker-id",
+                                           "w-grace", "--grace", "20"]),
+                                cwd=flow.root, env=flow.env, stdout=sink,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        eid = flow("run", f"{WF}:SlowWorkflow", "--config", _write(flow, "slow2.json", 2),
+                   "--no-wait").out.strip()
+        deadline = time.monotonic() + 20
+        while f"{eid} cli_slow: claimed" not in log.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        late = flow("run", f"{WF}:SlowWorkflow", "--config", _write(flow, "slow3.json", 1),
+                    "--no-wait").out.strip()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    stopped = Result(("worker",), proc.returncode, log.read_text(), err)
+    assert stopped.code == 0, stopped
+    assert f"{eid} cli_slow: completed" in stopped.out, stopped
+    assert flow("status", eid, "--json").json()["status"] == "completed"
+    assert flow("status", late, "--json").json()["status"] == "pending"  # not claimed

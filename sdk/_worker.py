@@ -1,0 +1,245 @@
+"""``Worker``: claims executions from the store and runs them, inside any asyncio program.
+
+``flow worker`` is this class with signal handling and printed progress. A service runs one
+next to its web server::
+
+    async with WorkflowClient(store="postgresql://...") as client:
+        worker = Worker(client, queues=["gpu"], concurrency=4)
+        await worker.run()          # until worker.stop() (e.g. from a SIGTERM handler)
+
+Claims honour each queue's limits (see ``Queue``); a new execution or a due timer wakes
+the worker at once where the store can say so (Postgres LISTEN/NOTIFY), else within
+``poll_interval``. Agents that crashes left behind are reaped at start and every minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from agentainer_flow.engine.errors import ExecutionBlockedError
+from agentainer_flow.store import ExecutionRecord, FlowError, HistoryCorruptedError, StoreError
+
+from ._client import WorkflowClient
+from ._loading import ensure_registered
+from ._queues import Queue, declared_queues
+
+__all__ = ["Worker"]
+
+log = structlog.get_logger("agentainer_flow.worker")
+
+#: seconds between a worker's sweeps for agents that crashes left behind
+GC_INTERVAL = 60.0
+
+Report = Callable[[str], None]
+
+
+class Worker:
+    """Claims unfinished executions (of ``queues``, or of every queue) under a lease and
+    runs them with ``client``'s engine, at most ``concurrency`` at once.
+
+    ``once``: process what is claimable now, then return. ``grace``: on ``stop()``, how
+    long running executions may go on before they are handed back (their agents keep
+    running and are adopted by the next holder). ``report``/``report_error``: where
+    progress lines go (``flow worker`` prints them); structlog gets them either way.
+    """
+
+    def __init__(
+        self,
+        client: WorkflowClient,
+        *,
+        queues: Sequence[str | Queue] | None = None,
+        concurrency: int = 4,
+        poll_interval: float = 1.0,
+        once: bool = False,
+        grace: float = 30.0,
+        name: str | None = None,
+        report: Report | None = None,
+        report_error: Report | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.client = client
+        self.queues: list[str] | None = (
+            None if queues is None else [q.name if isinstance(q, Queue) else q for q in queues])
+        self._declared = [q for q in (queues or ()) if isinstance(q, Queue)]
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.once = once
+        self.grace = grace
+        self.name = name or client.engine.owner_id
+        self._report = report or (lambda line: None)
+        self._report_error = report_error or (lambda line: None)
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.skipped: set[str] = set()  # cannot run here (not importable, diverged): left
+        self.done = 0
+        self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._last_gc: float | None = None
+
+    @property
+    def worker_id(self) -> str:
+        """The lease owner id of this worker's claims (its engine's)."""
+        return self.client.engine.owner_id
+
+    @property
+    def stopping(self) -> bool:
+        """Whether ``stop()`` was called."""
+        return self._stop.is_set()
+
+    def stop(self) -> None:
+        """Stop claiming; running executions get ``grace`` seconds. A second call hands
+        them back at once."""
+        if self._stop.is_set():
+            self._hurry.set()
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Claim and run until ``stop()`` (or, with ``once``, until nothing is claimable);
+        returns how many executions it saw to an outcome."""
+        await self.client.open()
+        await self._declare()
+        queues = ", ".join(self.queues) if self.queues is not None else "every queue"
+        self._say(f"worker {self.name} started (concurrency {self.concurrency}, {queues}"
+                  + (", once" if self.once else "") + ")")
+        try:
+            while not self._stop.is_set():
+                await self._gc()
+                try:
+                    claimed = await self._claim()
+                except FlowError as exc:
+                    if self.once:
+                        raise
+                    self._error(f"claiming failed (retrying): {exc}")  # e.g. a database blip
+                    claimed = 0
+                if self.once and not claimed and not self.running:
+                    break
+                await self._wait(self.poll_interval if not (self.once and claimed) else 0.0)
+        finally:
+            await self._shutdown()
+        self._say(f"worker {self.name} stopped; {self.done} executions processed")
+        return self.done
+
+    # -- pieces --
+
+    async def _declare(self) -> None:
+        """Write the limits of the queues declared in code that this worker serves."""
+        declared = {q.name: q for q in self._declared}
+        for name, queue in declared_queues().items():
+            if self.queues is None or name in self.queues:
+                declared.setdefault(name, queue)
+        for queue in declared.values():
+            await self.client.store.set_queue(queue.config())
+
+    async def _gc(self) -> None:
+        now = time.monotonic()
+        if self._last_gc is not None and now - self._last_gc < GC_INTERVAL:
+            return
+        self._last_gc = now
+        try:
+            reaped = await self.client.gc()
+        except Exception as exc:  # the worker's job is to run executions
+            self._error(f"removing left-behind agents failed: {exc}")
+            return
+        for r in reaped:
+            self._say(f"{r.execution_id}: removed left-behind agent {r.agent_id} ({r.reason})")
+
+    async def _claim(self) -> int:
+        free = self.concurrency - len(self.running)
+        if free <= 0:
+            return 0
+        store = self.client.store
+        extra = min(len(self.skipped), 100)  # so skipped rows cannot starve runnable ones
+        records = await store.claim(self.worker_id,
+                                    lease_seconds=self.client.engine.lease_seconds,
+                                    limit=free + extra, queues=self.queues)
+        started = 0
+        for record in records:
+            # children run inside their parent's process; skipped ones are left alone
+            if record.parent_id is not None or record.id in self.skipped or started >= free:
+                await store.release(self.worker_id, record.id)
+                continue
+            try:
+                ensure_registered(record)
+            except FlowError as exc:
+                self._error(f"execution {record.id}: {exc}")
+                self.skipped.add(record.id)
+                await store.release(self.worker_id, record.id)
+                continue
+            self._say(f"{record.id} {record.workflow_name}: claimed ({record.status.value})")
+            self.running[record.id] = asyncio.ensure_future(self._process(record))
+            # the engine renews the lease from here on, and its runner carries the token
+            started += 1
+        return started
+
+    async def _process(self, record: ExecutionRecord) -> None:
+        eid = record.id
+        try:
+            outcome = await asyncio.shield(self.client.engine.launch(eid, leased=record))
+            detail = f": {outcome.error}" if outcome.error else ""
+            self.done += 1
+            self._say(f"{eid} {record.workflow_name}: {outcome.status}{detail}")
+        except asyncio.CancelledError:
+            raise
+        except HistoryCorruptedError as exc:  # never replayed: left for a person to look at
+            self.skipped.add(eid)
+            self._error(f"execution {eid} not run: {exc}")
+        except (StoreError, ExecutionBlockedError) as exc:
+            # the store went away (it is retried at the next claim), the lease was taken
+            # over (the new holder runs it), or it waits for a secret (`flow resume`)
+            self._error(f"execution {eid} stopped here: {exc}")
+        except Exception as exc:
+            self.skipped.add(eid)
+            self._error(f"execution {eid} stopped: {type(exc).__name__}: {exc}")
+        finally:
+            self.running.pop(eid, None)
+            with contextlib.suppress(FlowError):
+                await asyncio.shield(self.client.store.release(self.worker_id, eid))
+
+    async def _wait(self, timeout: float) -> None:
+        """Until stopped, a run ends, or (with room for more) the store changes."""
+        waiters = {asyncio.ensure_future(self._stop.wait()), *self.running.values()}
+        change = None
+        if len(self.running) < self.concurrency and timeout:
+            change = asyncio.ensure_future(self.client.store.wait_for_change(None, timeout))
+            waiters.add(change)
+        try:
+            await asyncio.wait(waiters, timeout=timeout or None,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                if w not in self.running.values():
+                    w.cancel()
+
+    async def _shutdown(self) -> None:
+        """Let running executions go on for ``grace`` seconds (or until ``stop()`` again),
+        then hand them back: their leases are released, their agents left to be adopted."""
+        tasks = list(self.running.values())  # each removes itself from ``running``
+        if not tasks:
+            return
+        if self._stop.is_set() and self.grace > 0 and not self._hurry.is_set():
+            self._say(f"waiting up to {self.grace:g}s for {len(tasks)} running executions")
+            hurry = asyncio.ensure_future(self._hurry.wait())
+            finished = asyncio.ensure_future(asyncio.wait(tasks))  # cancelling it keeps them
+            try:
+                await asyncio.wait({finished, hurry}, timeout=self.grace,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                hurry.cancel()
+                finished.cancel()
+        tasks = list(self.running.values())
+        if tasks:
+            await self.client.engine.shutdown()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _say(self, line: str) -> None:
+        log.info("worker", message=line, worker=self.name)
+        self._report(line)
+
+    def _error(self, line: str) -> None:
+        log.warning("worker_error", message=line, worker=self.name)
+        self._report_error(line)

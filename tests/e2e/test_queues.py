@@ -1,0 +1,93 @@
+"""Queues with real worker processes: a queue's concurrency limit holds across workers
+(measured from the executions' own start and end stamps), priorities order the work, and a
+worker inside a program (``Worker``) serves its queue only."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agentainer_flow import ExecutionMode, Queue, Worker, WorkflowClient
+from tests.e2e.queue_workflows import Job
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX processes only")
+
+MODULE = Path(__file__).resolve().parent / "queue_workflows.py"
+_CLEARED = ("FLOW_HOME", "FLOW_RUNTIME", "FLOW_STORE", "FLOW_TEST_KILL_AT")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'flow.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def start_worker(url: str, name: str, *queues: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k not in _CLEARED}
+    args = [sys.executable, "-m", "agentainer_flow._cli", "worker", "-m", str(MODULE),
+            "--store", url, "--id", name, "--concurrency", "4", "--poll-interval", "0.1",
+            "--grace", "0"]
+    for q in queues:
+        args += ["--queue", q]
+    return subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def stop(workers: list[subprocess.Popen[str]]) -> None:
+    for w in workers:
+        if w.poll() is None:
+            w.send_signal(signal.SIGTERM)
+    for w in workers:
+        _, err = w.communicate(timeout=60)
+        assert w.returncode == 0, err
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    now = peak = 0
+    for _, step in edges:  # an end before a start at the same instant
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+async def test_a_queue_limited_to_two_never_runs_more_across_three_workers(
+        store_url: str) -> None:
+    queue = Queue("limited-two", concurrency=2)
+    async with WorkflowClient(store=store_url) as client:
+        executions = [await client.run_workflow(Job(i), ExecutionMode.ASYNC, queue=queue)
+                      for i in range(12)]
+        workers = [start_worker(store_url, f"w{i}", "limited-two") for i in range(3)]
+        try:
+            results = [await asyncio.wait_for(e.get_result(), 120) for e in executions]
+        finally:
+            stop(workers)
+        holders = {(await e.describe()).lease_owner for e in executions}
+    assert sorted(r["n"] for r in results) == list(range(12))
+    spans = [(r["start"], r["end"]) for r in results]
+    assert most_at_once(spans) == 2, spans  # the limit held, and was used
+    assert holders == {None}  # every lease released
+
+
+async def test_priorities_and_queues_choose_what_a_worker_runs(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'flow.db'}"
+    async with WorkflowClient(store=url) as client:
+        low = await client.run_workflow(Job(1, 0.0), ExecutionMode.ASYNC, queue="jobs")
+        high = await client.run_workflow(Job(2, 0.0), ExecutionMode.ASYNC, queue="jobs",
+                                         priority=10)
+        other = await client.run_workflow(Job(3, 0.0), ExecutionMode.ASYNC, queue="other")
+        worker = Worker(client, queues=["jobs"], concurrency=1, once=True)
+        assert await worker.run() == 2
+        first, second = [await e.get_result() for e in (high, low)]
+        assert first["end"] <= second["start"]  # priority 10 ran first
+        assert (await other.status()).value == "pending"  # not this worker's queue
+        stats = {q.config.name: q for q in await client.store.list_queues()}
+        assert stats["other"].pending == 1
+        assert "jobs" not in stats  # no limits, nothing left in it
