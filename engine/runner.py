@@ -124,6 +124,7 @@ class Runner:
         self.deadline = started.deadline
         self._pending: list[Event] = []
         self._after_flush: list[Callable[[], Awaitable[None]]] = []
+        self._cleanups: set[asyncio.Task[None]] = set()
         self._flush_lock = asyncio.Lock()
         self._status: ExecutionStatus | None = (
             None if record.status is ExecutionStatus.RUNNING else ExecutionStatus.RUNNING
@@ -195,11 +196,26 @@ class Runner:
                     commit.exception()  # retrieved; a StoreError has set _fatal
                 raise asyncio.CancelledError
             commit.result()
-        for action in actions:
+        if actions:
+            # cleanup (removing agents) runs beside the execution, all at once: it is off
+            # the critical path and a cancelled flusher cannot abandon it; run() waits for it
+            task = asyncio.ensure_future(self._clean_up(actions))
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
+
+    async def _clean_up(self, actions: list[Callable[[], Awaitable[None]]]) -> None:
+        async def one(action: Callable[[], Awaitable[None]]) -> None:
             try:
                 await action()
-            except Exception as exc:  # cleanup is best effort; the outcome is recorded
+            except Exception as exc:  # best effort; the outcome is recorded, gc reaps
                 self._log.warning("cleanup_failed", error=str(exc))
+
+        await asyncio.gather(*(one(a) for a in actions))
+
+    async def _cleaned_up(self) -> None:
+        """Wait (a while) for the cleanups under way; gc reaps what they leave."""
+        if self._cleanups:
+            await asyncio.wait(set(self._cleanups), timeout=60)
 
     async def _commit(self, batch: list[Event], status: ExecutionStatus | None,
                       error: str | None, wake_at: float | None) -> None:
@@ -319,6 +335,7 @@ class Runner:
                 deadline_task.cancel()
             if watcher is not None:
                 watcher.cancel()
+            await asyncio.shield(self._cleaned_up())
 
     async def _watch_cancel(self, interval: float = 1.0) -> None:
         """Notice a cancel requested by another process (``flow cancel``), or a lease taken
