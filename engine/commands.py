@@ -492,6 +492,7 @@ class _OutputRecorder:
         self._pending_bytes = 0
         self._recorded = 0
         self._full = False
+        self._ended = False
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
@@ -516,6 +517,7 @@ class _OutputRecorder:
             async for text, cursor in runtime.follow_logs(self._handle.id, self._cursor):
                 if not self._add(text, cursor):
                     return
+            self._ended = True  # the runtime gave everything: no drain needed
 
     def _add(self, text: str, cursor: str) -> bool:
         """Keep ``text`` for the next event; False once the cap is reached."""
@@ -553,7 +555,7 @@ class _OutputRecorder:
         self._task.cancel()
         with contextlib.suppress(BaseException):
             await self._task
-        if drain and not self._full:
+        if drain and not self._full and not self._ended:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._drain(), _DRAIN_SECONDS)
         self._record()

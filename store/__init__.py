@@ -70,6 +70,13 @@ def create_store(url: str, **options: object) -> EventStore:
 
         return SQLiteEventStore(url, **options)  # type: ignore[arg-type]
     if scheme in ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg_async"):
+        try:
+            import psycopg  # noqa: F401 - the driver; missing unless the extra is installed
+        except ImportError:
+            raise StoreUnavailableError(
+                f"the store {_safe_url(url)!r} is a PostgreSQL URL, but the PostgreSQL driver "
+                "(psycopg) is not installed: pip install 'agentainer-flow[postgres]'"
+            ) from None
         from .postgres import PostgresEventStore
 
         return PostgresEventStore(url, **options)  # type: ignore[arg-type]

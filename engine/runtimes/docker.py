@@ -401,8 +401,9 @@ class DockerRuntime(AgentRuntime):
         limit = max_output_bytes()
         files: dict[str, bytes] = {}
         too_big: dict[str, int] = {}
-        if self._exists(container, OUTPUT_PATH) or self._exists(container,
-                                                                 f"{FLOW_DIR}/{_MARKER}"):
+        # a stop or timeout marker matters only for a container that did not exit 0
+        if self._exists(container, OUTPUT_PATH) or (
+                state.get("ExitCode") != 0 and self._exists(container, f"{FLOW_DIR}/{_MARKER}")):
             files, too_big = self._files(container, limit)
         marker = files.get(_MARKER)
         output_file = files.get("output.json")

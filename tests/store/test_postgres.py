@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -155,3 +156,27 @@ async def test_an_event_already_at_the_seq_is_a_conflict(
             await store.append("e1", 2, [StepStarted(step="x")] * size, error="no")
         assert (info.value.expected_seq, info.value.actual_last_seq) == (2, 1)
         assert await store.get_execution("e1") == before
+
+
+def test_a_postgres_url_without_the_driver_names_the_extra(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without psycopg (``import psycopg`` fails), the error says which extra to install and
+    never shows the password."""
+    import builtins
+    import sys
+
+    from agentainer_flow.store import StoreUnavailableError, create_store
+
+    real_import = builtins.__import__
+
+    def no_psycopg(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "psycopg" or name.startswith("psycopg."):
+            raise ImportError("No module named 'psycopg'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "psycopg", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_psycopg)
+    with pytest.raises(StoreUnavailableError,
+                       match=r"pip install 'agentainer-flow\[postgres\]'") as err:
+        create_store("postgresql://app:hunter2@db.example:5432/flow")
+    assert "hunter2" not in str(err.value)
