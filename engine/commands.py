@@ -335,7 +335,11 @@ class StepRuntime:
             started = recorded[0]
             assert isinstance(started, TimerStarted)
             fire_at = started.fire_at
-        await runner.clock.sleep_until(fire_at)
+        runner.sleeping(fire_at)
+        try:
+            await runner.clock.sleep_until(fire_at)
+        finally:
+            runner.awake()
         self._emit(TimerFired(**self._base(idx)))
 
     def _side_effect(self, kind: str, make: Any) -> Any:

@@ -41,6 +41,7 @@ from . import values
 from .clock import Clock
 from .errors import (
     ExecutionBlockedError,
+    ExecutionSuspended,
     FlowError,
     IdempotencyConflictError,
     SecretNotFoundError,
@@ -136,6 +137,10 @@ class Engine:
         # why runs of this process stopped without an outcome, by execution id
         self._stopped: dict[str, BaseException] = {}
         self.is_shutting_down = False
+        #: seconds: a run whose every instance sleeps at least this long lets the execution
+        #: go (lease released, memory freed) for a worker to claim when it is due; ``None``
+        #: (the default, for runs that callers wait on in this process) never suspends
+        self.suspend_after: float | None = None
         #: carried by every agent as its ``flow.store`` label (see ``store_label``)
         self.store_label = store_label(getattr(store, "url", "") or "memory://")
 
@@ -255,8 +260,10 @@ class Engine:
         self._secrets.pop(execution_id, None)
         self._objects.pop(execution_id, None)
         self._fresh.pop(execution_id, None)
-        if not task.cancelled() and isinstance(exc := task.exception(),
-                                               LeaseLostError | AppendConflictError):
+        if not task.cancelled() and isinstance(task.exception(), ExecutionSuspended):
+            pass  # asleep in the store: waiters follow it there
+        elif not task.cancelled() and isinstance(exc := task.exception(),
+                                                 LeaseLostError | AppendConflictError):
             # taken over by another process: waiters here follow it to the outcome
             log.warning("execution_lease_lost", execution_id=execution_id, error=str(exc))
         elif not task.cancelled() and (exc := task.exception()) is not None:

@@ -232,6 +232,19 @@ class WorkflowNotRegisteredError(FlowError):
     code = "workflow_not_registered"
 
 
+class ExecutionSuspended(FlowError):
+    """The run let go of a sleeping execution: every step instance waits for a timer (or a
+    retry backoff) due at ``wake_at``. Its history is durable, its lease released; a worker
+    claims it again when it is due. Not a failure: raised to the runner's caller only."""
+
+    code = "execution_suspended"
+
+    def __init__(self, execution_id: str, wake_at: float) -> None:
+        self.execution_id = execution_id
+        self.wake_at = wake_at
+        super().__init__(f"execution {execution_id} sleeps until {wake_at:.3f}; suspended")
+
+
 class ExecutionBlockedError(FlowError):
     """The execution is suspended (status ``blocked``) until it is resumed with a secret.
 

@@ -38,6 +38,7 @@ from .commands import StepRuntime
 from .errors import (
     EngineSignal,
     ExecutionBlockedError,
+    ExecutionSuspended,
     NonDeterminismError,
     SecretNotFoundError,
     StepTimeoutError,
@@ -53,6 +54,14 @@ __all__ = ["Runner"]
 
 log = structlog.get_logger("agentainer_flow")
 _NAME_SAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
+
+
+class _Suspend(EngineSignal):
+    """Every in-flight instance sleeps until at least ``wake_at``: let the execution go."""
+
+    def __init__(self, wake_at: float) -> None:
+        super().__init__()
+        self.wake_at = wake_at
 
 
 class _Aborted(EngineSignal):
@@ -125,6 +134,9 @@ class Runner:
         self._pending: list[Event] = []
         self._after_flush: list[Callable[[], Awaitable[None]]] = []
         self._cleanups: set[asyncio.Task[None]] = set()
+        #: sleeping instances: the task awaiting ``ctx.sleep`` -> when it fires
+        self._sleeping: dict[asyncio.Task[Any], float] = {}
+        self._suspended = False
         self._flush_lock = asyncio.Lock()
         self._status: ExecutionStatus | None = (
             None if record.status is ExecutionStatus.RUNNING else ExecutionStatus.RUNNING
@@ -257,7 +269,7 @@ class Runner:
         """Whether stopping now must leave running agents alone (to be adopted): on
         shutdown, and whenever the run stops without an outcome (lease lost, store down,
         blocked, diverged). Only a cancel, a failure or a timeout stops agents."""
-        return self.engine.is_shutting_down or self._fatal is not None
+        return self.engine.is_shutting_down or self._fatal is not None or self._suspended
 
     def check_alive(self) -> None:
         """Raise through user code if the execution must stop."""
@@ -321,6 +333,12 @@ class Runner:
                     continue  # what was to start was stopped instead: decide again
                 await self._wait(next_retry, deadline_task)
             return await self._finish()
+        except _Suspend as suspend:
+            self._suspended = True  # the sleeping instances are dropped, agents left alone
+            await self._cancel_tasks()
+            await self.flush(wake_at=suspend.wake_at)
+            self._log.info("execution_suspended", wake_at=suspend.wake_at)
+            raise ExecutionSuspended(self.execution_id, suspend.wake_at) from None
         except _Aborted:
             await self._cancel_tasks()
             assert self._fatal is not None
@@ -641,12 +659,51 @@ class Runner:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def sleeping(self, fire_at: float) -> None:
+        """The calling instance waits for a durable timer until ``fire_at``."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._sleeping[task] = fire_at
+            if self.engine.suspend_after is not None:
+                self._wakeup()  # the scheduler decides whether to let the execution go
+
+    def awake(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._sleeping.pop(task, None)
+
+    def _suspend_until(self, next_retry: float | None) -> float | None:
+        """When to wake, if this run may let go of the execution now: the engine suspends
+        (a worker's does), every in-flight instance sleeps in ``ctx.sleep`` itself, and
+        nothing (timer, retry, step or workflow deadline) is due within ``suspend_after``."""
+        after = self.engine.suspend_after
+        if after is None or self._starting or self._fatal is not None or self._cancel_wanted:
+            return None
+        if any(task not in self._sleeping for task in self._tasks):
+            return None
+        due = [self._sleeping[t] for t in self._tasks]
+        if next_retry is not None:
+            due.append(next_retry)
+        if self.deadline is not None:
+            due.append(self.deadline)
+        for name, instance, _attempt in self._tasks.values():
+            deadline = self.h.steps[name].instances[instance].deadline
+            if deadline is not None:
+                due.append(deadline)
+        if not due:
+            return None  # nothing would wake it
+        wake = min(due)
+        return wake if wake - self.clock.now() >= after else None
+
     async def _wait(self, next_retry: float | None,
                     deadline_task: asyncio.Future[None] | None) -> None:
         if any(t.done() for t in self._tasks) or self._fatal is not None or (
                 self._cancel_wanted and not self.h.cancel_requested):
             await self._collect()
             return
+        wake = self._suspend_until(next_retry)
+        if wake is not None:
+            raise _Suspend(wake)
         waiter = self._waiter = asyncio.get_running_loop().create_future()
         timers: set[asyncio.Future[Any]] = set()
         if next_retry is not None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from agentainer_flow.engine.errors import ExecutionBlockedError
+from agentainer_flow.engine.errors import ExecutionBlockedError, ExecutionSuspended
 from agentainer_flow.store import ExecutionRecord, FlowError, HistoryCorruptedError, StoreError
 
 from ._client import WorkflowClient
@@ -42,7 +42,10 @@ class Worker:
     """Claims unfinished executions (of ``queues``, or of every queue) under a lease and
     runs them with ``client``'s engine, at most ``concurrency`` at once.
 
-    ``once``: process what is claimable now, then return. ``grace``: on ``stop()``, how
+    ``suspend_after``: an execution whose every step instance sleeps at least this many
+    seconds is let go (lease released, nothing kept in memory) and claimed again when due
+    (``None``: keep it). ``once``: process what is claimable now, then return. ``grace``:
+    on ``stop()``, how
     long running executions may go on before they are handed back (their agents keep
     running and are adopted by the next holder). ``report``/``report_error``: where
     progress lines go (``flow worker`` prints them); structlog gets them either way.
@@ -60,6 +63,7 @@ class Worker:
         name: str | None = None,
         report: Report | None = None,
         report_error: Report | None = None,
+        suspend_after: float | None = 2.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -77,6 +81,8 @@ class Worker:
         self.running: dict[str, asyncio.Task[None]] = {}
         self.skipped: set[str] = set()  # cannot run here (not importable, diverged): left
         self.done = 0
+        self.suspended = 0  # runs that let a sleeping execution go
+        self.suspend_after = suspend_after
         self._stop = asyncio.Event()
         self._hurry = asyncio.Event()
         self._last_gc: float | None = None
@@ -102,6 +108,7 @@ class Worker:
         """Claim and run until ``stop()`` (or, with ``once``, until nothing is claimable);
         returns how many executions it saw to an outcome."""
         await self.client.open()
+        self.client.engine.suspend_after = self.suspend_after
         await self._declare()
         queues = ", ".join(self.queues) if self.queues is not None else "every queue"
         self._say(f"worker {self.name} started (concurrency {self.concurrency}, {queues}"
@@ -188,6 +195,10 @@ class Worker:
         except HistoryCorruptedError as exc:  # never replayed: left for a person to look at
             self.skipped.add(eid)
             self._error(f"execution {eid} not run: {exc}")
+        except ExecutionSuspended as asleep:
+            self.suspended += 1
+            self._say(f"{eid} {record.workflow_name}: sleeping until "
+                      f"{_clock(asleep.wake_at)}; released")
         except (StoreError, ExecutionBlockedError) as exc:
             # the store went away (it is retried at the next claim), the lease was taken
             # over (the new holder runs it), or it waits for a secret (`flow resume`)
@@ -201,7 +212,14 @@ class Worker:
                 await asyncio.shield(self.client.store.release(self.worker_id, eid))
 
     async def _wait(self, timeout: float) -> None:
-        """Until stopped, a run ends, or (with room for more) the store changes."""
+        """Until stopped, a run ends, or (with room for more) the store changes or a
+        suspended execution is due."""
+        if len(self.running) < self.concurrency and timeout:
+            wake = await self.client.store.next_wake()
+            if wake is not None:
+                timeout = min(timeout, wake - time.time())
+                if timeout <= 0:
+                    return  # due now: claim it
         waiters = {asyncio.ensure_future(self._stop.wait()), *self.running.values()}
         change = None
         if len(self.running) < self.concurrency and timeout:
@@ -243,3 +261,7 @@ class Worker:
     def _error(self, line: str) -> None:
         log.warning("worker_error", message=line, worker=self.name)
         self._report_error(line)
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"

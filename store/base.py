@@ -342,6 +342,11 @@ class EventStore(ABC):
         """
 
     @abstractmethod
+    async def next_wake(self) -> float | None:
+        """The earliest future wake-up time of an unfinished execution nobody holds (a
+        suspended sleeper), so that workers wake for it on time; ``None`` if there is none."""
+
+    @abstractmethod
     async def set_queue(self, config: QueueConfig) -> None:
         """Create or replace a queue's limits."""
 

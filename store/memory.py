@@ -226,6 +226,13 @@ class MemoryEventStore(EventStore):
             claimed.append(new)
         return claimed
 
+    async def next_wake(self) -> float | None:
+        t = now()
+        due = [r.wake_at for r in self._rows.values()
+               if not r.status.is_terminal and r.status is not ExecutionStatus.BLOCKED
+               and r.wake_at is not None and r.wake_at > t and not r.lease_live(t)]
+        return min(due) if due else None
+
     async def set_queue(self, config: QueueConfig) -> None:
         self._queues[config.name] = config
 

@@ -252,6 +252,12 @@ def _stmt_lease_one() -> sa.Update:
     )
 
 
+def _stmt_next_wake() -> sa.Select[Any]:
+    return sa.select(sa.func.min(_ex.c.wake_at)).where(
+        _UNFINISHED, _ex.c.wake_at > _p("t"), _LEASE_FREE,
+        _ex.c.status != ExecutionStatus.BLOCKED.value)
+
+
 def _stmt_queue_running() -> sa.Select[Any]:
     """A queue's executions held by a live lease, by concurrency key."""
     return (
@@ -916,6 +922,11 @@ class SQLEventStore(EventStore):
     def _queue_limits_statement(self) -> sa.Select[Any]:
         """Every queue's limits, locked for this transaction where the dialect can."""
         return sa.select(*_q.c).order_by(_q.c.name)
+
+    async def next_wake(self) -> float | None:
+        stmt = self._stmt("next_wake", _stmt_next_wake)
+        row = await self._read(lambda tx: tx.first(stmt, {"t": now()}))
+        return None if row is None or row[0] is None else float(row[0])
 
     async def set_queue(self, config: QueueConfig) -> None:
         upsert = self._stmt("queue_upsert", self._queue_upsert_statement)
