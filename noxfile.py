@@ -1,4 +1,5 @@
-"""Developer sessions: ``nox -s tests lint types bench``."""
+"""Developer sessions: ``nox -s tests lint types bench``; ``chaos`` and ``soak`` run the
+long profiles of the chaos and suspension tests."""
 
 import nox
 
@@ -30,3 +31,19 @@ def bench(session: nox.Session) -> None:
     """Benchmarks; results are written to benchmarks/RESULTS.md."""
     session.install("-e", ".[dev]")
     session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """The chaos test with several seeds (CI runs one): 4 workers, 200 executions, kills."""
+    session.install("-e", ".[dev]")
+    for seed in range(1, 6):
+        session.run("pytest", "-q", "-s", "tests/e2e/test_chaos.py",
+                    env={"FLOW_CHAOS_SEED": str(seed)})
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """The long profiles: 1,000 executions sleeping the full minute."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", "-q", "-s", "tests/e2e/test_suspend.py", env={"FLOW_SOAK": "1"})
