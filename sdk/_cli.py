@@ -74,7 +74,7 @@ from ._loading import (
     split_target,
 )
 from ._queues import Queue
-from ._worker import Worker
+from ._worker import HEARTBEAT_INTERVAL, Worker
 
 __all__ = ["SOURCE_TAG", "app", "main"]
 
@@ -802,6 +802,34 @@ def replay(
             else:
                 _out.info(f"DIVERGED: {report.error}", fg="red")
         return 0 if report.ok else 1
+
+    _go(body)
+
+
+@app.command()
+def workers(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
+    """Workers that reported themselves: id, host, queues, executions held, last heartbeat
+    (one silent for 15 s is shown as lost)."""
+
+    async def body() -> int:
+        async with _client(store) as client:
+            found = await client.store.list_workers()
+        now = time.time()
+        rows: list[dict[str, Any]] = [{"name": w.name, "id": w.id, "host": w.host, "pid": w.pid,
+                                       "queues": list(w.queues) or ["*"], "held": w.held,
+                                       "concurrency": w.concurrency,
+                                       "started_at": w.started_at,
+                                       "heartbeat_at": w.heartbeat_at,
+                                       "alive": now - w.heartbeat_at < 3 * HEARTBEAT_INTERVAL}
+                                      for w in found]
+        if as_json:
+            _out.json(rows)
+            return 0
+        _out.table(["worker", "host", "queues", "held", "heartbeat", "state"],
+                   [(r["name"], f"{r['host']}:{r['pid']}", ",".join(r["queues"]),
+                     f"{r['held']}/{r['concurrency']}", f"{now - r['heartbeat_at']:.1f}s ago",
+                     "alive" if r["alive"] else "lost") for r in rows])
+        return 0
 
     _go(body)
 

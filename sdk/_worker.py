@@ -16,13 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 
 import structlog
 
 from agentainer_flow.engine.errors import ExecutionBlockedError, ExecutionSuspended
-from agentainer_flow.store import ExecutionRecord, FlowError, HistoryCorruptedError, StoreError
+from agentainer_flow.store import (
+    ExecutionRecord,
+    FlowError,
+    HistoryCorruptedError,
+    StoreError,
+    WorkerInfo,
+)
 
 from ._client import WorkflowClient
 from ._loading import ensure_registered
@@ -34,6 +42,9 @@ log = structlog.get_logger("agentainer_flow.worker")
 
 #: seconds between a worker's sweeps for agents that crashes left behind
 GC_INTERVAL = 60.0
+#: seconds between a worker's heartbeats; ``flow workers`` calls one silent for three of
+#: them lost
+HEARTBEAT_INTERVAL = 5.0
 
 Report = Callable[[str], None]
 
@@ -86,6 +97,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._hurry = asyncio.Event()
         self._last_gc: float | None = None
+        self._started_at = time.time()
 
     @property
     def worker_id(self) -> str:
@@ -110,6 +122,7 @@ class Worker:
         await self.client.open()
         self.client.engine.suspend_after = self.suspend_after
         await self._declare()
+        beat = asyncio.ensure_future(self._beat())
         queues = ", ".join(self.queues) if self.queues is not None else "every queue"
         self._say(f"worker {self.name} started (concurrency {self.concurrency}, {queues}"
                   + (", once" if self.once else "") + ")")
@@ -128,10 +141,30 @@ class Worker:
                 await self._wait(self.poll_interval if not (self.once and claimed) else 0.0)
         finally:
             await self._shutdown()
+            beat.cancel()
+            with contextlib.suppress(BaseException):
+                await beat
+            with contextlib.suppress(FlowError):
+                await self.client.store.heartbeat(self._info(), gone=True)
         self._say(f"worker {self.name} stopped; {self.done} executions processed")
         return self.done
 
     # -- pieces --
+
+    def _info(self) -> WorkerInfo:
+        return WorkerInfo(id=self.worker_id, name=self.name, host=socket.gethostname(),
+                          pid=os.getpid(), queues=tuple(self.queues or ()),
+                          concurrency=self.concurrency, held=len(self.running),
+                          started_at=self._started_at)
+
+    async def _beat(self) -> None:
+        """Tell the store this worker lives (``flow workers``), every few seconds."""
+        while True:
+            try:
+                await self.client.store.heartbeat(self._info())
+            except FlowError as exc:  # a store outage: the claims will say so too
+                log.warning("worker_heartbeat_failed", error=str(exc))
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def _declare(self) -> None:
         """Write the limits of the queues declared in code that this worker serves."""

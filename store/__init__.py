@@ -21,6 +21,7 @@ from .base import (
     QueueConfig,
     QueueStats,
     StoredEvent,
+    WorkerInfo,
 )
 from .errors import (
     AppendConflictError,
@@ -53,6 +54,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailableError",
     "StoredEvent",
+    "WorkerInfo",
     "create_store",
 ]
 

@@ -30,6 +30,7 @@ __all__ = [
     "QueueConfig",
     "QueueStats",
     "StoredEvent",
+    "WorkerInfo",
     "admit_to_queue",
 ]
 
@@ -149,6 +150,21 @@ def admit_to_queue(config: QueueConfig, queue: str, key: str | None,
     if starts and queue in recent:
         recent[queue] += 1
     return True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerInfo:
+    """A worker as it last reported itself (``heartbeat``)."""
+
+    id: str
+    name: str
+    host: str
+    pid: int
+    queues: tuple[str, ...] = ()  # empty: every queue
+    concurrency: int = 0
+    held: int = 0
+    started_at: float = 0.0
+    heartbeat_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -345,6 +361,15 @@ class EventStore(ABC):
     async def next_wake(self) -> float | None:
         """The earliest future wake-up time of an unfinished execution nobody holds (a
         suspended sleeper), so that workers wake for it on time; ``None`` if there is none."""
+
+    @abstractmethod
+    async def heartbeat(self, worker: WorkerInfo, *, gone: bool = False) -> None:
+        """Record that ``worker`` is alive (its ``heartbeat_at`` is now); ``gone``
+        removes it (a worker that stops cleanly)."""
+
+    @abstractmethod
+    async def list_workers(self) -> list[WorkerInfo]:
+        """Every worker that reported itself, most recent heartbeat first."""
 
     @abstractmethod
     async def set_queue(self, config: QueueConfig) -> None:

@@ -22,6 +22,7 @@ from .base import (
     QueueConfig,
     QueueStats,
     StoredEvent,
+    WorkerInfo,
     admit_to_queue,
     now,
 )
@@ -41,6 +42,7 @@ class MemoryEventStore(EventStore):
         super().__init__()
         self._rows: dict[str, ExecutionRecord] = {}
         self._queues: dict[str, QueueConfig] = {}
+        self._workers: dict[str, WorkerInfo] = {}
         #: each log as the SQL stores keep it: (seq, type name, encoded payload, chain)
         self._logs: dict[str, list[Row]] = {}
         self._keys: dict[str, str] = {}
@@ -232,6 +234,15 @@ class MemoryEventStore(EventStore):
                if not r.status.is_terminal and r.status is not ExecutionStatus.BLOCKED
                and r.wake_at is not None and r.wake_at > t and not r.lease_live(t)]
         return min(due) if due else None
+
+    async def heartbeat(self, worker: WorkerInfo, *, gone: bool = False) -> None:
+        if gone:
+            self._workers.pop(worker.id, None)
+        else:
+            self._workers[worker.id] = dataclasses.replace(worker, heartbeat_at=now())
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        return sorted(self._workers.values(), key=lambda w: -w.heartbeat_at)
 
     async def set_queue(self, config: QueueConfig) -> None:
         self._queues[config.name] = config

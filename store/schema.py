@@ -29,6 +29,7 @@ __all__ = [
     "migrate",
     "queues",
     "schema_version",
+    "workers",
 ]
 
 metadata = sa.MetaData()
@@ -115,6 +116,21 @@ queues = sa.Table(
     sa.Column("updated_at", _Time, nullable=False),
 )
 
+#: version 3: live workers, by heartbeat (``flow workers``)
+workers = sa.Table(
+    "flow_workers",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),  # the lease owner id of its claims
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("queues", sa.Text, nullable=False),  # comma-separated; "" = every queue
+    sa.Column("concurrency", sa.Integer, nullable=False),
+    sa.Column("held", sa.Integer, nullable=False),
+    sa.Column("started_at", _Time, nullable=False),
+    sa.Column("heartbeat_at", _Time, nullable=False),
+)
+
 events = sa.Table(
     "flow_events",
     metadata,
@@ -178,6 +194,7 @@ def _v3_queues(conn: sa.Connection) -> None:
         if name not in have:
             conn.execute(sa.text(f"ALTER TABLE {executions.name} ADD COLUMN {name} {ddl}"))
     queues.create(conn, checkfirst=True)
+    workers.create(conn, checkfirst=True)
     for index in executions.indexes:
         if index.name == "ix_flow_executions_unfinished_queue":
             index.create(conn, checkfirst=True)

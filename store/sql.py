@@ -39,6 +39,7 @@ from .base import (
     QueueConfig,
     QueueStats,
     StoredEvent,
+    WorkerInfo,
     admit_to_queue,
     now,
 )
@@ -51,7 +52,7 @@ from .errors import (
     StoreUnavailableError,
 )
 from .events import ENCODING, Event, ExecutionStarted, encode_event, event_type_name
-from .schema import events, executions, queues
+from .schema import events, executions, queues, workers
 
 __all__ = ["Prepared", "SQLEventStore", "Tx"]
 
@@ -60,6 +61,7 @@ Row = tuple[Any, ...]
 
 _ex = executions
 _q = queues
+_w = workers
 _ev = events
 _p = sa.bindparam
 
@@ -927,6 +929,37 @@ class SQLEventStore(EventStore):
         stmt = self._stmt("next_wake", _stmt_next_wake)
         row = await self._read(lambda tx: tx.first(stmt, {"t": now()}))
         return None if row is None or row[0] is None else float(row[0])
+
+    async def heartbeat(self, worker: WorkerInfo, *, gone: bool = False) -> None:
+        if gone:
+            forget = self._stmt("worker_delete",
+                                lambda: sa.delete(_w).where(_w.c.id == _p("id")))
+            await self._write(lambda tx: tx.execute(forget, {"id": worker.id}))
+            return
+        upsert = self._stmt("worker_upsert", self._worker_upsert_statement)
+        values = {"id": worker.id, "name": worker.name, "host": worker.host,
+                  "pid": worker.pid, "queues": ",".join(worker.queues),
+                  "concurrency": worker.concurrency, "held": worker.held,
+                  "started_at": worker.started_at, "heartbeat_at": now()}
+        await self._write(lambda tx: tx.execute(upsert, values))
+
+    def _worker_upsert_statement(self) -> sa.ClauseElement:
+        raise NotImplementedError  # dialect-specific ON CONFLICT
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        stmt = self._stmt("workers", lambda: sa.select(*_w.c).order_by(
+            _w.c.heartbeat_at.desc()))
+
+        def op(tx: Tx) -> list[WorkerInfo]:
+            out = []
+            for id_, name, host, pid, served, conc, held, started, beat in tx.rows(stmt, {}):
+                out.append(WorkerInfo(id=id_, name=name, host=host, pid=pid,
+                                      queues=tuple(q for q in served.split(",") if q),
+                                      concurrency=conc, held=held,
+                                      started_at=float(started), heartbeat_at=float(beat)))
+            return out
+
+        return await self._read(op)
 
     async def set_queue(self, config: QueueConfig) -> None:
         upsert = self._stmt("queue_upsert", self._queue_upsert_statement)

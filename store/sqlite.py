@@ -38,7 +38,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.pool import QueuePool
 
 from .errors import StoreError, StoreUnavailableError
-from .schema import executions, migrate, queues
+from .schema import executions, migrate, queues, workers
 from .sql import SQLEventStore, TransientError, Tx, retry_for_option, settle
 
 __all__ = ["SQLiteEventStore"]
@@ -405,6 +405,12 @@ class SQLiteEventStore(SQLEventStore):
 
     def _insert_ignore(self) -> sa.Insert:
         return sqlite_insert(executions).on_conflict_do_nothing().returning(executions.c.id)
+
+    def _worker_upsert_statement(self) -> sa.ClauseElement:
+        stmt = sqlite_insert(workers)
+        return stmt.on_conflict_do_update(
+            index_elements=[workers.c.id],
+            set_={c.name: stmt.excluded[c.name] for c in workers.c if c.name != "id"})
 
     def _queue_upsert_statement(self) -> sa.ClauseElement:
         stmt = sqlite_insert(queues)

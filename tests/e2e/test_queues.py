@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,40 @@ async def test_priorities_and_queues_choose_what_a_worker_runs(tmp_path: Path) -
         stats = {q.config.name: q for q in await client.store.list_queues()}
         assert stats["other"].pending == 1
         assert "jobs" not in stats  # no limits, nothing left in it
+
+
+def _workers(url: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k not in _CLEARED}
+    proc = subprocess.run([sys.executable, "-m", "agentainer_flow._cli", "workers", "--json",
+                           "--store", url], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    rows: list[dict] = json.loads(proc.stdout)
+    return rows
+
+
+def test_flow_workers_lists_live_workers(store_url: str) -> None:
+    """Two workers report themselves; one stopped cleanly leaves the list, one SIGKILLed
+    stays with a heartbeat that no longer moves (``flow workers`` calls it lost after 15 s)."""
+    a = start_worker(store_url, "alpha", "gpu", "cpu")
+    b = start_worker(store_url, "beta")
+    try:
+        deadline = time.monotonic() + 30
+        while len(rows := _workers(store_url)) < 2:
+            assert time.monotonic() < deadline, rows
+            time.sleep(0.2)
+        by_name = {r["name"]: r for r in rows}
+        assert by_name["alpha"]["queues"] == ["gpu", "cpu"] and by_name["alpha"]["alive"]
+        assert by_name["beta"]["queues"] == ["*"] and by_name["beta"]["concurrency"] == 4
+        stop([a])
+        b.send_signal(signal.SIGKILL)
+        b.communicate()
+        rows = _workers(store_url)
+        assert [r["name"] for r in rows] == ["beta"]  # alpha said goodbye; beta could not
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.kill()
+            p.communicate()

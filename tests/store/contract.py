@@ -22,6 +22,7 @@ from agentainer_flow.store import (
     NewExecution,
     QueueConfig,
     StoredEvent,
+    WorkerInfo,
 )
 from agentainer_flow.store.events import (
     CancelRequested,
@@ -665,3 +666,17 @@ async def a_per_key_limit_and_a_rate_limit_hold(store: EventStore) -> None:
     again = await store.claim("w2", lease_seconds=30, limit=10, queues=["slow"])
     assert sorted(r.id for r in again) == sorted(r.id for r in got)
     assert await store.claim("w3", lease_seconds=30, limit=10, queues=["slow"]) == []
+
+
+@case
+async def workers_report_themselves_and_leave(store: EventStore) -> None:
+    info = WorkerInfo(id="h:1:2:3:w1", name="w1", host="h", pid=1, queues=("gpu", "cpu"),
+                      concurrency=4, held=2, started_at=time.time())
+    before = time.time()
+    await store.heartbeat(info)
+    await store.heartbeat(WorkerInfo(id="h:9:2:3:w2", name="w2", host="h", pid=9))
+    found = {w.name: w for w in await store.list_workers()}
+    assert found["w1"].queues == ("gpu", "cpu") and found["w1"].held == 2
+    assert found["w1"].heartbeat_at >= before - 1 and found["w2"].queues == ()
+    await store.heartbeat(info, gone=True)
+    assert [w.name for w in await store.list_workers()] == ["w2"]
