@@ -129,3 +129,21 @@ def test_flow_workers_lists_live_workers(store_url: str) -> None:
             if p.poll() is None:
                 p.kill()
             p.communicate()
+
+
+async def test_a_per_tenant_limit_runs_one_execution_per_tenant_at_once(
+        tmp_path: Path) -> None:
+    """``Queue(concurrency_key="tenant")``: executions with the same ``tenant`` tag run one
+    at a time, different tenants side by side."""
+    tenants = Queue("per-tenant", concurrency_key="tenant")
+    async with WorkflowClient(store=f"sqlite:///{tmp_path / 'flow.db'}") as client:
+        runs = [(t, await client.run_workflow(Job(i, 0.3), ExecutionMode.ASYNC, queue=tenants,
+                                              tags={"tenant": t}))
+                for i, t in enumerate(["a", "a", "a", "b", "b", "b"])]
+        worker = Worker(client, queues=[tenants], concurrency=6, once=True)
+        await worker.run()
+        results = [(t, await e.get_result()) for t, e in runs]
+    for tenant in ("a", "b"):
+        spans = [(r["start"], r["end"]) for t, r in results if t == tenant]
+        assert most_at_once(spans) == 1, (tenant, spans)
+    assert most_at_once([(r["start"], r["end"]) for _, r in results]) == 2
