@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agentainer_flow import ExecutionMode, Worker, WorkflowClient
-from tests.e2e.sleep_workflows import Napper
+from tests.e2e.sleep_workflows import Backoff, Napper
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX processes only")
 
@@ -109,3 +109,24 @@ async def test_a_thousand_sleepers_cost_one_worker_nothing(postgres_url: str) ->
         worker.send_signal(signal.SIGTERM)
         _, err = worker.communicate(timeout=60)
         assert worker.returncode == 0, err[-2000:]
+
+
+async def test_a_retry_backoff_is_slept_suspended(tmp_path: Path) -> None:
+    """An execution waiting out a 3 s retry backoff is let go too, and retried on time."""
+    async with WorkflowClient(store=f"sqlite:///{tmp_path / 'flow.db'}") as client:
+        worker = Worker(client, queues=["naps"], concurrency=2, poll_interval=5.0,
+                        suspend_after=1.0)
+        running = asyncio.ensure_future(worker.run())
+        try:
+            execution = await client.run_workflow(Backoff(), ExecutionMode.ASYNC, queue="naps")
+            assert await asyncio.wait_for(execution.get_result(), 30) == 2
+            assert worker.suspended >= 1
+            history = await client.get_history(execution.id)
+            retry_at = next(e.details["retry_at"] for e in history
+                            if e.type == "step_retry_scheduled")
+            second = next(e for e in history if e.type == "step_started" and e.attempt == 2)
+            assert 0 <= second.timestamp.timestamp() - retry_at < 0.5
+        finally:
+            worker.stop()
+            worker.stop()
+            await running
