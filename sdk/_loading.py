@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -156,8 +157,20 @@ def instantiate(cls: type, config: Any, *, has_config: bool) -> object:
         raise UsageError(f"{name}(...) raised {type(exc).__name__}: {exc}") from None
 
 
-def import_modules(modules: Sequence[Path] | None) -> None:
+def import_modules(modules: Sequence[Path | str] | None) -> None:
+    """Import each workflow file, or dotted module name (``myapp.workflows``, found from
+    the current directory or ``sys.path``)."""
     for m in modules or ():
+        text = str(m)
+        if not Path(text).exists() and not text.endswith(".py") and all(
+                part.isidentifier() for part in text.split(".")):
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            try:
+                importlib.import_module(text)
+            except ImportError as exc:
+                raise UsageError(f"cannot import module {text!r}: {exc}") from None
+            continue
         import_file(m)
 
 

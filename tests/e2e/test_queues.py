@@ -147,3 +147,25 @@ async def test_a_per_tenant_limit_runs_one_execution_per_tenant_at_once(
         spans = [(r["start"], r["end"]) for t, r in results if t == tenant]
         assert most_at_once(spans) == 1, (tenant, spans)
     assert most_at_once([(r["start"], r["end"]) for _, r in results]) == 2
+
+
+def test_flow_worker_imports_a_dotted_module_name(tmp_path: Path) -> None:
+    """``-m`` takes a workflow file or a module name (found from the working directory)."""
+    pkg = tmp_path / "myapp"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "jobs.py").write_text(MODULE.read_text())
+    url = f"sqlite:///{tmp_path / 'flow.db'}"
+    env = {k: v for k, v in os.environ.items() if k not in _CLEARED}
+    cli = [sys.executable, "-m", "agentainer_flow._cli"]
+    (tmp_path / "c.json").write_text('{"n": 3, "hold": 0.0}')
+    queued = subprocess.run([*cli, "run", str(pkg / "jobs.py") + ":Job", "--config",
+                             str(tmp_path / "c.json"), "--queue", "q", "--no-wait",
+                             "--store", url], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    assert queued.returncode == 0, queued.stderr
+    ran = subprocess.run([*cli, "worker", "-m", "myapp.jobs", "--queue", "q", "--once",
+                          "--store", url], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert f"{queued.stdout.strip()} queued_job: completed" in ran.stdout
