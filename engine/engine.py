@@ -141,6 +141,9 @@ class Engine:
         #: go (lease released, memory freed) for a worker to claim when it is due; ``None``
         #: (the default, for runs that callers wait on in this process) never suspends
         self.suspend_after: float | None = None
+        #: set by a worker that shuts down: no new step attempt starts; an execution whose
+        #: running attempts are done is handed back (``ExecutionSuspended``)
+        self.draining = False
         #: carried by every agent as its ``flow.store`` label (see ``store_label``)
         self.store_label = store_label(getattr(store, "url", "") or "memory://")
 

@@ -233,16 +233,18 @@ class WorkflowNotRegisteredError(FlowError):
 
 
 class ExecutionSuspended(FlowError):
-    """The run let go of a sleeping execution: every step instance waits for a timer (or a
-    retry backoff) due at ``wake_at``. Its history is durable, its lease released; a worker
-    claims it again when it is due. Not a failure: raised to the runner's caller only."""
+    """The run let go of the execution: every step instance waits for a timer (or a retry
+    backoff) due at ``wake_at``, or the engine drains (a worker shutting down) and the
+    running attempts are done. Its history is durable, its lease released; a worker claims
+    it again (when it is due). Not a failure: raised to the runner's caller only."""
 
     code = "execution_suspended"
 
-    def __init__(self, execution_id: str, wake_at: float) -> None:
+    def __init__(self, execution_id: str, wake_at: float | None) -> None:
         self.execution_id = execution_id
-        self.wake_at = wake_at
-        super().__init__(f"execution {execution_id} sleeps until {wake_at:.3f}; suspended")
+        self.wake_at = wake_at  # None: handed back by a draining engine, claimable now
+        why = "handed back" if wake_at is None else f"sleeps until {wake_at:.3f}; suspended"
+        super().__init__(f"execution {execution_id} {why}")
 
 
 class ExecutionBlockedError(FlowError):

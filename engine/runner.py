@@ -57,9 +57,10 @@ _NAME_SAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
 
 
 class _Suspend(EngineSignal):
-    """Every in-flight instance sleeps until at least ``wake_at``: let the execution go."""
+    """Every in-flight instance sleeps until at least ``wake_at``: let the execution go
+    (``None``: the engine drains, and nothing runs here any more)."""
 
-    def __init__(self, wake_at: float) -> None:
+    def __init__(self, wake_at: float | None) -> None:
         super().__init__()
         self.wake_at = wake_at
 
@@ -326,9 +327,14 @@ class Runner:
                     raise _Aborted()
                 if not self._tasks and not self._starting and next_retry is None:
                     break
+                if self.engine.draining and not self._tasks:
+                    # the running attempts are done and a new one would start (or a retry
+                    # is awaited): hand the execution back to whoever claims it next
+                    raise _Suspend(None)
                 if self._must_flush():
                     await self.flush()  # outcomes are durable before dependants run
-                self._launch_started()
+                if not self.engine.draining:  # draining: no new attempt starts here
+                    self._launch_started()
                 if not self._tasks and next_retry is None:
                     continue  # what was to start was stopped instead: decide again
                 await self._wait(next_retry, deadline_task)
@@ -336,6 +342,10 @@ class Runner:
         except _Suspend as suspend:
             self._suspended = True  # the sleeping instances are dropped, agents left alone
             await self._cancel_tasks()
+            if suspend.wake_at is None:
+                await self.flush()
+                self._log.info("execution_handed_back")
+                raise ExecutionSuspended(self.execution_id, None) from None
             await self.flush(wake_at=suspend.wake_at)
             self._log.info("execution_suspended", wake_at=suspend.wake_at)
             raise ExecutionSuspended(self.execution_id, suspend.wake_at) from None

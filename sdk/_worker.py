@@ -115,6 +115,7 @@ class Worker:
         if self._stop.is_set():
             self._hurry.set()
         self._stop.set()
+        self.client.engine.draining = True  # running attempts finish; nothing new starts
 
     async def run(self) -> int:
         """Claim and run until ``stop()`` (or, with ``once``, until nothing is claimable);
@@ -229,9 +230,12 @@ class Worker:
             self.skipped.add(eid)
             self._error(f"execution {eid} not run: {exc}")
         except ExecutionSuspended as asleep:
-            self.suspended += 1
-            self._say(f"{eid} {record.workflow_name}: sleeping until "
-                      f"{_clock(asleep.wake_at)}; released")
+            if asleep.wake_at is None:
+                self._say(f"{eid} {record.workflow_name}: handed back (shutting down)")
+            else:
+                self.suspended += 1
+                self._say(f"{eid} {record.workflow_name}: sleeping until "
+                          f"{_clock(asleep.wake_at)}; released")
         except (StoreError, ExecutionBlockedError) as exc:
             # the store went away (it is retried at the next claim), the lease was taken
             # over (the new holder runs it), or it waits for a secret (`flow resume`)
@@ -267,8 +271,9 @@ class Worker:
                     w.cancel()
 
     async def _shutdown(self) -> None:
-        """Let running executions go on for ``grace`` seconds (or until ``stop()`` again),
-        then hand them back: their leases are released, their agents left to be adopted."""
+        """Let the running step attempts finish for up to ``grace`` seconds (or until
+        ``stop()`` again; no new attempt starts), then hand the executions back: leases
+        released, agents left to be adopted."""
         tasks = list(self.running.values())  # each removes itself from ``running``
         if not tasks:
             return

@@ -18,3 +18,20 @@ class Job:
         start = ctx.now()
         await asyncio.sleep(self.hold)  # busy, holding its place in the queue
         return {"n": self.n, "start": start, "end": ctx.now()}
+
+
+BODIES: list[str] = []  # step bodies run in this process (the in-process drain test)
+
+
+@workflow(name="two_stage")
+class TwoStage:
+    @step()
+    async def first(self, ctx: Context) -> int:
+        BODIES.append("first")
+        await asyncio.sleep(1.0)
+        return 1
+
+    @step(depends_on=["first"])
+    async def second(self, ctx: Context, first: int) -> int:
+        BODIES.append("second")
+        return first + 1

@@ -169,3 +169,32 @@ def test_flow_worker_imports_a_dotted_module_name(tmp_path: Path) -> None:
                          text=True, timeout=60)
     assert ran.returncode == 0, ran.stderr
     assert f"{queued.stdout.strip()} queued_job: completed" in ran.stdout
+
+
+async def test_stopping_a_worker_lets_the_running_attempt_finish_and_starts_nothing_new(
+        tmp_path: Path) -> None:
+    from tests.e2e import queue_workflows
+
+    queue_workflows.BODIES.clear()
+    async with WorkflowClient(store=f"sqlite:///{tmp_path / 'flow.db'}") as client:
+        execution = await client.run_workflow(queue_workflows.TwoStage(), ExecutionMode.ASYNC,
+                                              queue="stages")
+        worker = Worker(client, queues=["stages"], grace=30)
+        running = asyncio.ensure_future(worker.run())
+        for _ in range(500):  # until the first step's body runs
+            if "first" in queue_workflows.BODIES:
+                break
+            await asyncio.sleep(0.02)
+        began = time.monotonic()
+        worker.stop()
+        await running
+        assert time.monotonic() - began < 5  # not the whole grace: the attempt was done
+        types = [(e.type, e.step) for e in await client.get_history(execution.id)]
+        assert ("step_completed", "first") in types  # the running attempt finished
+        assert queue_workflows.BODIES == ["first"]  # the next step's body did not run here
+        record = await execution.describe()
+        assert record.lease_owner is None and not record.status.is_terminal
+    async with WorkflowClient(store=f"sqlite:///{tmp_path / 'flow.db'}") as client:
+        await Worker(client, queues=["stages"], once=True).run()
+        assert await client.get_execution(execution.id).get_result() == 2
+    assert queue_workflows.BODIES == ["first", "second"]  # each body ran once
