@@ -151,7 +151,9 @@ class PostgresEventStore(SQLEventStore):
         url: ``postgresql://user:password@host:5432/dbname`` (``postgres://`` and
             ``postgresql+psycopg://`` work too).
         pool_size: connections (and worker threads) kept open; ``max_overflow`` more may be
-            opened under load, and are closed when ``pool_size`` others are idle.
+            opened under load, and are closed when ``pool_size`` others are idle. Both can
+            be given in the URL too (``?pool_size=4&max_overflow=2``): many worker
+            processes on one server share its ``max_connections``.
         listen: wake waiters with LISTEN/NOTIFY (else only polling).
         retry_for: seconds an operation is retried while the connection is lost (server
             restarting, backend terminated) before it fails; 0 fails at once. Also
@@ -183,8 +185,22 @@ class PostgresEventStore(SQLEventStore):
         self.retry_for = retry_for_option(
             retry_for, {k.lower(): v for k, v in parsed.query.items()}
         )
+        query = {k.lower(): v for k, v in parsed.query.items()}
+        for name in ("pool_size", "max_overflow"):  # ?pool_size=4&max_overflow=2 in the URL
+            if name in query:
+                raw = query[name]
+                try:
+                    number = int(raw if isinstance(raw, str) else raw[-1])
+                except ValueError:
+                    raise StoreUnavailableError(
+                        f"{name} in the store URL must be a whole number, got {raw!r}"
+                    ) from None
+                if name == "pool_size":
+                    pool_size = number
+                else:
+                    max_overflow = number
         parsed = parsed.difference_update_query(
-            [k for k in parsed.query if k.lower() == "retry_for"]
+            [k for k in parsed.query if k.lower() in ("retry_for", "pool_size", "max_overflow")]
         )
         self._url = parsed.set(drivername="postgresql+psycopg")
         #: the URL with the password masked, for messages

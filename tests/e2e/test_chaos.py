@@ -89,7 +89,8 @@ def test_chaos_kills_lose_nothing_and_run_nothing_twice(postgres_url: str,
             monkeypatch.setenv(k, v)
     rng = random.Random(int(os.environ.get("FLOW_CHAOS_SEED", "7")))
     ids = asyncio.run(_enqueue(postgres_url))
-    workers = Workers(postgres_url, env)
+    # small pools: 4 workers (and the ones killed a moment ago) share max_connections
+    workers = Workers(f"{postgres_url}?pool_size=5&max_overflow=5", env)
     began = time.monotonic()
     try:
         deadline = began + 600

@@ -180,3 +180,15 @@ def test_a_postgres_url_without_the_driver_names_the_extra(
                        match=r"pip install 'agentainer-flow\[postgres\]'") as err:
         create_store("postgresql://app:hunter2@db.example:5432/flow")
     assert "hunter2" not in str(err.value)
+
+
+def test_pool_options_in_the_url() -> None:
+    from agentainer_flow.store import StoreUnavailableError
+    from agentainer_flow.store.postgres import PostgresEventStore
+
+    store = PostgresEventStore("postgresql://app@db.example:5432/flow?pool_size=3&max_overflow=1"
+                               "&retry_for=5")
+    assert store._max_workers == 4 and store.retry_for == 5
+    assert "pool_size" not in store.url and "retry_for" not in store.url
+    with pytest.raises(StoreUnavailableError, match="pool_size in the store URL must be"):
+        PostgresEventStore("postgresql://app@db.example/flow?pool_size=lots")
