@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import enum
 import os
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
@@ -33,6 +34,9 @@ from ._events import ExecutionEvent
 from ._queues import Queue
 
 log = structlog.get_logger("agentainer_flow.client")
+
+#: seconds a client trusts the queue limits it read (for ``run_workflow(queue="name")``)
+_QUEUE_CONFIG_TTL = 5.0
 
 __all__ = [
     "DEFAULT_STORE",
@@ -143,6 +147,7 @@ class WorkflowClient:
                              **engine_options)
         self._opened = False
         self._open_lock: asyncio.Lock | None = None
+        self._queue_configs: dict[str, tuple[float, QueueConfig]] = {}
 
     # lifecycle --------------------------------------------------------------------------
     async def open(self) -> Self:
@@ -231,8 +236,7 @@ class WorkflowClient:
             name = str(queue)
             if not name.strip():
                 raise ConfigurationError("queue= needs a queue name")
-            config = next((q.config for q in await self.store.list_queues()
-                           if q.config.name == name), QueueConfig(name=name))
+            config = await self._queue_config(name)
         tags = {str(k): str(v) for k, v in (start.get("tags") or {}).items()}
         key = tags.get(config.key_tag) if config.key_tag else None
         stored_queue = None if name == DEFAULT_QUEUE else name
@@ -243,6 +247,20 @@ class WorkflowClient:
         if mode is ExecutionMode.SYNC:
             await self.engine.wait_outcome(record.id)
         return execution
+
+    async def _queue_config(self, name: str) -> QueueConfig:
+        """A queue's limits as the store has them, read at most every few seconds (only
+        its concurrency key is needed here; the limits themselves are enforced by claims)."""
+        now = time.monotonic()
+        cached = self._queue_configs.get(name)
+        if cached is not None and now - cached[0] < _QUEUE_CONFIG_TTL:
+            return cached[1]
+        found = {q.config.name: q.config for q in await self.store.list_queues()}
+        for queue_name, config in found.items():
+            self._queue_configs[queue_name] = (now, config)
+        config = found.get(name, QueueConfig(name=name))
+        self._queue_configs[name] = (now, config)
+        return config
 
     def get_execution(self, execution_id: str) -> WorkflowExecution:
         """A handle on an existing execution."""

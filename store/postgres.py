@@ -151,7 +151,9 @@ class PostgresEventStore(SQLEventStore):
         url: ``postgresql://user:password@host:5432/dbname`` (``postgres://`` and
             ``postgresql+psycopg://`` work too).
         pool_size: connections (and worker threads) kept open; ``max_overflow`` more may be
-            opened under load, and are closed when ``pool_size`` others are idle. Both can
+            opened under load, and are closed when ``pool_size`` others are idle (0 by
+            default: under a worker's bursty load they were opened and closed all the time,
+            which cost Postgres more than waiting for a pooled connection). Both can
             be given in the URL too (``?pool_size=4&max_overflow=2``): many worker
             processes on one server share its ``max_connections``.
         listen: wake waiters with LISTEN/NOTIFY (else only polling).
@@ -165,7 +167,7 @@ class PostgresEventStore(SQLEventStore):
         url: str,
         *,
         pool_size: int = 10,
-        max_overflow: int = 10,
+        max_overflow: int = 0,
         connect_timeout: float = 10.0,
         listen: bool = True,
         retry_for: float | None = None,

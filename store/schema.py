@@ -93,12 +93,22 @@ sa.Index(
     postgresql_where=_unfinished,
 )
 
-# A worker of a queue walks that queue's unfinished executions, most urgent first.
+# A worker walks the unfinished executions (of its queue, or of every queue) most urgent
+# first, in the index's order: no sort of the whole backlog per claim.
 sa.Index(
     "ix_flow_executions_unfinished_queue",
     executions.c.queue,
-    executions.c.priority,
+    executions.c.priority.desc(),
     executions.c.created_at,
+    executions.c.id,
+    sqlite_where=_unfinished,
+    postgresql_where=_unfinished,
+)
+sa.Index(
+    "ix_flow_executions_unfinished_urgent",
+    executions.c.priority.desc(),
+    executions.c.created_at,
+    executions.c.id,
     sqlite_where=_unfinished,
     postgresql_where=_unfinished,
 )
@@ -196,7 +206,8 @@ def _v3_queues(conn: sa.Connection) -> None:
     queues.create(conn, checkfirst=True)
     workers.create(conn, checkfirst=True)
     for index in executions.indexes:
-        if index.name == "ix_flow_executions_unfinished_queue":
+        if index.name in ("ix_flow_executions_unfinished_queue",
+                          "ix_flow_executions_unfinished_urgent"):
             index.create(conn, checkfirst=True)
 
 
