@@ -126,19 +126,28 @@ def safe_text(s: str) -> str:
     return _UNSAFE.sub("\ufffd", s)
 
 
-def max_value_bytes() -> int:
-    """The limit of one value's encoded size: ``$FLOW_MAX_VALUE_BYTES``, else 16 MiB."""
-    raw = os.environ.get(MAX_VALUE_BYTES_ENV, "").strip()
+def env_byte_limit(name: str, default: int) -> int:
+    """A size limit from the environment variable ``name`` (bytes), else ``default``; a
+    value that is not a positive whole number is a ``ValueError`` saying so."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_MAX_VALUE_BYTES
+        return default
     try:
         limit = int(raw)
     except ValueError:
         limit = 0
     if limit <= 0:
-        raise SerializationError(f"{MAX_VALUE_BYTES_ENV} must be a positive number of bytes, "
-                                 f"got {safe_text(raw)!r}")
+        raise ValueError(f"{name} must be a positive number of bytes, got "
+                         f"{safe_text(raw[:40])!r}")
     return limit
+
+
+def max_value_bytes() -> int:
+    """The limit of one value's encoded size: ``$FLOW_MAX_VALUE_BYTES``, else 16 MiB."""
+    try:
+        return env_byte_limit(MAX_VALUE_BYTES_ENV, DEFAULT_MAX_VALUE_BYTES)
+    except ValueError as exc:
+        raise SerializationError(str(exc)) from None
 
 
 # dump -------------------------------------------------------------------------------------

@@ -943,8 +943,9 @@ class SQLEventStore(EventStore):
                   "started_at": worker.started_at, "heartbeat_at": now()}
         await self._write(lambda tx: tx.execute(upsert, values))
 
+    @abstractmethod
     def _worker_upsert_statement(self) -> sa.ClauseElement:
-        raise NotImplementedError  # dialect-specific ON CONFLICT
+        """The dialect's insert-or-update of one row (``ON CONFLICT ... DO UPDATE``)."""
 
     async def list_workers(self) -> list[WorkerInfo]:
         stmt = self._stmt("workers", lambda: sa.select(*_w.c).order_by(
@@ -969,8 +970,9 @@ class SQLEventStore(EventStore):
                   "updated_at": now()}
         await self._write(lambda tx: tx.execute(upsert, values))
 
+    @abstractmethod
     def _queue_upsert_statement(self) -> sa.ClauseElement:
-        raise NotImplementedError  # dialect-specific ON CONFLICT
+        """The dialect's insert-or-update of one row (``ON CONFLICT ... DO UPDATE``)."""
 
     async def list_queues(self) -> list[QueueStats]:
         configs = self._stmt("queue_configs", lambda: sa.select(*_q.c).order_by(_q.c.name))

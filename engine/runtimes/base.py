@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from ..values import env_byte_limit
 
 __all__ = [
     "DEFAULT_MAX_OUTPUT_BYTES",
@@ -188,17 +189,7 @@ async def _no_logs() -> AsyncIterator[tuple[str, str]]:
 
 def max_output_bytes() -> int:
     """The limit of an agent's output: ``$FLOW_MAX_OUTPUT_BYTES``, else 4 MiB."""
-    raw = os.environ.get(MAX_OUTPUT_BYTES_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_OUTPUT_BYTES
-    try:
-        limit = int(raw)
-    except ValueError:
-        limit = 0
-    if limit <= 0:
-        raise ValueError(f"{MAX_OUTPUT_BYTES_ENV} must be a positive number of bytes, "
-                         f"got {raw[:40]!r}")
-    return limit
+    return env_byte_limit(MAX_OUTPUT_BYTES_ENV, DEFAULT_MAX_OUTPUT_BYTES)
 
 
 class AgentOutputProblem(ValueError):
