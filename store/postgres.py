@@ -47,7 +47,7 @@ from .chain import chain_all
 from .errors import AppendConflictError, StoreError, StoreUnavailableError
 from .events import ENCODING, Event, encode_event, event_type_name
 from .schema import events as events_table
-from .schema import executions, migrate, queues, workers
+from .schema import executions, migrate, queues
 from .sql import (
     _BACKOFF_FIRST,
     _BACKOFF_MAX,
@@ -694,17 +694,8 @@ class PostgresEventStore(SQLEventStore):
         # claimers of limited queues take turns: the counts they make stay true
         return sa.select(*queues.c).order_by(queues.c.name).with_for_update()
 
-    def _worker_upsert_statement(self) -> sa.ClauseElement:
-        stmt = pg_insert(workers)
-        return stmt.on_conflict_do_update(
-            index_elements=[workers.c.id],
-            set_={c.name: stmt.excluded[c.name] for c in workers.c if c.name != "id"})
-
-    def _queue_upsert_statement(self) -> sa.ClauseElement:
-        stmt = pg_insert(queues)
-        return stmt.on_conflict_do_update(
-            index_elements=[queues.c.name],
-            set_={c.name: stmt.excluded[c.name] for c in queues.c if c.name != "name"})
+    def _dialect_insert(self, table: sa.Table) -> Any:
+        return pg_insert(table)
 
     def _announce(self) -> list[sa.ColumnElement[Any]]:
         channel = sa.literal(CHANNEL, sa.Text)

@@ -936,7 +936,7 @@ class SQLEventStore(EventStore):
                                 lambda: sa.delete(_w).where(_w.c.id == _p("id")))
             await self._write(lambda tx: tx.execute(forget, {"id": worker.id}))
             return
-        upsert = self._stmt("worker_upsert", self._worker_upsert_statement)
+        upsert = self._stmt("worker_upsert", lambda: self._upsert(_w))
         values = {"id": worker.id, "name": worker.name, "host": worker.host,
                   "pid": worker.pid, "queues": ",".join(worker.queues),
                   "concurrency": worker.concurrency, "held": worker.held,
@@ -944,8 +944,16 @@ class SQLEventStore(EventStore):
         await self._write(lambda tx: tx.execute(upsert, values))
 
     @abstractmethod
-    def _worker_upsert_statement(self) -> sa.ClauseElement:
-        """The dialect's insert-or-update of one row (``ON CONFLICT ... DO UPDATE``)."""
+    def _dialect_insert(self, table: sa.Table) -> Any:
+        """The dialect's ``INSERT`` construct (one with ``on_conflict_do_update``)."""
+
+    def _upsert(self, table: sa.Table) -> sa.ClauseElement:
+        """Insert a row, or update its other columns where its primary key exists."""
+        stmt = self._dialect_insert(table)
+        upsert: sa.ClauseElement = stmt.on_conflict_do_update(
+            index_elements=list(table.primary_key.columns),
+            set_={c.name: stmt.excluded[c.name] for c in table.c if not c.primary_key})
+        return upsert
 
     async def list_workers(self) -> list[WorkerInfo]:
         stmt = self._stmt("workers", lambda: sa.select(*_w.c).order_by(
@@ -963,16 +971,12 @@ class SQLEventStore(EventStore):
         return await self._read(op)
 
     async def set_queue(self, config: QueueConfig) -> None:
-        upsert = self._stmt("queue_upsert", self._queue_upsert_statement)
+        upsert = self._stmt("queue_upsert", lambda: self._upsert(_q))
         values = {"name": config.name, "concurrency": config.concurrency,
                   "rate_count": config.rate_count, "rate_seconds": config.rate_seconds,
                   "key_tag": config.key_tag, "key_concurrency": config.key_concurrency,
                   "updated_at": now()}
         await self._write(lambda tx: tx.execute(upsert, values))
-
-    @abstractmethod
-    def _queue_upsert_statement(self) -> sa.ClauseElement:
-        """The dialect's insert-or-update of one row (``ON CONFLICT ... DO UPDATE``)."""
 
     async def list_queues(self) -> list[QueueStats]:
         configs = self._stmt("queue_configs", lambda: sa.select(*_q.c).order_by(_q.c.name))

@@ -38,7 +38,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.pool import QueuePool
 
 from .errors import StoreError, StoreUnavailableError
-from .schema import executions, migrate, queues, workers
+from .schema import executions, migrate
 from .sql import SQLEventStore, TransientError, Tx, retry_for_option, settle
 
 __all__ = ["SQLiteEventStore"]
@@ -406,17 +406,8 @@ class SQLiteEventStore(SQLEventStore):
     def _insert_ignore(self) -> sa.Insert:
         return sqlite_insert(executions).on_conflict_do_nothing().returning(executions.c.id)
 
-    def _worker_upsert_statement(self) -> sa.ClauseElement:
-        stmt = sqlite_insert(workers)
-        return stmt.on_conflict_do_update(
-            index_elements=[workers.c.id],
-            set_={c.name: stmt.excluded[c.name] for c in workers.c if c.name != "id"})
-
-    def _queue_upsert_statement(self) -> sa.ClauseElement:
-        stmt = sqlite_insert(queues)
-        return stmt.on_conflict_do_update(
-            index_elements=[queues.c.name],
-            set_={c.name: stmt.excluded[c.name] for c in queues.c if c.name != "name"})
+    def _dialect_insert(self, table: sa.Table) -> Any:
+        return sqlite_insert(table)
 
     def _tag_is(self, key: str, value: str) -> sa.ColumnElement[bool]:
         # json_each compares the key as data; a JSON path (json_extract) cannot name every

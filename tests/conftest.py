@@ -148,3 +148,13 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[EventStore]:
         url = str(request.getfixturevalue(f"{request.param}_url"))
     async with create_store(url) as opened:
         yield opened
+
+
+@pytest.fixture(params=["process", pytest.param("docker", marks=pytest.mark.docker)])
+def runtime_image(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(runtime name, an image for ``sh -c`` agents) for each real runtime: the process
+    runtime runs the command locally, the docker runtime in the busybox test image."""
+    if request.param == "docker":
+        engine: DockerEngine = request.getfixturevalue("docker_engine")
+        return "docker", engine.image
+    return "process", "local-shell:latest"

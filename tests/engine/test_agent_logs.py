@@ -8,11 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from agentainer_flow import Context, ExecutionMode, WorkflowClient, step, workflow
 from agentainer_flow.store.sqlite import SQLiteEventStore
-from tests.conftest import DockerEngine
 
 SECRET = "tok-3f9a1c77e2b54d08"
 SCRIPT = ('echo "starting with $TOKEN"; sleep 2; echo "half way" >&2; '
@@ -30,14 +27,6 @@ class Talker:
                                        env={"TOKEN": ctx.secrets["token"]},
                                        command=["sh", "-c", SCRIPT])
         return (await agent.wait_for_completion()).output
-
-
-@pytest.fixture(params=["process", pytest.param("docker", marks=pytest.mark.docker)])
-def runtime_image(request: pytest.FixtureRequest) -> tuple[str, str]:
-    if request.param == "docker":
-        engine: DockerEngine = request.getfixturevalue("docker_engine")
-        return "docker", engine.image
-    return "process", "local-shell:latest"
 
 
 async def test_agent_output_streams_into_the_logs(tmp_path: Path,

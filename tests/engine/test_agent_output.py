@@ -24,7 +24,6 @@ from agentainer_flow.engine.runtimes.base import (
     max_output_bytes,
     read_output,
 )
-from tests.conftest import DockerEngine
 
 # -- the protocol, as a function ----------------------------------------------------------
 
@@ -111,14 +110,6 @@ class OutputProbe:
             return {"output": (await agent.wait_for_completion()).output}
         except AgentOutputError as exc:
             return {"error": str(exc), "type": type(exc).__name__}
-
-
-@pytest.fixture(params=["process", pytest.param("docker", marks=pytest.mark.docker)])
-def runtime_image(request: pytest.FixtureRequest) -> tuple[str, str]:
-    if request.param == "docker":
-        engine: DockerEngine = request.getfixturevalue("docker_engine")
-        return "docker", engine.image
-    return "process", "local-shell:latest"
 
 
 async def _run(tmp_path: Path, runtime_image: tuple[str, str], script: str) -> dict[str, Any]:
