@@ -20,6 +20,7 @@ from agentainer_flow.engine.reaper import Reaped, reap_agents
 from agentainer_flow.engine.runtimes.base import AgentRuntime
 from agentainer_flow.store import (
     DEFAULT_QUEUE,
+    WATCH_SECONDS,
     EventStore,
     ExecutionNotFoundError,
     ExecutionRecord,
@@ -416,7 +417,11 @@ class WorkflowClient:
         seen: dict[str, int] = {}
         created_after = since.timestamp() if since is not None else None
         checked_at: float | None = None
+        renew_at = 0.0
         while True:
+            if follow and time.monotonic() >= renew_at:  # other processes: announce appends
+                await self.store.watch(None)
+                renew_at = time.monotonic() + WATCH_SECONDS / 3
             poll_started = self.engine.clock.now()
             rows = await self.store.list_executions(
                 workflow_name=workflow_name, created_after=created_after,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from .base import (
     DEFAULT_QUEUE,
     TERMINAL_STATUSES,
+    WATCH_SECONDS,
     AppendResult,
     AuditedEvent,
     EventStore,
@@ -37,6 +38,7 @@ from .memory import MemoryEventStore
 __all__ = [
     "DEFAULT_QUEUE",
     "TERMINAL_STATUSES",
+    "WATCH_SECONDS",
     "AppendConflictError",
     "AppendResult",
     "AuditedEvent",

@@ -102,6 +102,9 @@ class NewExecution:
 
 DEFAULT_QUEUE = "default"
 
+#: seconds a follower's :meth:`EventStore.watch` lasts; it renews it every third of that
+WATCH_SECONDS = 60.0
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class QueueConfig:
@@ -411,6 +414,13 @@ class EventStore(ABC):
         """(execution id, wake_at) of unfinished executions whose wake-up time has come."""
 
     # change notification ----------------------------------------------------------------
+    async def watch(self, execution_id: str | None, seconds: float = WATCH_SECONDS) -> None:
+        """Ask writers in every process to announce each append to ``execution_id`` (every
+        execution for ``None``) for the next ``seconds``; a follower renews it while it
+        follows. Without it, only creates, status and timer changes, cancels and lease
+        releases are announced. Only Postgres has other processes to tell."""
+        return  # in one process, ``_notify`` already wakes every waiter on every append
+
     def _notify(self, execution_id: str) -> None:
         """Wake in-process waiters on this execution (and on 'any execution')."""
         for key in (execution_id, None):
@@ -454,7 +464,11 @@ class EventStore(ABC):
         Ends after the execution's terminal event when ``until_terminal``.
         """
         seq = after_seq
+        renew_at = 0.0
         while True:
+            if time.monotonic() >= renew_at:  # before reading: no append falls between
+                await self.watch(execution_id)
+                renew_at = time.monotonic() + WATCH_SECONDS / 3
             watch = self._watch(execution_id)
             batch = await self.load(execution_id, seq)
             for stored in batch:

@@ -29,6 +29,7 @@ __all__ = [
     "migrate",
     "queues",
     "schema_version",
+    "watches",
     "workers",
 ]
 
@@ -141,6 +142,17 @@ workers = sa.Table(
     sa.Column("heartbeat_at", _Time, nullable=False),
 )
 
+#: version 4: who follows which execution's appends live (``key``: an execution id, or
+#: ``"*"`` for every execution), until when. Postgres announces an append with NOTIFY only
+#: when it changes status or timer, or when a row here asks for it: a NOTIFY serialises the
+#: committing transactions on the server's notification queue, so it is not paid per step.
+watches = sa.Table(
+    "flow_watches",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("until", _Time, nullable=False),
+)
+
 events = sa.Table(
     "flow_events",
     metadata,
@@ -211,12 +223,19 @@ def _v3_queues(conn: sa.Connection) -> None:
             index.create(conn, checkfirst=True)
 
 
+def _v4_watches(conn: sa.Connection) -> None:
+    """Version 4 (expand only): the table of live followers. A version-3 process keeps
+    notifying on every append, which a version-4 reader only ignores."""
+    watches.create(conn, checkfirst=True)
+
+
 #: (version, step) in ascending order; each step runs inside the migrating transaction.
 #: A new database is created at the latest version directly (``metadata.create_all``).
 MIGRATIONS: list[tuple[int, Migration]] = [
     (1, _v1_create_all),
     (2, _v2_fencing_and_chain),
     (3, _v3_queues),
+    (4, _v4_watches),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -414,11 +414,12 @@ def _stmt_acquire() -> sa.Update:
     )
 
 
-def _stmt_release() -> sa.Update:
+def _stmt_release(announce: Sequence[sa.ColumnElement[Any]]) -> sa.Update:
     return (
         sa.update(_ex)
         .where(_ex.c.id == _p("id"), _ex.c.lease_owner == _p("worker"))
         .values(lease_owner=sa.null(), lease_expires_at=sa.null())
+        .returning(_ex.c.id, *announce)
     )
 
 
@@ -506,13 +507,15 @@ class SQLEventStore(EventStore):
         """``INSERT INTO flow_executions ... ON CONFLICT DO NOTHING``, returning ``id`` and
         :meth:`_announce`."""
 
-    def _announce(self) -> list[sa.ColumnElement[Any]]:
+    def _announce(self, always: bool = True) -> list[sa.ColumnElement[Any]]:
         """Extra ``RETURNING`` columns of statements that change an execution's row.
 
         Postgres returns ``pg_notify(...)`` there: other processes learn of the change at
-        commit, without another round trip.
+        commit, without another round trip. ``always=False`` (an append that changes
+        neither status nor timer): only if someone follows the execution (``watch``).
         """
         return []
+
 
     def _tag_is(self, key: str, value: str) -> sa.ColumnElement[bool]:
         """The execution has tag ``key`` set to ``value``."""
@@ -676,7 +679,9 @@ class SQLEventStore(EventStore):
         chained = bool(events)
         update = self._stmt(
             ("append", *shape, leased, fenced, chained),
-            lambda: _stmt_append_update(self._announce(), *shape, leased, fenced, chained),
+            lambda: _stmt_append_update(
+                self._announce(always=shape[0] or shape[3]), *shape, leased, fenced, chained
+            ),
         )
         check = self._stmt("append_check", _stmt_append_check)
         insert_events = self._stmt("insert_events", _stmt_insert_events)
@@ -1031,8 +1036,12 @@ class SQLEventStore(EventStore):
         return await self._write(op)
 
     async def release(self, worker_id: str, execution_id: str) -> None:
-        release = self._stmt("release", _stmt_release)
-        await self._write(lambda tx: tx.execute(release, {"id": execution_id, "worker": worker_id}))
+        release = self._stmt("release", lambda: _stmt_release(self._announce()))
+        released = await self._write(
+            lambda tx: tx.first(release, {"id": execution_id, "worker": worker_id}) is not None
+        )
+        if released:  # a worker waiting for work, or a follower waiting to take over
+            self._notify(execution_id)
 
     async def due_timers(self, now: float) -> list[tuple[str, float]]:
         due = self._stmt("due", _stmt_due)

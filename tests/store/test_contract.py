@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
@@ -161,6 +161,53 @@ async def test_postgres_notify_wakes_another_process(postgres_url: str) -> None:
 
 
 @pytest.mark.postgres
+async def test_postgres_announces_appends_to_followers_only(postgres_url: str) -> None:
+    """A step's append NOTIFYs nobody unless the execution is followed (``watch``); a
+    status or timer change, a cancel and a released lease always do."""
+    from agentainer_flow.store.postgres import PostgresEventStore
+
+    async def woken(store: EventStore, eid: str, change: Callable[[], Awaitable[Any]]) -> bool:
+        waiter = asyncio.create_task(store.wait_for_change(eid, 1.5))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await change()
+        await waiter
+        return time.monotonic() - started < 1.0
+
+    async with create_store(postgres_url) as writer, create_store(postgres_url) as watcher:
+        assert isinstance(watcher, PostgresEventStore)
+        for _ in range(200):
+            if watcher._listening:
+                break
+            await asyncio.sleep(0.01)
+        for eid in ("x", "y"):
+            await writer.create_execution(
+                NewExecution(id=eid, workflow_name="wf"), ExecutionStarted(workflow_name="wf")
+            )
+        lease = await writer.acquire("x", "w1", lease_seconds=30)
+        assert lease is not None
+        seq = 1
+
+        def step() -> Callable[[], Awaitable[Any]]:
+            nonlocal seq
+            seq += 1
+            return lambda: writer.append("x", seq, [StepStarted(step=f"s{seq}")])
+
+        assert not await woken(watcher, "x", step())  # nobody follows x
+        assert await woken(watcher, "x", lambda: writer.append(
+            "x", seq + 1, [StepStarted(step="t")], wake_at=time.time() + 60))
+        seq += 1
+        await watcher.watch("x")
+        assert await woken(watcher, "x", step())  # followed now
+        assert not await woken(watcher, "y", lambda: writer.append(
+            "y", 2, [StepStarted(step="s")]))
+        await watcher.watch(None)  # every execution
+        assert await woken(watcher, "y", lambda: writer.append("y", 3, [StepStarted(step="t")]))
+        assert await woken(watcher, "x", lambda: writer.release("w1", "x"))
+        assert await woken(watcher, "y", lambda: writer.request_cancel("y"))
+
+
+@pytest.mark.postgres
 async def test_postgres_recovers_when_its_connections_are_killed(
     postgres_url: str, postgres_server: str
 ) -> None:
@@ -200,6 +247,7 @@ async def test_postgres_recovers_when_its_connections_are_killed(
             await asyncio.sleep(0.01)
         assert store._listen_connects >= 2 and store._listening
         async with create_store(postgres_url) as other:
+            await store.watch("x")  # a plain append is announced to followers only
             waiter = asyncio.create_task(store.wait_for_change("x", 30))
             await asyncio.sleep(0.05)
             await other.append("x", 3, [StepStarted(step="t")])
