@@ -219,8 +219,10 @@ class Worker:
 
     async def _process(self, record: ExecutionRecord) -> None:
         eid = record.id
+        ended = False
         try:
             outcome = await asyncio.shield(self.client.engine.launch(eid, leased=record))
+            ended = True  # the terminal append released the lease
             detail = f": {outcome.error}" if outcome.error else ""
             self.done += 1
             self._say(f"{eid} {record.workflow_name}: {outcome.status}{detail}")
@@ -245,8 +247,9 @@ class Worker:
             self._error(f"execution {eid} stopped: {type(exc).__name__}: {exc}")
         finally:
             self.running.pop(eid, None)
-            with contextlib.suppress(FlowError):
-                await asyncio.shield(self.client.store.release(self.worker_id, eid))
+            if not ended:
+                with contextlib.suppress(FlowError):
+                    await asyncio.shield(self.client.store.release(self.worker_id, eid))
 
     async def _wait(self, timeout: float) -> None:
         """Until stopped, a run ends, or (with room for more) the store changes or a

@@ -328,7 +328,7 @@ class EventStore(ABC):
         ``lease_token`` is given but is not the execution's current fencing token (someone
         acquired the lease since: the caller must stop). The token is checked in the same
         statement that appends. ``status``/``error``/``wake_at`` update the row in the same
-        commit.
+        commit; a terminal ``status`` also releases the lease.
         """
 
     @abstractmethod

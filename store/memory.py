@@ -162,6 +162,9 @@ class MemoryEventStore(EventStore):
             if status.is_terminal:
                 changes["finished_at"] = t
                 changes["wake_at"] = None
+                # the end releases the lease: nothing is left to hold it for
+                changes["lease_owner"] = None
+                changes["lease_expires_at"] = None
         if error is not None:
             changes["error"] = error
         if wake_at is not UNSET and not (status is not None and status.is_terminal):

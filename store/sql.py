@@ -451,6 +451,9 @@ def _stmt_append_update(
         if terminal:
             values["finished_at"] = _p("t")
             values["wake_at"] = sa.null()
+            # the end releases the lease (no separate release: one transaction less per run)
+            values["lease_owner"] = sa.null()
+            values["lease_expires_at"] = sa.null()
     if has_error:
         values["error"] = _p("error")
     if set_wake and not terminal:

@@ -379,6 +379,18 @@ async def concurrent_claims_never_share(store: EventStore) -> None:
 
 
 @case
+async def the_end_of_an_execution_releases_its_lease(store: EventStore) -> None:
+    await new(store, "e1")
+    [claimed] = await store.claim("w1", lease_seconds=30)
+    await store.append("e1", 2, steps("a"), lease_token=claimed.lease_token)
+    assert (await get(store, "e1")).lease_owner == "w1"  # a step's append keeps it
+    await store.append("e1", 4, [ExecutionCompleted()], status=ExecutionStatus.COMPLETED,
+                       lease_token=claimed.lease_token)
+    row = await get(store, "e1")
+    assert row.lease_owner is None and row.lease_expires_at is None  # no release needed
+
+
+@case
 async def expired_lease_is_reclaimable_and_fences_the_old_worker(store: EventStore) -> None:
     await new(store, "e1")
     [claimed] = await store.claim("w1", lease_seconds=0.05)
