@@ -2,8 +2,14 @@
 
 A ``StepRuntime`` lives for one attempt of one step instance. Its commands are numbered
 0, 1, 2...; a command whose index is already in the history returns what was recorded,
-without side effects, after checking that the code asks for the same thing (else
-``NonDeterminismError``). The first command past the history is live.
+without side effects, after checking that the code asks for the same thing, every argument
+compared in its recorded form (else ``NonDeterminismError``). The first command past the
+history is live.
+
+``ctx.patched``/``ctx.deprecate_patch`` are not commands (adding one to a step in flight
+must not shift the indexes of the commands after it): they read the patch ids the
+execution's first run declared (``PatchesDeclared``), found in the workflow's code by
+``declared_patches``.
 """
 
 from __future__ import annotations
@@ -11,11 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import dis
+import inspect
 import math
 import random as _random
+import types
 import uuid
+import weakref
 from collections.abc import Iterator, MutableMapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from agentainer_flow.store.events import (
     AgentCompleted,
@@ -46,37 +59,212 @@ from .errors import (
     ConfigurationError,
     NonDeterminismError,
     SerializationError,
+    WorkflowDefinitionError,
 )
 from .runtimes.base import AgentOutcome, AgentSpec, AgentState
-from .secrets import SecretStore
+from .secrets import Redactor, SecretStore
 from .spec import StepSpec, get_workflow_spec
 from .types import AgentResult, ParallelContext, ResourceRequirements
 
 if TYPE_CHECKING:
     from .runner import Runner
 
-__all__ = ["AgentHandle", "ChildWorkflowHandle", "StateView", "StepRuntime"]
+__all__ = [
+    "AgentHandle",
+    "ChildWorkflowHandle",
+    "StateView",
+    "StepRuntime",
+    "declared_patches",
+]
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def _signature(ev: CommandEvent) -> str:
-    """How a recorded command reads in a ``NonDeterminismError``."""
+# what a command is, compared with what the history recorded -------------------------------
+class _Unknown:
+    """An argument an older history did not record: it matches anything."""
+
+    def __repr__(self) -> str:
+        return "<not recorded>"
+
+
+_UNKNOWN: Any = _Unknown()
+_SHOW_LIMIT = 200  # characters of one argument in an error message
+_TREES = ("value", "input")  # arguments holding ``values.dump`` trees
+
+
+def _canon(value: Any) -> Any:
+    """``value`` as the store gives it back (tuples become lists, dicts come back in
+    stored order), so that what the code does now compares equal to what was recorded."""
+    try:
+        return msgspec.json.decode(msgspec.json.encode(value))
+    except (TypeError, ValueError, msgspec.MsgspecError):
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """A command as the code asks for it, or as the history recorded it: what it is
+    (``op``) and its arguments in their recorded form (encoded, secrets as references)."""
+
+    op: str
+    args: tuple[tuple[str, Any], ...] = ()
+
+    def matches(self, recorded: _Call) -> bool:
+        if self.op != recorded.op:
+            return False
+        mine = dict(self.args)
+        return all(v is _UNKNOWN or (k in mine and mine[k] == v) for k, v in recorded.args)
+
+    def render(self, against: _Call | None = None) -> str:
+        """How it reads in an error; with ``against`` (the other side), arguments equal
+        there are elided as ``...``."""
+        other = dict(against.args) if against is not None and against.op == self.op else None
+
+        def equal(name: str, value: Any) -> bool:
+            if other is None:
+                return False
+            theirs = other.get(name, _UNKNOWN)
+            return theirs is _UNKNOWN or value is _UNKNOWN or theirs == value
+
+        if self.op in ("state", "del state"):
+            key, value = dict(self.args).get("key"), dict(self.args).get("value")
+            if self.op == "del state":
+                return f"del state[{key!r}]"
+            shown = "..." if equal("value", value) else _show(value, tree=True)
+            return f"state[{key!r}] = {shown}"
+        parts: list[str] = []
+        for name, value in self.args:
+            if value is _UNKNOWN and other is None:
+                continue
+            if equal(name, value):
+                if not parts or parts[-1] != "...":
+                    parts.append("...")
+            elif name == "duration" and isinstance(value, int | float):
+                parts.append(f"{name}={value:g}s")
+            else:
+                parts.append(f"{name}={_show(value, tree=name in _TREES)}")
+        return f"{self.op}({', '.join(parts)})"
+
+
+def _show(value: Any, *, tree: bool = False) -> str:
+    """A value for an error message: decoded if it is a stored tree, cut if long."""
+    if tree:
+        try:
+            value = values.load(value)
+        except Exception:  # shown as stored
+            pass
+    text = repr(value)
+    return text if len(text) <= _SHOW_LIMIT else text[:_SHOW_LIMIT - 3] + "..."
+
+
+def _recorded_call(ev: CommandEvent, refs: Redactor) -> _Call:
+    """What the first event of a recorded command says the code asked for (secrets in
+    agents' env and command as ``[secret:NAME]`` references, by ``refs``)."""
     if isinstance(ev, AgentDeployRequested):
-        return f"deploy_agent(name={ev.name!r}, image={ev.image!r})"
+        return _Call("deploy_agent", (
+            ("name", ev.name), ("image", ev.image), ("command", _canon(refs.tree(ev.command))),
+            ("env", _canon(refs.tree(ev.env))), ("resources", _canon(ev.resources))))
     if isinstance(ev, StateSet):
-        return f"{'del ' if ev.deleted else ''}state[{ev.key!r}]{'' if ev.deleted else ' = ...'}"
+        if ev.deleted:
+            return _Call("del state", (("key", ev.key),))
+        return _Call("state", (("key", ev.key), ("value", _canon(ev.value))))
     if isinstance(ev, TimerStarted):
-        return "sleep(...)"
+        return _Call("sleep", (("duration", _UNKNOWN if ev.duration is None else ev.duration),))
     if isinstance(ev, SideEffectRecorded):
-        return f"{ev.kind}()"
+        return _Call(ev.kind)
     if isinstance(ev, ChildWorkflowStarted):
-        return f"run_workflow({ev.workflow_name!r})"
+        recorded_input = _UNKNOWN if ev.input is msgspec.UNSET else _canon(ev.input)
+        return _Call("run_workflow", (("workflow", ev.workflow_name), ("input", recorded_input)))
     if isinstance(ev, LogRecorded):
-        return "log(...)"
+        return _Call("log")
     if isinstance(ev, MetricRecorded):
-        return f"metric({ev.name!r})"
-    return type(ev).__name__
+        return _Call("metric", (("name", ev.name),))
+    return _Call(type(ev).__name__)
+
+
+# patches ----------------------------------------------------------------------------------
+_PATCH_METHODS = frozenset({"patched", "deprecate_patch"})
+_patch_cache: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def declared_patches(cls: type) -> frozenset[str]:
+    """The patch ids the code of workflow class ``cls`` names: the first argument of every
+    ``<x>.patched(...)``/``<x>.deprecate_patch(...)`` call in its methods (those of its
+    base classes too) and in the functions of their module they call, when that argument
+    is a string literal, a module-level constant or a class attribute (``self.PATCH``).
+
+    Read from the compiled code, not the source file: it works for classes built with
+    ``exec``, and a file changed on disk under a running process does not change what
+    that process declares. An id computed at run time cannot be found: ``ctx.patched``
+    refuses it (see ``StepRuntime.patched``).
+    """
+    found = _patch_cache.get(cls)
+    if found is None:
+        ids: set[str] = set()
+        seen: set[types.CodeType] = set()
+        for klass in cls.__mro__:
+            if klass is object:
+                continue
+            for member in vars(klass).values():
+                fn = member.__func__ if isinstance(member, staticmethod | classmethod) else (
+                    member.fget if isinstance(member, property) else member)
+                if not inspect.isfunction(fn):
+                    continue
+                try:
+                    fn = inspect.unwrap(fn)
+                except ValueError:  # a __wrapped__ cycle: scan the function as it is
+                    pass
+                if inspect.isfunction(fn):
+                    _scan_code(fn.__code__, fn.__globals__, klass, ids, seen)
+        found = _patch_cache[cls] = frozenset(ids)
+    return found
+
+
+def _scan_code(code: types.CodeType, globs: dict[str, Any], klass: type, ids: set[str],
+               seen: set[types.CodeType]) -> None:
+    if code in seen:
+        return
+    seen.add(code)
+    instructions = list(dis.get_instructions(code))
+
+    def calls_at(j: int) -> bool:
+        """Whether the argument loaded just before ``j`` is the whole argument: the call
+        (or its keyword names) comes next, not more of an expression."""
+        if j >= len(instructions):
+            return False
+        op = instructions[j].opname
+        if op.startswith("CALL") or op in ("PRECALL", "KW_NAMES"):
+            return True
+        return (op == "LOAD_CONST" and isinstance(instructions[j].argval, tuple)
+                and j + 1 < len(instructions)
+                and instructions[j + 1].opname.startswith("CALL"))
+
+    for i, ins in enumerate(instructions):
+        if ins.opname in ("LOAD_METHOD", "LOAD_ATTR") and ins.argval in _PATCH_METHODS:
+            arg = instructions[i + 1] if i + 1 < len(instructions) else None
+            value: Any = None
+            if arg is None:
+                continue
+            if arg.opname.startswith("LOAD_CONST") and calls_at(i + 2):
+                value = arg.argval
+            elif arg.opname in ("LOAD_GLOBAL", "LOAD_NAME") and calls_at(i + 2):
+                value = globs.get(arg.argval)
+            elif (arg.opname.startswith(("LOAD_FAST", "LOAD_DEREF"))
+                  and i + 2 < len(instructions)
+                  and instructions[i + 2].opname in ("LOAD_ATTR", "LOAD_METHOD")
+                  and calls_at(i + 3)):
+                value = getattr(klass, instructions[i + 2].argval, None)
+            if isinstance(value, str):
+                ids.add(value)
+        elif ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+            # a helper of the same module called from a step: it may ask for patches too
+            helper = globs.get(ins.argval)
+            if inspect.isfunction(helper) and helper.__globals__ is globs:
+                _scan_code(helper.__code__, globs, klass, ids, seen)
+    for const in code.co_consts:  # nested functions, lambdas, comprehensions
+        if isinstance(const, types.CodeType):
+            _scan_code(const, globs, klass, ids, seen)
 
 
 class StepRuntime:
@@ -100,6 +288,8 @@ class StepRuntime:
         self.item = item
         self._key = (step.name, instance, attempt)
         self._recorded = runner.h.commands.get(self._key) or {}
+        #: the last recorded command index: past it, the attempt has caught up
+        self._last_recorded = max(self._recorded, default=-1)
         self._index = 0
         self.handles: list[AgentHandle] = []
         self.state = StateView(self, snapshot)
@@ -134,42 +324,74 @@ class StepRuntime:
         return self._index in self._recorded
 
     # the command protocol ---------------------------------------------------------------
-    def _command(self, actual: str, matches: Any) -> tuple[int, list[CommandEvent] | None]:
-        """Allocate the next command index; check it against the history."""
+    def _command(self, call: _Call) -> tuple[int, list[CommandEvent] | None]:
+        """Allocate the next command index; check ``call`` against the history."""
         self.runner.check_alive()
         idx = self._index
         self._index = idx + 1
         recorded = self._recorded.get(idx)
-        if recorded is not None and not matches(recorded[0]):
-            raise self.runner.diverged(
-                NonDeterminismError(
-                    execution_id=self.runner.execution_id,
-                    step=self.step.name,
-                    instance=self.instance,
-                    attempt=self.attempt,
-                    index=idx,
-                    recorded=_signature(recorded[0]),
-                    actual=actual,
-                )
-            )
+        if recorded is not None:
+            was = _recorded_call(recorded[0], self.runner.secret_refs)
+            if not call.matches(was):
+                raise self._diverged(idx, was.render(), call.render(against=was))
+        if idx == self._last_recorded:
+            self.runner.caught_up(self._key)
         return idx, recorded
+
+    def _diverged(self, idx: int, recorded: str, actual: str) -> NonDeterminismError:
+        seq = self.runner.h.command_seqs.get(self._key, {}).get(idx)
+        return self.runner.diverged(NonDeterminismError(
+            execution_id=self.runner.execution_id, step=self.step.name,
+            instance=self.instance, attempt=self.attempt, index=idx, seq=seq,
+            recorded=recorded, actual=actual))
 
     def check_finished(self) -> None:
         """At the end of a replayed attempt: the history must not hold more commands."""
         extra = [i for i in self._recorded if i >= self._index]
         if extra:
-            ev = self._recorded[min(extra)][0]
-            raise self.runner.diverged(
-                NonDeterminismError(
-                    execution_id=self.runner.execution_id,
-                    step=self.step.name,
-                    instance=self.instance,
-                    attempt=self.attempt,
-                    index=min(extra),
-                    recorded=_signature(ev),
-                    actual="the step returning without it",
-                )
-            )
+            first = min(extra)
+            was = _recorded_call(self._recorded[first][0], self.runner.secret_refs)
+            raise self._diverged(first, was.render(), "the step returning without it")
+
+    # versioning -------------------------------------------------------------------------
+    def _patch_known(self, patch_id: str, call: str) -> bool:
+        """Whether the execution's first run knew ``patch_id``; refuses an id the code
+        does not name where ``declared_patches`` can find it."""
+        self.runner.check_alive()
+        if not isinstance(patch_id, str) or not patch_id:
+            raise TypeError(f"{call} in step {self.step.name!r}: the patch id must be a "
+                            f"non-empty string, got {patch_id!r}")
+        declared = self.runner.h.patches
+        if declared is not None and patch_id in declared:
+            return True
+        if patch_id not in self.runner.code_patches:
+            raise WorkflowDefinitionError(self.runner.spec.name, [
+                f"step {self.step.name!r} calls {call}({patch_id!r}), but no call "
+                f"{call}({patch_id!r}) with that id written as a string literal (or a "
+                "module-level constant) is in the workflow class or the functions of its "
+                "module, so executions cannot record at their start that their code has "
+                "this patch; write the id as a literal"])
+        return False
+
+    def patched(self, patch_id: str) -> bool:
+        """True if this execution was started by code that has patch ``patch_id``."""
+        return self._patch_known(patch_id, "ctx.patched")
+
+    def deprecate_patch(self, patch_id: str) -> None:
+        """Refuse to run an execution started before patch ``patch_id`` (its branch is
+        gone); a no-op for the others."""
+        if self._patch_known(patch_id, "ctx.deprecate_patch"):
+            return
+        raise self.runner.diverged(NonDeterminismError(
+            execution_id=self.runner.execution_id, step=self.step.name,
+            instance=self.instance, attempt=self.attempt, index=None,
+            recorded=f"an execution started before patch {patch_id!r} (by code that did "
+            "not have it)",
+            actual=f"ctx.deprecate_patch({patch_id!r}): the code for executions started "
+            "before that patch was removed",
+            hint=f"restore the `if ctx.patched({patch_id!r}):` branch and the old code in "
+            "its else branch until every execution started before the patch has "
+            "finished, then deprecate it again"))
 
     def _emit(self, ev: CommandEvent) -> Any:
         return self.runner.emit(ev)
@@ -212,13 +434,11 @@ class StepRuntime:
             values.check_text(k, f"{where}: the resources key {k!r}")
         values.dump(res, where=f"{where}: resources")
         timeout_s = parse_duration(timeout, what=f"agent {name!r} timeout")
-        idx, recorded = self._command(
-            f"deploy_agent(name={name!r}, image={image!r})",
-            lambda ev: isinstance(ev, AgentDeployRequested)
-            and ev.name == name
-            and ev.image == image,
-        )
         runner = self.runner
+        redact = runner.secret_refs  # secrets are compared by reference, as recorded
+        idx, recorded = self._command(_Call("deploy_agent", (
+            ("name", name), ("image", image), ("command", _canon(redact.tree(cmd))),
+            ("env", _canon(redact.tree(clean_env))), ("resources", _canon(res)))))
         agent_id = runner.agent_id(self.step.name, self.instance, self.attempt, idx)
         spec = AgentSpec(
             agent_id=agent_id,
@@ -297,16 +517,17 @@ class StepRuntime:
     ) -> Any:
         """Start a child execution (at most once); with ``wait`` return its result."""
         spec = get_workflow_spec(workflow)
-        idx, recorded = self._command(
-            f"run_workflow({spec.name!r})",
-            lambda ev: isinstance(ev, ChildWorkflowStarted) and ev.workflow_name == spec.name,
-        )
         runner = self.runner
+        # encoded as the child records it (a secret's value in it is refused here)
+        input_tree = values.dump(input, where=f"input of workflow {spec.name!r}",
+                                 secrets=runner.redactor.scanner)
+        idx, recorded = self._command(_Call("run_workflow", (
+            ("workflow", spec.name), ("input", _canon(input_tree)))))
         child_id = runner.child_id(self.step.name, self.instance, self.attempt, idx)
         final: ChildWorkflowCompleted | None = None
         if recorded is None:
             self._emit(ChildWorkflowStarted(**self._base(idx), child_id=child_id,
-                                            workflow_name=spec.name))
+                                            workflow_name=spec.name, input=input_tree))
             await runner.flush()
         else:
             final = next((e for e in recorded if isinstance(e, ChildWorkflowCompleted)), None)
@@ -322,12 +543,12 @@ class StepRuntime:
     # time and randomness ----------------------------------------------------------------
     async def sleep(self, duration: Duration) -> None:
         """A durable timer: a crash does not restart the wait."""
-        seconds = parse_duration(duration, what="sleep duration") or 0.0
-        idx, recorded = self._command("sleep(...)", lambda ev: isinstance(ev, TimerStarted))
+        seconds = float(parse_duration(duration, what="sleep duration") or 0.0)
+        idx, recorded = self._command(_Call("sleep", (("duration", seconds),)))
         runner = self.runner
         if recorded is None:
             fire_at = runner.clock.now() + seconds
-            self._emit(TimerStarted(**self._base(idx), fire_at=fire_at))
+            self._emit(TimerStarted(**self._base(idx), fire_at=fire_at, duration=seconds))
             await runner.flush(wake_at=fire_at)
         else:
             if any(isinstance(e, TimerFired) for e in recorded):
@@ -343,9 +564,7 @@ class StepRuntime:
         self._emit(TimerFired(**self._base(idx)))
 
     def _side_effect(self, kind: str, make: Any) -> Any:
-        idx, recorded = self._command(
-            f"{kind}()", lambda ev: isinstance(ev, SideEffectRecorded) and ev.kind == kind
-        )
+        idx, recorded = self._command(_Call(kind))
         if recorded is not None:
             ev = recorded[0]
             assert isinstance(ev, SideEffectRecorded)
@@ -374,7 +593,7 @@ class StepRuntime:
         level = level.lower()
         if level not in _LOG_LEVELS:
             raise ValueError(f"log level must be one of {', '.join(_LOG_LEVELS)}, got {level!r}")
-        idx, recorded = self._command("log(...)", lambda ev: isinstance(ev, LogRecorded))
+        idx, recorded = self._command(_Call("log"))
         if recorded is not None:
             return
         runner = self.runner
@@ -387,9 +606,7 @@ class StepRuntime:
 
     async def metric(self, name: str, value: float, tags: dict[str, str] | None = None) -> None:
         """A metric sample, recorded once."""
-        idx, recorded = self._command(
-            f"metric({name!r})", lambda ev: isinstance(ev, MetricRecorded)
-        )
+        idx, recorded = self._command(_Call("metric", (("name", str(name)),)))
         if recorded is not None:
             return
         clean_tags = {str(k): str(v) for k, v in (tags or {}).items()}
@@ -411,9 +628,8 @@ class StepRuntime:
     # state ------------------------------------------------------------------------------
     def _write_state(self, key: str, tree: Any, deleted: bool) -> Any:
         idx, recorded = self._command(
-            f"{'del ' if deleted else ''}state[{key!r}]{'' if deleted else ' = ...'}",
-            lambda ev: isinstance(ev, StateSet) and ev.key == key and ev.deleted == deleted,
-        )
+            _Call("del state", (("key", key),)) if deleted
+            else _Call("state", (("key", key), ("value", _canon(tree)))))
         if recorded is not None:
             ev = recorded[0]
         else:
@@ -623,7 +839,8 @@ class AgentHandle:
             raise cls(final.error, agent=self.name, exit_code=final.exit_code,
                       log_tail=final.log_tail)
         return AgentResult(
-            output=dict(final.output or {}),
+            # stored encoded: a key like the engine's own "__flow__" comes back as given
+            output=dict(values.load(final.output) or {}),
             exit_code=final.exit_code,
             agent_name=self.name,
             agent_id=self.id,

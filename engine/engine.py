@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-import structlog
-
+from agentainer_flow.store._logging import get_logger
 from agentainer_flow.store.base import (
     EventStore,
     ExecutionRecord,
@@ -35,11 +34,14 @@ from agentainer_flow.store.events import (
     ExecutionCompleted,
     ExecutionFailed,
     ExecutionStarted,
+    PatchesDeclared,
+    StepEvent,
 )
 
 from . import values
 from .clock import Clock
 from .errors import (
+    ConfigurationError,
     ExecutionBlockedError,
     ExecutionSuspended,
     FlowError,
@@ -50,15 +52,46 @@ from .errors import (
     WorkflowNotRegisteredError,
     WorkflowTimeoutError,
 )
+from .history import ExecutionState, effective_deps, shape_divergence
 from .leases import holder_is_dead, lease_seconds_from_env, make_owner_id
 from .runner import Runner
 from .runtimes.base import AgentRuntime, store_label
 from .secrets import Redactor, encrypt_secrets, resolve_secrets
-from .spec import ARGS_ATTR, WorkflowSpec, get_workflow_spec
+from .spec import (
+    ARGS_ATTR,
+    StepNotFoundError,
+    WorkflowSpec,
+    get_workflow_spec,
+    get_workflow_version,
+)
 
-__all__ = ["Engine", "Outcome", "rebuild_workflow"]
+__all__ = [
+    "FORKED_FROM_STEP_TAG",
+    "FORKED_FROM_TAG",
+    "KEEP",
+    "Engine",
+    "Outcome",
+    "rebuild_workflow",
+    "reusable_steps",
+]
 
-log = structlog.get_logger("agentainer_flow")
+#: tag of a forked execution: the id of the execution it was forked from
+FORKED_FROM_TAG = "flow.forked_from"
+#: tag of a forked execution: the step it was forked from (it and what follows ran again)
+FORKED_FROM_STEP_TAG = "flow.forked_from_step"
+_FORK_TAGS = (FORKED_FROM_TAG, FORKED_FROM_STEP_TAG)
+
+
+class _Keep:
+    """Sentinel type: keep the source execution's value (``Engine.fork(input=)``)."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Any = _Keep()
+
+log = get_logger("agentainer_flow")
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +251,8 @@ class Engine:
         if not created and idempotency_key is not None:
             await self._check_same_start(record, idempotency_key, started)
         if created:
-            self._fresh[record.id] = (record, [StoredEvent(record.id, 1, started)])
+            if run_here:  # a worker's claim reads it back, with the lease it took
+                self._fresh[record.id] = (record, [StoredEvent(record.id, 1, started)])
             self._objects[record.id] = workflow
             self._secrets[record.id] = secrets
             log.info("execution_started", execution_id=record.id, workflow=spec.name)
@@ -299,11 +333,13 @@ class Engine:
             assert isinstance(started, ExecutionStarted)
             if _is_terminal(history[-1].event):
                 return Outcome.from_event(execution_id, history[-1].event)
-            spec = self._spec_for(started, workflow)
             if workflow is None:
                 workflow = self._objects.pop(execution_id, None)
+            spec, workflow = self._code_for(execution_id, started, workflow)
             if workflow is None:
                 workflow = rebuild_workflow(spec, started)
+            if fresh is None and FORKED_FROM_TAG in started.tags:
+                history = await self._copy_reused(record, spec, history)
             given = dict(self._secrets.get(execution_id) or {})
             given.update(secrets or {})
             resolved = _resolve_available(started.secret_names, given, record.secrets)
@@ -387,18 +423,132 @@ class Engine:
                     runner.lease_lost("its lease was not renewed in time and another "
                                       "process may have taken it over")
 
-    def _spec_for(self, started: ExecutionStarted, workflow: object | None) -> WorkflowSpec:
-        spec = get_workflow_spec(workflow if workflow is not None else started.workflow_name)
-        if spec.name != started.workflow_name:
-            raise WorkflowNotRegisteredError(
-                f"execution is of workflow {started.workflow_name!r}, not {spec.name!r}")
-        if spec.version != started.workflow_version:
-            raise WorkflowNotRegisteredError(
-                f"the execution was started with version {started.workflow_version!r} of "
-                f"workflow {spec.name!r}, but this process has version {spec.version!r}; "
-                "resume it with the code of that version"
-            )
-        return spec
+    def _code_for(self, execution_id: str, started: ExecutionStarted,
+                  workflow: object | None) -> tuple[WorkflowSpec, object | None]:
+        """The spec that runs the execution, and the instance to run it on if one was given
+        that fits (``None``: rebuild it from the recorded constructor arguments).
+
+        The code is that of the version the execution was started on, whatever version
+        the caller's instance (a parent's step, a fresh start) or the name's current version
+        is: an instance of another version is set aside. Raises
+        ``WorkflowVersionNotRegisteredError`` when no loaded code declares that version;
+        nothing is recorded then, so a process that has the code can still run it.
+        """
+        name, version = started.workflow_name, started.workflow_version
+        if workflow is not None:
+            spec = get_workflow_spec(workflow)
+            if spec.name != name:
+                raise WorkflowNotRegisteredError(
+                    f"execution {execution_id} is of workflow {name!r}, not {spec.name!r}")
+            if spec.version == version:
+                return spec, workflow
+        return get_workflow_version(name, version, execution_id=execution_id), None
+
+    # forks ------------------------------------------------------------------------------
+    async def fork(
+        self,
+        source_id: str,
+        *,
+        from_step: str,
+        workflow: object | None = None,
+        input: Any = KEEP,
+        tags: Mapping[str, str] | None = None,
+        secrets: Mapping[str, str] | None = None,
+        run_here: bool = True,
+        queue: str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
+    ) -> ExecutionRecord:
+        """Record a new execution of ``source_id``'s workflow that reuses the recorded
+        results of every step not depending (transitively) on ``from_step``.
+
+        The new execution runs the current code (``workflow``, else the current version of
+        the workflow rebuilt from the source's constructor arguments) with the source's
+        input unless ``input`` is given. Its history starts with a copy of the events of
+        the reused steps (a step is reused if it completed in the source and every step it
+        depends on is reused), so replay uses their results and state writes and never
+        runs their bodies or touches their agents, which stay the source's. Tags
+        ``flow.forked_from``/``flow.forked_from_step`` link it to the source. Secrets
+        are those given, else the source's (``FLOW_SECRET_<NAME>``, or kept encrypted).
+        With ``run_here`` it is leased to this engine, ready for ``launch``; without, it
+        is left for a worker (of ``queue``).
+        """
+        source = await self.store.get_execution(source_id)
+        if source is None:
+            raise ExecutionNotFoundError(source_id)
+        first = (await self.store.load(source_id))[0].event
+        assert isinstance(first, ExecutionStarted)
+        if workflow is None:
+            spec = get_workflow_spec(first.workflow_name)
+            workflow = rebuild_workflow(spec, first)
+        else:
+            spec = get_workflow_spec(workflow)
+            if spec.name != first.workflow_name:
+                raise ConfigurationError(
+                    f"execution {source_id} is of workflow {first.workflow_name!r}: it cannot "
+                    f"be forked into workflow {spec.name!r}")
+        if from_step not in spec.steps:
+            raise StepNotFoundError(spec.name, from_step, list(spec.steps))
+        given = {**(self._secrets.get(source_id) or {}), **(secrets or {})}
+        resolved = _resolve_available(first.secret_names, given, source.secrets)
+        fork_tags = {k: v for k, v in first.tags.items() if k not in _FORK_TAGS}
+        fork_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+        fork_tags.update({FORKED_FROM_TAG: source_id, FORKED_FROM_STEP_TAG: from_step})
+        record, _ = await self.start(
+            workflow, input=values.load(first.input) if input is KEEP else input,
+            tags=fork_tags, secrets=resolved, run_here=True, queue=queue, priority=priority,
+            concurrency_key=concurrency_key)
+        # not runnable here before its reused steps are in (a launch meanwhile loads it)
+        _, history = self._fresh.pop(record.id)
+        try:
+            history = await self._copy_reused(record, spec, history)
+        except BaseException:
+            # whoever runs it next copies them (see ``_run``): let it go at once
+            await self._let_go(record.id)
+            raise
+        log.info("execution_forked", execution_id=record.id, source=source_id,
+                 from_step=from_step, reused_events=len(history) - 1)
+        if run_here:
+            self._fresh[record.id] = (replace(record, last_seq=len(history)), history)
+        else:  # a worker runs it
+            await self._let_go(record.id)
+        return record
+
+    async def _let_go(self, execution_id: str) -> None:
+        """Forget an execution created here and not run here, and release its lease."""
+        for kept in (self._fresh, self._objects, self._secrets):
+            kept.pop(execution_id, None)
+        try:
+            await asyncio.shield(self.store.release(self.owner_id, execution_id))
+        except StoreError:
+            pass  # its lease expires
+
+    async def _copy_reused(self, record: ExecutionRecord, spec: WorkflowSpec,
+                           history: list[StoredEvent]) -> list[StoredEvent]:
+        """Append to a fork that holds only its ``ExecutionStarted`` the events of the
+        steps it reuses from its source; the new history.
+
+        Called when the fork is created and again by whoever runs a fork left with one
+        event (its creator died between the two appends), so the reused steps never run.
+        """
+        started = history[0].event
+        assert isinstance(started, ExecutionStarted)
+        source_id = started.tags.get(FORKED_FROM_TAG)
+        from_step = started.tags.get(FORKED_FROM_STEP_TAG)
+        if len(history) != 1 or source_id is None or from_step is None:
+            return history
+        source = await self.store.load(source_id)
+        keep = reusable_steps(spec, source, from_step)
+        # the source's patch decisions too: the reused steps were recorded under them, and
+        # the steps run again take the same branches
+        events = [s.event for s in source[1:]
+                  if (isinstance(s.event, StepEvent) and s.event.step in keep)
+                  or isinstance(s.event, PatchesDeclared)]
+        if not events:
+            return history
+        await self.store.append(record.id, 2, events, lease_token=record.lease_token or None)
+        return [*history, *(StoredEvent(record.id, seq, ev)
+                            for seq, ev in enumerate(events, start=2))]
 
     # children ---------------------------------------------------------------------------
     async def ensure_child(self, child_id: str, workflow: object, *, parent: Runner,
@@ -506,3 +656,51 @@ def rebuild_workflow(spec: WorkflowSpec, started: ExecutionStarted) -> object:
             f"cannot rebuild workflow {spec.name!r} from its recorded constructor arguments: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+def reusable_steps(spec: WorkflowSpec, history: list[StoredEvent], from_step: str) -> list[str]:
+    """The steps of ``spec`` a fork of ``history`` from ``from_step`` reuses, in order:
+    those that completed there, do not depend (transitively) on ``from_step``, depend only
+    on reused steps (a step after one that runs again may get another input), and whose
+    recorded shape (dependencies, instance count, ``when=``) the code still has: a step the
+    code changed that way runs again, with what follows it."""
+    state = ExecutionState(spec, history[0].execution_id if history else "")
+    for stored in history:
+        state.apply(stored.seq, stored.event)
+    deps = effective_deps(spec)
+    rerun = {from_step}
+    while True:
+        keep = _kept(spec, state, deps, rerun)
+        changed = _changed_shape(spec, history, keep)
+        if changed is None or changed in rerun:
+            return keep
+        rerun.add(changed)
+
+
+def _kept(spec: WorkflowSpec, state: ExecutionState, deps: Mapping[str, Sequence[str]],
+          seeds: set[str]) -> list[str]:
+    rerun = set(seeds)
+    keep: list[str] = []
+    for name in spec.order:
+        if name in rerun or any(d in rerun for d in deps[name]):
+            rerun.add(name)
+        elif state.steps[name].status == "completed" and all(d in keep for d in deps[name]):
+            keep.append(name)
+    return keep
+
+
+def _changed_shape(spec: WorkflowSpec, history: list[StoredEvent], keep: list[str]
+                   ) -> str | None:
+    """The first of the ``keep`` steps whose recorded events the code's DAG no longer fits."""
+    if not history:
+        return None
+    trial = ExecutionState(spec, history[0].execution_id)
+    trial.apply(history[0].seq, history[0].event)
+    seq = history[0].seq
+    for stored in history[1:]:
+        ev = stored.event
+        if isinstance(ev, StepEvent) and ev.step in keep:
+            seq += 1
+            trial.apply(seq, ev)
+    diverged = shape_divergence(trial)
+    return None if diverged is None else diverged.step

@@ -15,6 +15,8 @@
     │   ├── WorkflowTimeoutError    the execution ran past the workflow timeout
     │   └── WorkflowCancelledError  the execution was cancelled
     ├── WorkflowNotRegisteredError  resuming an execution whose class is not importable
+    │   └── WorkflowVersionNotRegisteredError  ... or whose recorded version is not loaded
+    ├── StepNotFoundError           a step name the workflow does not have
     ├── ExecutionBlockedError       the execution waits for a secret only a person can give
     ├── IdempotencyConflictError    an idempotency key reused for another workflow or input
     └── ConfigurationError          bad client/runtime options
@@ -22,6 +24,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from typing import Any
 
 from agentainer_flow.store.errors import FlowError
@@ -40,12 +44,14 @@ __all__ = [
     "SecretNotFoundError",
     "SerializationError",
     "StepError",
+    "StepNotFoundError",
     "StepTimeoutError",
     "WorkflowCancelledError",
     "WorkflowDefinitionError",
     "WorkflowFailedError",
     "WorkflowNotRegisteredError",
     "WorkflowTimeoutError",
+    "WorkflowVersionNotRegisteredError",
 ]
 
 
@@ -66,9 +72,24 @@ class WorkflowDefinitionError(FlowError):
 
 
 class NonDeterminismError(FlowError):
-    """The workflow code did something different from what its history recorded."""
+    """The workflow code did something different from what its history recorded.
+
+    ``step``, ``instance`` and ``attempt`` say where; ``index`` is the command index
+    inside that attempt (``None`` for a difference in the shape of the DAG: a step's
+    dependencies, instance count or ``when=`` decision); ``seq`` is the seq of the
+    history event where the code diverged (``None`` when no event is tied to it);
+    ``recorded`` is what the history has, ``actual`` what the code does now, ``hint``
+    how to fix it. Secrets appear in them only as ``[secret:NAME]`` references.
+    """
 
     code = "non_determinism"
+
+    #: what to do about a difference, unless the place that found it knows better
+    DEFAULT_HINT = (
+        "restore the previous code to finish this execution, or version the change: put "
+        "the new code under `if ctx.patched(\"some-id\"):` and keep the old code in the "
+        "else branch, so that executions started before the change keep the old one"
+    )
 
     def __init__(
         self,
@@ -77,9 +98,11 @@ class NonDeterminismError(FlowError):
         step: str,
         instance: int,
         attempt: int,
-        index: int,
+        index: int | None,
         recorded: str,
         actual: str,
+        seq: int | None = None,
+        hint: str | None = None,
     ) -> None:
         self.execution_id = execution_id
         self.step = step
@@ -88,12 +111,16 @@ class NonDeterminismError(FlowError):
         self.index = index
         self.recorded = recorded
         self.actual = actual
+        self.seq = seq
+        self.hint = hint if hint is not None else self.DEFAULT_HINT
+        where = f"execution {execution_id}, step {step!r} (instance {instance}, attempt {attempt})"
+        if index is not None:
+            where += f", command {index}"
+        if seq is not None:
+            where += f" at event seq {seq}"
         super().__init__(
-            f"execution {execution_id}, step {step!r} (instance {instance}, attempt {attempt}), "
-            f"command {index}: the history recorded {recorded} but the code now does {actual}. "
-            "The workflow code changed in a way that does not match this execution's history; "
-            "restore the previous code to finish this execution, or bump the workflow's "
-            "version and start a new execution"
+            f"{where}: the history recorded {recorded} but the code now does {actual}. "
+            f"Hint: {self.hint}"
         )
 
 
@@ -302,3 +329,45 @@ class EngineSignal(BaseException):
 def describe_error(exc: BaseException) -> dict[str, Any]:
     """Type name and message of an exception, as recorded in events."""
     return {"error_type": type(exc).__name__, "error": str(exc) or type(exc).__name__}
+
+
+class WorkflowVersionNotRegisteredError(WorkflowNotRegisteredError):
+    """An execution was started under a version of its workflow that no code loaded in this
+    process declares. Nothing was changed: the execution waits for a process that has it.
+
+    ``available`` lists the versions of the workflow this process has (oldest first).
+    """
+
+    code = "workflow_version_not_registered"
+
+    def __init__(self, *, workflow: str, version: str, available: Sequence[str],
+                 execution_id: str | None = None) -> None:
+        self.execution_id = execution_id
+        self.workflow = workflow
+        self.version = version
+        self.available = tuple(available)
+        which = f"execution {execution_id}" if execution_id else "the execution"
+        has = ", ".join(repr(v) for v in self.available) or "none"
+        super().__init__(
+            f"{which} was started on version {version!r} of workflow {workflow!r}, but this "
+            f"process only has version(s) {has} of it; it was left as it is. Keep the class "
+            f"declaring @workflow(name={workflow!r}, version={version!r}) importable next to "
+            "the new one (e.g. in a module of its own) until the executions started on it "
+            "have finished, and import it where they are resumed"
+        )
+
+
+class StepNotFoundError(FlowError, ValueError):
+    """A step name that the workflow does not have (e.g. ``fork(from_step=...)``)."""
+
+    code = "step_not_found"
+
+    def __init__(self, workflow: str, step: str, steps: Sequence[str]) -> None:
+        self.workflow = workflow
+        self.step = step
+        self.steps = tuple(steps)
+        close = difflib.get_close_matches(step, list(self.steps), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        super().__init__(
+            f"workflow {workflow!r} has no step {step!r} (steps: {', '.join(self.steps)})"
+            + hint)

@@ -1,9 +1,13 @@
 """Check a stored history against the current code, with no side effects.
 
-Every recorded step attempt is run again in strict replay: each ``ctx`` command must match
-the recorded one, and the attempt must end the way it was recorded. Nothing is launched,
-appended or slept: a command past the recorded ones ends the check of that attempt (it was
-in flight when the history ended). Used by ``flow replay`` and by golden-history tests.
+First the shape of the DAG the history fixes is compared with the code's
+(``shape_divergence``: steps, dependencies, instance counts, ``when=`` decisions). Then every
+recorded step attempt is run again in strict replay: each ``ctx`` command must match the
+recorded one, every argument compared, and the attempt must end the way it was recorded.
+Nothing is launched, appended or slept: a command past the recorded ones ends the check of
+that attempt (it was in flight when the history ended). The first difference in history
+order is reported, with the seq of its event. Used by ``flow replay`` and by golden-history
+tests.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .clock import Clock
 from .commands import StepRuntime
 from .engine import Engine
 from .errors import EngineSignal, NonDeterminismError
+from .history import shape_divergence
 from .runner import Runner
 from .runtimes.base import AgentOutcome, AgentRuntime, AgentSpec, AgentStatus
 from .spec import WorkflowSpec
@@ -81,7 +86,9 @@ class _ReplayRunner(Runner):
 
 @dataclass
 class ReplayReport:
-    """What a replay found: ``ok``, the attempts checked, and the first divergence."""
+    """What a replay found: ``ok``, the attempts checked (``in_flight``: those the history
+    ended in the middle of, as ``step[instance]#attempt``), and the first divergence
+    (``error``, whose ``seq`` is the event where the code diverged)."""
 
     execution_id: str
     workflow_name: str
@@ -110,22 +117,25 @@ async def replay_history(
     report = ReplayReport(record.id, spec.name)
     started = history[0].event
     assert isinstance(started, ExecutionStarted)
-    for name in dict.fromkeys(getattr(s.event, "step", None) for s in history):
-        if name is not None and name not in spec.steps:
-            report.error = NonDeterminismError(
-                execution_id=record.id, step=name, instance=0, attempt=0, index=0,
-                recorded=f"step {name!r}",
-                actual=f"no step of that name (steps now: {', '.join(spec.order)})")
-            return report
     runner = _ReplayRunner(engine, record, spec, workflow, history, {})
-    outcomes: dict[tuple[str, int, int], Event] = {}
+    # a difference in the DAG comes first if it is earlier in the history: the attempts
+    # after it may not even be runnable by the new code (an instance it does not have)
+    shape = shape_divergence(runner.h)
+    if runner.h.unknown_steps:  # a step the code lacks: nothing else is worth comparing
+        report.error = shape
+        return report
+    outcomes: dict[tuple[str, int, int], StoredEvent] = {}
     for stored in history:
         ev = stored.event
         if isinstance(ev, StepCompleted | StepFailed):
-            outcomes[(ev.step, ev.instance, ev.attempt)] = ev
+            outcomes[(ev.step, ev.instance, ev.attempt)] = stored
     state: dict[str, Any] = {}
+    found = shape
+    found_at = shape.seq if shape is not None and shape.seq is not None else None
     for stored in history:
         ev = stored.event
+        if found_at is not None and stored.seq >= found_at:
+            break  # what starts after the first difference found cannot come before it
         if isinstance(ev, StateSet) and not ev.deleted:
             state[ev.key] = ev.value
         elif isinstance(ev, StateSet):
@@ -133,19 +143,23 @@ async def replay_history(
         if not isinstance(ev, StepStarted) or ev.total == 0:
             continue
         key = (ev.step, ev.instance, ev.attempt)
-        found = await _check_attempt(runner, spec, ev, dict(state), outcomes.get(key))
+        result = await _check_attempt(runner, spec, ev, dict(state), outcomes.get(key))
         report.attempts_checked += 1
-        if found == "in_flight":
+        if result == "in_flight":
             report.in_flight.append(f"{ev.step}[{ev.instance}]#{ev.attempt}")
-        elif isinstance(found, NonDeterminismError):
-            report.error = found
-            return report
+        elif isinstance(result, NonDeterminismError):
+            runner._fatal = None  # the attempts that started before it are checked still
+            # concurrent attempts interleave: one that started later may diverge earlier
+            at = result.seq if result.seq is not None else stored.seq
+            if found_at is None or at < found_at:
+                found, found_at = result, at
+    report.error = found
     return report
 
 
 async def _check_attempt(
     runner: Runner, spec: WorkflowSpec, ev: StepStarted, snapshot: dict[str, Any],
-    outcome: Event | None,
+    stored_outcome: StoredEvent | None,
 ) -> NonDeterminismError | str | None:
     step = spec.steps[ev.step]
     kwargs, item = runner.arguments(step, ev.instance)
@@ -164,13 +178,14 @@ async def _check_attempt(
         outcome_now, detail = "failed", f"{type(exc).__name__}: {exc}"
     if runner._fatal is not None and isinstance(runner._fatal, NonDeterminismError):
         return runner._fatal
-    if outcome is None:
+    if stored_outcome is None:
         return "in_flight"
+    outcome = stored_outcome.event
     recorded = "completed" if isinstance(outcome, StepCompleted) else "failed"
     if recorded != outcome_now:
         return NonDeterminismError(
             execution_id=runner.execution_id, step=ev.step, instance=ev.instance,
-            attempt=ev.attempt, index=rt._index,
+            attempt=ev.attempt, index=None, seq=stored_outcome.seq,
             recorded=f"the step {recorded}"
             + (f" ({outcome.error_type}: {outcome.error})" if isinstance(outcome, StepFailed)
                else ""),

@@ -5,6 +5,11 @@ scheduler: a step whose dependencies are resolved is decided (skipped, or starte
 instances), instances run as tasks, and their outcomes are turned into events. Events are
 buffered and made durable together (``flush``) before anything outside the process can see
 their effect: one commit per scheduling round in a chain of steps.
+
+A resumed execution is first checked against its code: the shape of the DAG its history
+fixes (``shape_divergence``), then the recorded commands of the attempts that were in
+flight, re-run before anything new is recorded. Code that diverged stops the run with
+``NonDeterminismError`` and leaves the history as it was.
 """
 
 from __future__ import annotations
@@ -16,8 +21,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
+from agentainer_flow.store._logging import get_logger
 from agentainer_flow.store.base import UNSET, ExecutionRecord, ExecutionStatus, StoredEvent
 from agentainer_flow.store.errors import LeaseLostError, StoreError
 from agentainer_flow.store.events import (
@@ -26,6 +30,7 @@ from agentainer_flow.store.events import (
     ExecutionCancelled,
     ExecutionCompleted,
     ExecutionFailed,
+    PatchesDeclared,
     StepCompleted,
     StepFailed,
     StepRetryScheduled,
@@ -34,7 +39,7 @@ from agentainer_flow.store.events import (
 )
 
 from . import values
-from .commands import StepRuntime
+from .commands import StepRuntime, declared_patches
 from .errors import (
     EngineSignal,
     ExecutionBlockedError,
@@ -43,7 +48,7 @@ from .errors import (
     SecretNotFoundError,
     StepTimeoutError,
 )
-from .history import ExecutionState
+from .history import CommandKey, ExecutionState, effective_deps, shape_divergence
 from .secrets import Redactor, SecretStore
 from .spec import RetryPolicy, StepSpec, WorkflowSpec
 
@@ -52,7 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Runner"]
 
-log = structlog.get_logger("agentainer_flow")
+log = get_logger("agentainer_flow")
 _NAME_SAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
 
 
@@ -76,11 +81,27 @@ _MISSING: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
 
 class _WatchedSecrets(SecretStore):
     """``ctx.secrets`` that notes a missing secret, so the attempt blocks the execution
-    (status ``blocked``) instead of failing it, whatever the step does with the error."""
+    (status ``blocked``) instead of failing it, whatever the step does with the error.
+
+    It also keeps what the fallback (placeholders in tests, ``[secret:NAME]`` in replay)
+    served, so that commands compare secrets by name whichever way a run got them."""
+
+    def __init__(self, values: dict[str, str],
+                 fallback: Callable[[str], str] | None = None) -> None:
+        super().__init__(values, fallback)
+        self.given = dict(values)
+        #: values the fallback served, by secret name
+        self.served: dict[str, str] = {}
+
+    def _lookup(self, name: str) -> str:
+        value = super().__getitem__(name)
+        if name not in self.given:
+            self.served[name] = value
+        return value
 
     def __getitem__(self, name: str) -> str:
         try:
-            return super().__getitem__(name)
+            return self._lookup(name)
         except SecretNotFoundError:
             missing = _MISSING.get()
             if missing is not None:
@@ -90,7 +111,7 @@ class _WatchedSecrets(SecretStore):
     def get(self, name: str, default: Any = None) -> Any:
         """An optional secret: ``default`` when missing (does not block)."""
         try:
-            return super().__getitem__(name)
+            return self._lookup(name)
         except SecretNotFoundError:
             return default
 
@@ -153,6 +174,15 @@ class Runner:
         self._cancel_reason = ""
         self._short_id = _NAME_SAFE.sub("-", self.execution_id)[:40]
         self._log = log.bind(execution_id=self.execution_id, workflow=spec.name)
+        #: the patch ids this code names (``ctx.patched``), declared by its new executions
+        self.code_patches = declared_patches(spec.cls)
+        #: on resume, the in-flight attempts still re-running their recorded commands:
+        #: nothing new is made durable until they have all caught up (or one diverged)
+        self._catching_up: set[CommandKey] = set()
+        self._refs: Redactor | None = None
+        self._refs_served = 0
+        self._caught_up = asyncio.Event()
+        self._caught_up.set()
 
     # ids ------------------------------------------------------------------------------
     def agent_id(self, step: str, instance: int, attempt: int, index: int) -> str:
@@ -182,6 +212,11 @@ class Runner:
     async def flush(self, *, wake_at: float | None = UNSET,
                     status: ExecutionStatus | None = None, error: str | None = None) -> None:
         """Make every event emitted so far durable, in as few commits as possible."""
+        if not self._caught_up.is_set():
+            # an attempt went live while others still replay what they recorded: if one of
+            # those diverges, nothing of this run may have been recorded
+            await self._caught_up.wait()
+            self.check_alive()
         target = self.seq
         async with self._flush_lock:
             if self.durable_seq >= target and status is None and wake_at is UNSET:
@@ -255,8 +290,10 @@ class Runner:
         Outcomes (a step completed, failed, skipped...) must be durable before work that
         depends on them runs. Bare ``StepStarted`` events need not be: until the step's
         first command flushes them, a crash looks the same as one just before the start.
+        Nor need ``PatchesDeclared``: until something else is durable, the next run declares
+        again, with its own code, as if it were the first.
         """
-        return any(type(ev) is not StepStarted for ev in self._pending)
+        return any(type(ev) not in (StepStarted, PatchesDeclared) for ev in self._pending)
 
     def lease_lost(self, why: str) -> None:
         """Another process took the execution over: stop before the next side effect."""
@@ -284,6 +321,22 @@ class Runner:
             self._wakeup()
         return exc
 
+    @property
+    def secret_refs(self) -> Redactor:
+        """Replaces every secret value this run holds (given, or served by the fallback)
+        by its ``[secret:NAME]`` reference: commands are compared in that form."""
+        store = self.secret_store
+        if self._refs is None or self._refs_served != len(store.served):
+            known = {**{k: v for k, v in store.served.items() if v}, **store.given}
+            self._refs, self._refs_served = Redactor(known), len(store.served)
+        return self._refs
+
+    def caught_up(self, key: CommandKey) -> None:
+        """The attempt ``key`` re-ran its last recorded command (or ended)."""
+        if key in self._catching_up:
+            self._catching_up.discard(key)
+            self._wakeup()
+
     def request_cancel(self, reason: str = "") -> None:
         """Ask the scheduler to cancel (from the client, or seen in the store)."""
         self._cancel_reason = reason
@@ -302,12 +355,13 @@ class Runner:
 
         if self.h.terminal is not None:
             return Outcome.from_event(self.execution_id, self.h.terminal)
-        if self.h.unknown_steps:
-            name = self.h.unknown_steps[0]
-            raise NonDeterminismError(
-                execution_id=self.execution_id, step=name, instance=0, attempt=0, index=0,
-                recorded=f"step {name!r}",
-                actual=f"no step of that name (steps now: {', '.join(self.spec.order)})")
+        if self.h.progressed:
+            diverged = shape_divergence(self.h)
+            if diverged is not None:
+                raise diverged  # before anything is recorded: the history stays as it was
+        elif self.h.patches is None and self.code_patches:
+            # the first run of the execution: its code's patches are the execution's
+            self.emit(PatchesDeclared(ts=self.clock.now(), patches=sorted(self.code_patches)))
         self._init_scheduler()
         deadline_task = (
             asyncio.ensure_future(self.clock.sleep_until(self.deadline))
@@ -318,6 +372,7 @@ class Runner:
             if self.store.url != "memory://" else None
         )
         try:
+            await self._replay_in_flight()
             while True:
                 if self._fatal is not None:
                     raise _Aborted()
@@ -393,15 +448,10 @@ class Runner:
 
     def _init_scheduler(self) -> None:
         spec, h = self.spec, self.h
-        cleanup_deps = [n for n in spec.order if not spec.steps[n].always_run]
-        self._deps: dict[str, tuple[str, ...]] = {}
+        self._deps: dict[str, tuple[str, ...]] = effective_deps(spec)
         self._waiting_on: dict[str, list[str]] = {n: [] for n in spec.order}
         for name in spec.order:
-            step = spec.steps[name]
-            deps = step.depends_on
-            if not deps and step.always_run and name not in cleanup_deps:
-                deps = tuple(cleanup_deps)
-            self._deps[name] = deps
+            deps = self._deps[name]
             self._remaining[name] = sum(1 for d in deps if not h.steps[d].resolved)
             for d in deps:
                 self._waiting_on[d].append(name)
@@ -500,17 +550,20 @@ class Runner:
         return next_retry
 
     def _decide(self, name: str) -> None:
-        """A step whose dependencies are resolved: skip it or start it."""
+        """A step whose dependencies are resolved: skip it or start it. The event that
+        says which carries the step's ``depends_on``, for replays to check."""
         h, step = self.h, self.spec.steps[name]
         now = self.clock.now()
+        deps = list(step.depends_on)
         stopping = self._stopping
         if stopping and not step.always_run:
-            self.emit(StepSkipped(ts=now, step=name, reason=f"execution {stopping}"))
+            self.emit(StepSkipped(ts=now, step=name, reason=f"execution {stopping}",
+                                  depends_on=deps))
             return
         if not step.always_run:
             for d in step.depends_on:
                 if h.steps[d].status == "skipped":
-                    self.emit(StepSkipped(ts=now, step=name,
+                    self.emit(StepSkipped(ts=now, step=name, depends_on=deps,
                                           reason=f"upstream step {d!r} was skipped"))
                     return
         if step.when is not None:
@@ -521,7 +574,8 @@ class Runner:
                                      type(exc).__name__)
                 return
             if not ok:
-                self.emit(StepSkipped(ts=now, step=name, reason="when= condition was false"))
+                self.emit(StepSkipped(ts=now, step=name, reason="when= condition was false",
+                                      depends_on=deps))
                 return
         total = step.static_instances
         if step.dynamic:
@@ -530,11 +584,12 @@ class Runner:
                 return
             total = len(items)
         if total == 0:
-            self.emit(StepStarted(ts=now, step=name, instance=0, attempt=0, total=0))
+            self.emit(StepStarted(ts=now, step=name, instance=0, attempt=0, total=0,
+                                  depends_on=deps))
             return
         limit = step.max_workers or total if step.parallel else 1
         for i in range(min(total, limit)):
-            self._start_instance(step, i, 1, total)
+            self._start_instance(step, i, 1, total, depends_on=deps if i == 0 else None)
 
     def _dynamic_items(self, step: StepSpec) -> list[Any] | None:
         source = next(b.dep for b in step.bindings if b.source == "item")
@@ -551,7 +606,8 @@ class Runner:
 
     def _fail_undecided(self, step: StepSpec, error: str, error_type: str) -> None:
         """Fail a step before any instance ran (its inputs were unusable)."""
-        self.emit(StepStarted(ts=self.clock.now(), step=step.name, total=1))
+        self.emit(StepStarted(ts=self.clock.now(), step=step.name, total=1,
+                              depends_on=list(step.depends_on)))
         self._fail_instance(step, 0, 1, error, error_type, final=True)
 
     def _upstream(self, step: StepSpec) -> Any:
@@ -559,18 +615,55 @@ class Runner:
             return values.load(self.h.step_result_tree(step.depends_on[0]))
         return {d: values.load(self.h.step_result_tree(d)) for d in step.depends_on}
 
-    def _start_instance(self, step: StepSpec, instance: int, attempt: int, total: int) -> None:
+    def _start_instance(self, step: StepSpec, instance: int, attempt: int, total: int,
+                        depends_on: list[str] | None = None) -> None:
         now = self.clock.now()
         if self.h.steps[step.name].status == "pending":
             self._open.append(step.name)
         deadline = now + step.timeout if step.timeout is not None else None
         self.emit(StepStarted(ts=now, step=step.name, instance=instance, attempt=attempt,
-                              total=total, deadline=deadline))
+                              total=total, deadline=deadline, depends_on=depends_on))
         self._start_task(step, instance, attempt)
 
     def _start_task(self, step: StepSpec, instance: int, attempt: int) -> None:
         """Queue an attempt to run; it starts once what precedes it is durable."""
         self._starting.append((step, instance, attempt))
+
+    async def _replay_in_flight(self) -> None:
+        """On resume, re-run the attempts that were in flight up to their last recorded
+        command before anything else starts, and make nothing new durable meanwhile: code
+        that diverged from what they recorded stops the run with the history untouched."""
+        h = self.h
+        if self.engine.draining:
+            return
+        for name in self._open:
+            step = self.spec.steps[name]
+            if self._stopping and not step.always_run:
+                continue  # failed by the scheduler instead, without running
+            for i, inst in h.steps[name].instances.items():
+                key = (name, i, inst.attempt)
+                if inst.status == "running" and h.commands.get(key):
+                    self._catching_up.add(key)
+                    self._start_task(step, i, inst.attempt)
+        if not self._catching_up:
+            return
+        self._caught_up.clear()
+        try:
+            self._launch_started()
+            while self._catching_up and self._fatal is None:
+                for task, key in self._tasks.items():
+                    if task.done():  # ended (or failed) before its last recorded command
+                        self._catching_up.discard(key)
+                if not self._catching_up:
+                    break
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+        finally:
+            self._catching_up.clear()
+            self._caught_up.set()
 
     def _launch_started(self) -> None:
         for step, instance, attempt in self._starting:

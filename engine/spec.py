@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import enum
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,19 +20,26 @@ from .errors import (
     AgentConfigurationError,
     NonDeterminismError,
     SecretNotFoundError,
+    StepNotFoundError,
     WorkflowDefinitionError,
     WorkflowNotRegisteredError,
+    WorkflowVersionNotRegisteredError,
 )
 
 __all__ = [
     "ErrorHandler",
     "RetryPolicy",
+    "StepNotFoundError",
     "StepOptions",
     "StepSpec",
     "WorkflowSpec",
+    "WorkflowVersionNotRegisteredError",
     "build_workflow_spec",
     "get_workflow_spec",
+    "get_workflow_version",
     "registered_workflows",
+    "version_key",
+    "workflow_versions",
 ]
 
 STEP_ATTR = "__flow_step__"
@@ -188,25 +196,42 @@ class WorkflowSpec:
     sinks: tuple[str, ...] = ()
 
 
-_registry: dict[str, WorkflowSpec] = {}
+# name -> version -> spec: every version of a workflow this process has loaded, so that an
+# execution started under an older version is resumed by the code that declares it
+_registry: dict[str, dict[str, WorkflowSpec]] = {}
+
+
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Order of versions: runs of digits compare as numbers (``"2" < "10"``, ``"1.2" <
+    "1.10"``), other text as text."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part)
+                 for part in re.findall(r"\d+|\D+", version))
+
+
+def _current(versions: dict[str, WorkflowSpec]) -> WorkflowSpec:
+    return versions[max(versions, key=lambda v: (version_key(v), v))]
 
 
 def registered_workflows() -> dict[str, WorkflowSpec]:
-    """Workflows known to this process, by name (a copy)."""
-    return dict(_registry)
+    """Workflows known to this process, by name: each name's current (highest) version."""
+    return {name: _current(versions) for name, versions in _registry.items()}
+
+
+def workflow_versions(name: str) -> dict[str, WorkflowSpec]:
+    """Every version of workflow ``name`` loaded in this process, oldest first (empty if
+    none)."""
+    versions = _registry.get(name, {})
+    return {v: versions[v] for v in sorted(versions, key=lambda v: (version_key(v), v))}
 
 
 def get_workflow_spec(target: object) -> WorkflowSpec:
-    """The spec of a workflow class, instance or registered name."""
+    """The spec of a workflow class or instance (its own version), or of a registered name
+    (its current version: the highest loaded, see ``register``)."""
     if isinstance(target, str):
-        spec = _registry.get(target)
-        if spec is None:
-            known = ", ".join(sorted(_registry)) or "none"
-            raise WorkflowNotRegisteredError(
-                f"no workflow named {target!r} is registered in this process (known: {known}); "
-                "import the module that defines it before resuming"
-            )
-        return spec
+        versions = _registry.get(target)
+        if not versions:
+            raise _not_registered(target)
+        return _current(versions)
     cls = target if isinstance(target, type) else type(target)
     spec = getattr(cls, SPEC_ATTR, None)
     if not isinstance(spec, WorkflowSpec):
@@ -215,6 +240,34 @@ def get_workflow_spec(target: object) -> WorkflowSpec:
             ["not a workflow: decorate the class with @workflow(...)"],
         )
     return spec
+
+
+def get_workflow_version(name: str, version: str, *,
+                         execution_id: str | None = None) -> WorkflowSpec:
+    """The spec that declares version ``version`` of workflow ``name``: the code an
+    execution started under that version is resumed with.
+
+    Raises ``WorkflowNotRegisteredError`` if no version of ``name`` is loaded, and
+    ``WorkflowVersionNotRegisteredError`` (naming ``execution_id``) if others are.
+    """
+    versions = _registry.get(name)
+    if not versions:
+        raise _not_registered(name, execution_id)
+    spec = versions.get(str(version))
+    if spec is None:
+        raise WorkflowVersionNotRegisteredError(
+            workflow=name, version=str(version), available=list(workflow_versions(name)),
+            execution_id=execution_id)
+    return spec
+
+
+def _not_registered(name: str, execution_id: str | None = None) -> WorkflowNotRegisteredError:
+    known = ", ".join(sorted(_registry)) or "none"
+    of = f" (of execution {execution_id})" if execution_id else ""
+    return WorkflowNotRegisteredError(
+        f"no workflow named {name!r}{of} is registered in this process (known: {known}); "
+        "import the module that defines it before resuming"
+    )
 
 
 def build_workflow_spec(
@@ -307,8 +360,15 @@ def build_workflow_spec(
 
 
 def register(spec: WorkflowSpec) -> None:
-    """Make the spec findable by name (the latest definition of a name wins)."""
-    _registry[spec.name] = spec
+    """Make the spec findable by its name and version.
+
+    Every version of a name stays registered: an execution is resumed by the code of the
+    version it was started on (``get_workflow_version``). The latest definition of one
+    (name, version) wins. A name's *current* version, the one new executions started by
+    name get, is the highest (``version_key`` order), not the one defined last: which
+    module happens to be imported last must not decide what new executions run.
+    """
+    _registry.setdefault(spec.name, {})[spec.version] = spec
 
 
 def _class_members_in_order(cls: type) -> list[tuple[str, Any]]:

@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
-import structlog
-
 from agentainer_flow.engine import Clock, Engine, values
 from agentainer_flow.engine.durations import Duration, parse_duration
+from agentainer_flow.engine.engine import FORKED_FROM_STEP_TAG, FORKED_FROM_TAG, KEEP
 from agentainer_flow.engine.errors import ConfigurationError
 from agentainer_flow.engine.reaper import Reaped, reap_agents
 from agentainer_flow.engine.runtimes.base import AgentRuntime
+from agentainer_flow.engine.spec import get_workflow_version
 from agentainer_flow.store import (
     DEFAULT_QUEUE,
     WATCH_SECONDS,
@@ -28,13 +28,14 @@ from agentainer_flow.store import (
     QueueConfig,
     create_store,
 )
+from agentainer_flow.store._logging import get_logger
 from agentainer_flow.store.events import StateSet
 
 from ._context import Context
 from ._events import ExecutionEvent
 from ._queues import Queue
 
-log = structlog.get_logger("agentainer_flow.client")
+log = get_logger("agentainer_flow.client")
 
 #: seconds a client trusts the queue limits it read (for ``run_workflow(queue="name")``)
 _QUEUE_CONFIG_TTL = 5.0
@@ -42,6 +43,7 @@ _QUEUE_CONFIG_TTL = 5.0
 __all__ = [
     "DEFAULT_STORE",
     "ExecutionMode",
+    "ForkOrigin",
     "WorkflowClient",
     "WorkflowExecution",
     "WorkflowMetrics",
@@ -55,6 +57,15 @@ class ExecutionMode(enum.Enum):
 
     SYNC = "sync"
     ASYNC = "async"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForkOrigin:
+    """What a forked execution was forked from: the execution, and the step from which
+    on it ran again (see ``WorkflowClient.fork``)."""
+
+    execution_id: str
+    step: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +131,16 @@ class WorkflowClient:
     the process runtime. Use as ``async with WorkflowClient(...) as client`` or call ``close()``.
     """
 
+    def __new__(cls, store: str | EventStore | None = None, *args: Any,
+                api_url: str | None = None, api_token: str | None = None,
+                **kwargs: Any) -> Any:
+        """With ``api_url``/``api_token`` (or ``$AGENTAINER_API_URL`` and no store): a client
+        of a ``flow server`` (``RemoteWorkflowClient``), with the same methods."""
+        from ._remote import remote_client_for
+
+        remote = remote_client_for(store, api_url, api_token)
+        return remote if remote is not None else super().__new__(cls)
+
     def __init__(
         self,
         store: str | EventStore | None = None,
@@ -131,13 +152,6 @@ class WorkflowClient:
         api_token: str | None = None,
         **engine_options: Any,
     ) -> None:
-        if api_url is not None or api_token is not None:
-            raise ConfigurationError(
-                "WorkflowClient(api_url=...) needs a remote agentainer-flow server, which this "
-                "version does not have; it runs workflows in-process: use "
-                "WorkflowClient(store='sqlite:///.flow/flow.db') or "
-                "WorkflowClient(store='postgresql://user@host:5432/db')"
-            )
         url = store if store is not None else os.environ.get("FLOW_STORE") or DEFAULT_STORE
         self.store: EventStore = create_store(url) if isinstance(url, str) else url
         runtime_options = {"images": images} if images else {}
@@ -229,6 +243,20 @@ class WorkflowClient:
     async def _enqueue(self, workflow: object, mode: ExecutionMode, queue: str | Queue,
                        priority: int, **start: Any) -> WorkflowExecution:
         """Record the execution for a queue's workers; with ``SYNC``, wait for its end."""
+        stored_queue, key = await self._queue_for(queue, start.get("tags"))
+        record, _ = await self.engine.start(workflow, run_here=False, queue=stored_queue,
+                                            priority=int(priority), concurrency_key=key,
+                                            **start)
+        execution = WorkflowExecution(self, record.id)
+        if mode is ExecutionMode.SYNC:
+            await self.engine.wait_outcome(record.id)
+        return execution
+
+    async def _queue_for(self, queue: str | Queue,
+                         tags: Mapping[str, str] | None) -> tuple[str | None, str | None]:
+        """The queue an execution is stored under (``None``: the default one) and its
+        concurrency key (the value of the queue's ``key_tag`` among ``tags``). A ``Queue``
+        object writes its limits to the store first."""
         if isinstance(queue, Queue):
             config = queue.config()
             await self.store.set_queue(config)
@@ -238,16 +266,9 @@ class WorkflowClient:
             if not name.strip():
                 raise ConfigurationError("queue= needs a queue name")
             config = await self._queue_config(name)
-        tags = {str(k): str(v) for k, v in (start.get("tags") or {}).items()}
-        key = tags.get(config.key_tag) if config.key_tag else None
-        stored_queue = None if name == DEFAULT_QUEUE else name
-        record, _ = await self.engine.start(workflow, run_here=False, queue=stored_queue,
-                                            priority=int(priority), concurrency_key=key,
-                                            **start)
-        execution = WorkflowExecution(self, record.id)
-        if mode is ExecutionMode.SYNC:
-            await self.engine.wait_outcome(record.id)
-        return execution
+        str_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        key = str_tags.get(config.key_tag) if config.key_tag else None
+        return (None if name == DEFAULT_QUEUE else name), key
 
     async def _queue_config(self, name: str) -> QueueConfig:
         """A queue's limits as the store has them, read at most every few seconds (only
@@ -267,6 +288,78 @@ class WorkflowClient:
         """A handle on an existing execution."""
         return WorkflowExecution(self, execution_id)
 
+    async def fork(
+        self,
+        execution_id: str,
+        *,
+        from_step: str,
+        input: Any = KEEP,
+        secrets: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+        mode: ExecutionMode = ExecutionMode.SYNC,
+        workflow: object | None = None,
+        queue: str | Queue | None = None,
+        priority: int = 0,
+    ) -> WorkflowExecution:
+        """Start a new execution that redoes ``execution_id`` from step ``from_step`` on.
+
+        The new execution runs the workflow's current code (the highest version loaded, or
+        ``workflow``, an instance of it, for other constructor arguments). It reuses the
+        recorded results and state writes of every step that does not depend (directly or
+        through others) on ``from_step`` and completed in the original: their bodies do
+        not run again and their agents are not relaunched (they stay the original's).
+        ``from_step`` and everything after it run with the current code. A step the
+        original never reached is fine: what completed before it is reused. The original
+        may have ended in any way, or still run; it is not changed.
+
+        ``input`` defaults to the original's. Secrets are never stored in clear: those not
+        given again come from ``FLOW_SECRET_<NAME>`` or, with ``FLOW_SECRETS_KEY``, the
+        original's encrypted ones; a step that needs a missing one blocks the fork until it
+        is resumed with it. The fork keeps the original's tags (with ``tags`` added) and
+        is linked to it by the tags ``flow.forked_from`` (the original's id) and
+        ``flow.forked_from_step``: see ``forked_from`` and ``forks_of``. ``mode``,
+        ``queue`` and ``priority`` are as for ``run_workflow``.
+
+        Raises ``ExecutionNotFoundError`` for an unknown id, ``StepNotFoundError`` (listing
+        the steps) for a step the workflow does not have, and
+        ``WorkflowNotRegisteredError`` if the workflow's code is not loaded.
+        """
+        await self.open()
+        stored_queue: str | None = None
+        key: str | None = None
+        if queue is not None:
+            if await self.store.get_execution(execution_id) is None:
+                raise ExecutionNotFoundError(execution_id)
+            first = (await self.store.load(execution_id))[0].event
+            all_tags = {**getattr(first, "tags", {}), **(tags or {})}
+            stored_queue, key = await self._queue_for(queue, all_tags)
+        record = await self.engine.fork(
+            execution_id, from_step=from_step, workflow=workflow, input=input, tags=tags,
+            secrets=secrets, run_here=queue is None, queue=stored_queue,
+            priority=int(priority), concurrency_key=key)
+        execution = WorkflowExecution(self, record.id)
+        if queue is None:
+            task = self.engine.launch(record.id, secrets=secrets)
+            if mode is ExecutionMode.SYNC:
+                await asyncio.wait([task])  # how it ended is for get_result() to raise
+        elif mode is ExecutionMode.SYNC:
+            await self.engine.wait_outcome(record.id)
+        return execution
+
+    async def forked_from(self, execution_id: str) -> ForkOrigin | None:
+        """Where a forked execution came from (``None`` if it is not a fork)."""
+        tags = (await self.describe(execution_id)).tags
+        source = tags.get(FORKED_FROM_TAG)
+        if source is None:
+            return None
+        return ForkOrigin(execution_id=source, step=tags.get(FORKED_FROM_STEP_TAG, ""))
+
+    async def forks_of(self, execution_id: str) -> list[ExecutionRecord]:
+        """The executions forked from this one (``fork``), newest first."""
+        await self.describe(execution_id)
+        return await self.store.list_executions(tags={FORKED_FROM_TAG: execution_id},
+                                                limit=None)
+
     async def resume(
         self,
         execution_id: str,
@@ -277,7 +370,11 @@ class WorkflowClient:
     ) -> WorkflowExecution:
         """Resume an unfinished execution from its history in this process.
 
-        Its workflow class must be registered (its module imported). If another live
+        It runs on the code of the version it was started on: the ``@workflow`` class
+        declaring that name and version must be loaded (its module imported), even if a
+        newer version is too. If none is, ``WorkflowVersionNotRegisteredError`` (or
+        ``WorkflowNotRegisteredError`` for an unknown name) is raised at once and the
+        execution is left as it is, for a process that has the code. If another live
         process runs it (holds its lease), this follows that process to the outcome, and
         takes the execution over only if that process dies or its lease expires;
         ``takeover=True`` takes it over at once (the other process is fenced out). Raises
@@ -285,8 +382,13 @@ class WorkflowClient:
         ``ExecutionBlockedError`` if a step needs a secret that is still missing.
         """
         await self.open()
-        if await self.store.get_execution(execution_id) is None:
+        record = await self.store.get_execution(execution_id)
+        if record is None:
             raise ExecutionNotFoundError(execution_id)
+        if not record.status.is_terminal and execution_id not in self.engine.tasks:
+            # refused before anything is touched: a process that has the code can run it
+            get_workflow_version(record.workflow_name, record.workflow_version,
+                                 execution_id=execution_id)
         task = self.engine.launch(execution_id, secrets=secrets, takeover=takeover)
         if wait:
             await asyncio.shield(task)
@@ -305,9 +407,10 @@ class WorkflowClient:
         """Resume every unfinished top-level execution in the store (after removing the
         agents that crashes left behind, see ``gc``).
 
-        One that cannot run (its workflow is not importable, a secret is missing, its code
-        diverged) does not stop the others: it is logged (``execution_stopped``) and its
-        ``get_result()`` raises why.
+        One that cannot run (its workflow, or the version it was started on, is not
+        loaded; a secret is missing; its code diverged) does not stop the others: it is
+        logged (``execution_stopped``), left unchanged in the store, and its
+        ``get_result()`` in this process raises why.
         """
         await self.open()
         try:

@@ -128,6 +128,42 @@ class Context:
         """A random UUID, recorded (use instead of ``uuid.uuid4()``)."""
         return self._rt.uuid4()
 
+    # versioning -------------------------------------------------------------------------
+    def patched(self, patch_id: str) -> bool:
+        """Whether this execution runs the code of patch ``patch_id``: version a change of
+        a step under executions in flight.
+
+        ::
+
+            if ctx.patched("audit-step"):
+                ...  # the new code
+            else:
+                ...  # the old code, for executions started before the change
+
+        Decided once per execution, the same in every step, on every resume and replay:
+        true for executions whose first run had code naming ``patch_id``; false for those
+        started before (even in a step they had not reached when the code changed). Not a
+        command: adding it to a step in flight does not shift that step's history.
+
+        Write ``patch_id`` as a string literal (or a module-level constant) in the workflow
+        class or a function of its module: the engine finds the ids there to record, when
+        an execution starts, which patches its code has. An id it cannot find there (one
+        computed at run time) raises ``WorkflowDefinitionError``, since new executions could
+        never take its new branch.
+        """
+        return self._rt.patched(patch_id)
+
+    def deprecate_patch(self, patch_id: str) -> None:
+        """Mark that the old branch of patch ``patch_id`` was removed (keep only the new
+        code, and this call in its place).
+
+        A no-op for executions started with the patch. An execution started before it
+        cannot run this code: it fails here with ``NonDeterminismError`` and is left
+        resumable by the code that still has the old branch. Once no such execution is
+        left, this call can go too.
+        """
+        self._rt.deprecate_patch(patch_id)
+
     def json(self, obj: Any, **kwargs: Any) -> str:
         """JSON text of ``obj``; models, dataclasses and agent results become objects."""
         return values.dumps_json(obj, **kwargs)

@@ -57,6 +57,17 @@ def workflow(
     execution can rebuild the instance when it resumes. ``max_retries=N`` is shorthand for
     ``retry_policy=RetryPolicy(max_attempts=N + 1)`` applied to steps without their own.
     Raises ``WorkflowDefinitionError`` listing every problem (cycles, unknown steps...).
+
+    ``version`` lets code change under executions in flight: each version of a ``name``
+    stays registered, and an execution is always resumed by the class declaring the
+    version it was started on (rebuilt from its recorded constructor arguments), wherever
+    it resumes. So to change a workflow incompatibly, keep the old class (e.g. in a
+    module ``workflows_v1.py``, same ``name``, old ``version``) loaded next to the new one
+    until the executions started on it have finished. New executions run the version of
+    the instance given; by name (e.g. ``fork``), the highest version loaded. An
+    execution whose version no loaded class declares is left as it is:
+    ``WorkflowClient.resume`` raises ``WorkflowVersionNotRegisteredError`` and a
+    ``Worker`` hands it back for a worker that has the code.
     """
 
     def wrap(klass: C) -> C:

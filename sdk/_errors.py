@@ -1,8 +1,8 @@
 """The public exception hierarchy (defined in the layers below, exported here).
 
     FlowError
-    ├── StoreError (StoreUnavailableError, AppendConflictError, LeaseLostError,
-    │               ExecutionNotFoundError)
+    ├── StoreError (StoreUnavailableError > StoreNotFoundError, AppendConflictError,
+    │               LeaseLostError, ExecutionNotFoundError > AmbiguousExecutionIdError)
     ├── WorkflowDefinitionError
     ├── NonDeterminismError
     ├── SerializationError
@@ -11,7 +11,8 @@
     │              AgentConfigurationError (also a ConfigurationError);
     │              StepTimeoutError, ChildWorkflowError)
     ├── WorkflowFailedError (WorkflowTimeoutError, WorkflowCancelledError)
-    ├── WorkflowNotRegisteredError
+    ├── WorkflowNotRegisteredError > WorkflowVersionNotRegisteredError
+    ├── StepNotFoundError          a step name the workflow does not have
     ├── ExecutionBlockedError      waits for a secret (status ``blocked``); resume with it
     ├── IdempotencyConflictError   a key reused for another workflow or input
     └── ConfigurationError
@@ -34,19 +35,23 @@ from agentainer_flow.engine.errors import (
     SecretNotFoundError,
     SerializationError,
     StepError,
+    StepNotFoundError,
     StepTimeoutError,
     WorkflowCancelledError,
     WorkflowDefinitionError,
     WorkflowFailedError,
     WorkflowNotRegisteredError,
     WorkflowTimeoutError,
+    WorkflowVersionNotRegisteredError,
 )
 from agentainer_flow.store.errors import (
+    AmbiguousExecutionIdError,
     AppendConflictError,
     ExecutionNotFoundError,
     FlowError,
     LeaseLostError,
     StoreError,
+    StoreNotFoundError,
     StoreUnavailableError,
 )
 
@@ -55,6 +60,7 @@ __all__ = [
     "AgentFailedError",
     "AgentOutputError",
     "AgentTimeoutError",
+    "AmbiguousExecutionIdError",
     "AppendConflictError",
     "ChildWorkflowError",
     "ConfigurationError",
@@ -67,12 +73,15 @@ __all__ = [
     "SecretNotFoundError",
     "SerializationError",
     "StepError",
+    "StepNotFoundError",
     "StepTimeoutError",
     "StoreError",
+    "StoreNotFoundError",
     "StoreUnavailableError",
     "WorkflowCancelledError",
     "WorkflowDefinitionError",
     "WorkflowFailedError",
     "WorkflowNotRegisteredError",
     "WorkflowTimeoutError",
+    "WorkflowVersionNotRegisteredError",
 ]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -14,7 +15,14 @@ from types import ModuleType
 from typing import Any
 
 from agentainer_flow.engine.errors import WorkflowNotRegisteredError
-from agentainer_flow.engine.spec import SPEC_ATTR, WorkflowSpec, registered_workflows
+from agentainer_flow.engine.spec import (
+    SPEC_ATTR,
+    WorkflowSpec,
+    WorkflowVersionNotRegisteredError,
+    get_workflow_version,
+    registered_workflows,
+    version_key,
+)
 from agentainer_flow.store import ExecutionRecord, FlowError
 
 __all__ = [
@@ -94,10 +102,15 @@ def pick_workflow(module: ModuleType, name: str | None) -> type:
     own = [c for c in found if c.__module__ == module.__name__] or found
     where = module_file(module)
     if name is not None:
-        for cls in found:
-            spec: WorkflowSpec = getattr(cls, SPEC_ATTR)
-            if name in (cls.__name__, spec.name):
-                return cls
+        # a class name first; else the workflow name, whose current (highest) version wins
+        # when the module holds several (e.g. v1 imported next to v2)
+        by_class = [c for c in found if c.__name__ == name]
+        by_name = sorted((c for c in found if getattr(c, SPEC_ATTR).name == name),
+                         key=lambda c: version_key(getattr(c, SPEC_ATTR).version))
+        if by_class:
+            return by_class[0]
+        if by_name:
+            return by_name[-1]
         listed = ", ".join(c.__name__ for c in own) or "none"
         raise UsageError(f"no workflow {name!r} in {where} (workflows there: {listed})")
     if len(own) == 1:
@@ -174,12 +187,35 @@ def import_modules(modules: Sequence[Path | str] | None) -> None:
         import_file(m)
 
 
-def ensure_registered(record: ExecutionRecord) -> WorkflowSpec:
-    """The spec of the execution's workflow, importing its recorded source if needed."""
+def ensure_registered(record: ExecutionRecord, *, exact_version: bool = False) -> WorkflowSpec:
+    """The spec of the execution's workflow, importing its recorded source if needed.
+
+    That is the version the execution was started on when it is loaded. Otherwise, with
+    ``exact_version`` (what running it needs) ``WorkflowVersionNotRegisteredError`` is
+    raised; without, the workflow's current version is returned (for reading, e.g.
+    replaying a history against the new code).
+    """
     name = record.workflow_name
-    spec = registered_workflows().get(name)
-    if spec is not None:
-        return spec
+    if name not in registered_workflows():
+        _import_source(record)
+    try:
+        return get_workflow_version(name, record.workflow_version, execution_id=record.id)
+    except WorkflowVersionNotRegisteredError:
+        source = record.tags.get(SOURCE_TAG)
+        if source and Path(source).is_file():
+            import_file(source)  # the file it was started from may still declare it
+            with contextlib.suppress(WorkflowVersionNotRegisteredError):
+                return get_workflow_version(name, record.workflow_version,
+                                            execution_id=record.id)
+        if exact_version:
+            raise
+        return registered_workflows()[name]
+
+
+def _import_source(record: ExecutionRecord) -> None:
+    """Import the file recorded in the execution's ``flow.source`` tag, which must define
+    its workflow."""
+    name = record.workflow_name
     source = record.tags.get(SOURCE_TAG)
     if source:
         if not Path(source).is_file():
@@ -187,9 +223,8 @@ def ensure_registered(record: ExecutionRecord) -> WorkflowSpec:
                 f"workflow {name!r} of execution {record.id} was started from {source}, which "
                 "no longer exists; pass the file that defines it with -m PATH")
         import_file(source)
-        spec = registered_workflows().get(name)
-        if spec is not None:
-            return spec
+        if name in registered_workflows():
+            return
         raise WorkflowNotRegisteredError(
             f"{source} (recorded at run time) no longer defines workflow {name!r}; "
             "pass the file that does with -m PATH")

@@ -21,9 +21,11 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 
-import structlog
-
-from agentainer_flow.engine.errors import ExecutionBlockedError, ExecutionSuspended
+from agentainer_flow.engine.errors import (
+    ExecutionBlockedError,
+    ExecutionSuspended,
+    WorkflowNotRegisteredError,
+)
 from agentainer_flow.store import (
     ExecutionRecord,
     FlowError,
@@ -31,6 +33,7 @@ from agentainer_flow.store import (
     StoreError,
     WorkerInfo,
 )
+from agentainer_flow.store._logging import get_logger
 
 from ._client import WorkflowClient
 from ._loading import ensure_registered
@@ -38,7 +41,7 @@ from ._queues import Queue, declared_queues
 
 __all__ = ["Worker"]
 
-log = structlog.get_logger("agentainer_flow.worker")
+log = get_logger("agentainer_flow.worker")
 
 #: seconds between a worker's sweeps for agents that crashes left behind
 GC_INTERVAL = 60.0
@@ -60,6 +63,11 @@ class Worker:
     long running executions may go on before they are handed back (their agents keep
     running and are adopted by the next holder). ``report``/``report_error``: where
     progress lines go (``flow worker`` prints them); structlog gets them either way.
+
+    An execution runs on the code of the version it was started on. One whose workflow,
+    or whose version of it, this worker has not loaded is handed back untouched (released,
+    not failed, logged as ``execution_code_missing``) for a worker that has the code, and
+    this worker does not claim it again.
     """
 
     def __init__(
@@ -205,9 +213,12 @@ class Worker:
                 await store.release(self.worker_id, record.id)
                 continue
             try:
-                ensure_registered(record)
+                ensure_registered(record, exact_version=True)
             except FlowError as exc:
-                self._error(f"execution {record.id}: {exc}")
+                if isinstance(exc, WorkflowNotRegisteredError):
+                    self._hand_back(record, exc)
+                else:
+                    self._error(f"execution {record.id}: {exc}")
                 self.skipped.add(record.id)
                 await store.release(self.worker_id, record.id)
                 continue
@@ -231,6 +242,9 @@ class Worker:
         except HistoryCorruptedError as exc:  # never replayed: left for a person to look at
             self.skipped.add(eid)
             self._error(f"execution {eid} not run: {exc}")
+        except WorkflowNotRegisteredError as exc:  # its code went away since the claim
+            self.skipped.add(eid)
+            self._hand_back(record, exc)
         except ExecutionSuspended as asleep:
             if asleep.wake_at is None:
                 self._say(f"{eid} {record.workflow_name}: handed back (shutting down)")
@@ -294,6 +308,14 @@ class Worker:
         if tasks:
             await self.client.engine.shutdown()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _hand_back(self, record: ExecutionRecord, exc: WorkflowNotRegisteredError) -> None:
+        """This worker lacks the code of the execution (its workflow, or the version it
+        was started on): it is left as it is for a worker that has it, never failed."""
+        log.warning("execution_code_missing", execution_id=record.id,
+                    workflow=record.workflow_name, version=record.workflow_version,
+                    available=list(getattr(exc, "available", ())), worker=self.name)
+        self._report_error(f"execution {record.id}: handed back (not run here): {exc}")
 
     def _say(self, line: str) -> None:
         log.info("worker", message=line, worker=self.name)

@@ -30,6 +30,7 @@ __all__ = [
     "ExecutionStarted",
     "LogRecorded",
     "MetricRecorded",
+    "PatchesDeclared",
     "SideEffectRecorded",
     "StateSet",
     "StepCompleted",
@@ -76,10 +77,17 @@ class StepEvent(Event, kw_only=True, frozen=True):
 
 
 class StepStarted(StepEvent, kw_only=True, frozen=True):
-    """An attempt of a step instance started; ``deadline`` is its absolute timeout."""
+    """An attempt of a step instance started; ``deadline`` is its absolute timeout.
+
+    The first start of a step (the engine's decision to run it) carries the step's
+    ``depends_on`` as the code declared it then, so that a replay can tell when the code's
+    dependencies changed; later starts (other instances, retries) leave it ``None``, as do
+    histories recorded before it existed.
+    """
 
     total: int = 1
     deadline: float | None = None
+    depends_on: list[str] | None = None
 
 
 class StepCompleted(StepEvent, kw_only=True, frozen=True):
@@ -108,6 +116,8 @@ class StepSkipped(Event, kw_only=True, frozen=True):
 
     step: str
     reason: str = ""
+    #: the step's ``depends_on`` when it was skipped (see ``StepStarted.depends_on``)
+    depends_on: list[str] | None = None
 
 
 class CommandEvent(StepEvent, kw_only=True, frozen=True):
@@ -182,9 +192,11 @@ class StateSet(CommandEvent, kw_only=True, frozen=True):
 
 
 class TimerStarted(CommandEvent, kw_only=True, frozen=True):
-    """A durable timer that fires at the absolute time ``fire_at``."""
+    """A durable timer that fires at the absolute time ``fire_at``; ``duration`` is the
+    wait the code asked for, in seconds (``None`` in histories recorded before it was)."""
 
     fire_at: float
+    duration: float | None = None
 
 
 class TimerFired(CommandEvent, kw_only=True, frozen=True):
@@ -199,10 +211,12 @@ class SideEffectRecorded(CommandEvent, kw_only=True, frozen=True):
 
 
 class ChildWorkflowStarted(CommandEvent, kw_only=True, frozen=True):
-    """A child execution was started under the deterministic ``child_id``."""
+    """A child execution was started under the deterministic ``child_id``, with ``input``
+    (an encoded value; ``UNSET`` in histories recorded before it was)."""
 
     child_id: str
     workflow_name: str
+    input: Any = msgspec.UNSET
 
 
 class ChildWorkflowCompleted(CommandEvent, kw_only=True, frozen=True):
@@ -228,6 +242,15 @@ class MetricRecorded(CommandEvent, kw_only=True, frozen=True):
     name: str
     value: float
     tags: dict[str, str] = {}
+
+
+class PatchesDeclared(Event, kw_only=True, frozen=True):
+    """The patch ids (``ctx.patched``/``ctx.deprecate_patch``) the code knew when it first
+    ran the execution, recorded once, before anything else it did. ``ctx.patched(id)`` is
+    true in this execution exactly when ``id`` is here; an execution without this event was
+    started by code that knew no patch."""
+
+    patches: list[str] = []
 
 
 class CancelRequested(Event, kw_only=True, frozen=True):
@@ -276,6 +299,7 @@ AnyEvent = (
     | ChildWorkflowCompleted
     | LogRecorded
     | MetricRecorded
+    | PatchesDeclared
     | CancelRequested
     | ExecutionCompleted
     | ExecutionFailed
