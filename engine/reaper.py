@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import structlog
-
+from agentainer_flow.store._logging import get_logger
 from agentainer_flow.store.base import EventStore
 from agentainer_flow.store.errors import FlowError
 from agentainer_flow.store.events import AgentCompleted, AgentFailed
@@ -21,7 +20,7 @@ from .runtimes.base import AgentEntry, AgentRuntime, store_label
 
 __all__ = ["Reaped", "reap_agents"]
 
-log = structlog.get_logger("agentainer_flow.reaper")
+log = get_logger("agentainer_flow.reaper")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,21 @@
-"""Quickstart: a durable word-count workflow on the embedded defaults (SQLite + process
-runtime). Run it twice: the second run with the same idempotency key returns the first
-result without doing the work again.
+"""Quickstart: a durable word-count workflow on the embedded defaults (a SQLite file and the
+process runtime, where each agent is a local subprocess).
+
+``plan`` records how many chunks to make, three parallel ``count`` instances each deploy an
+agent (``examples/agents/word_count.py``) that counts the words of one chunk, and ``total``
+adds their counts up. The script starts an execution, prints its events as they happen and
+then its result. Every run starts a new execution.
 
     python examples/quickstart.py
+
+The history goes to ``$QUICKSTART_STORE``, else to the ``WorkflowClient`` default
+(``$FLOW_STORE``, else ``sqlite:///.flow/flow.db`` in the current directory), which is also
+where the ``flow`` command looks: ``flow list``, ``flow history ID``, and
+``flow replay ID -m examples/quickstart.py`` show what it recorded. The workflow runs under
+the CLI too (``text`` has a default, so no ``--config`` is needed)::
+
+    flow run examples/quickstart.py \
+        --image 'word-counter:latest=python examples/agents/word_count.py'
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ TEXT = "the quick brown fox jumps over the lazy dog while the durable engine kee
 
 @workflow(name="word_count", description="Count words in parallel agents", max_retries=2)
 class WordCount:
-    def __init__(self, text: str, chunks: int = 3) -> None:
+    def __init__(self, text: str = TEXT, chunks: int = 3) -> None:
         self.text = text
         self.chunks = chunks
 
@@ -54,8 +67,7 @@ class WordCount:
 
 
 async def main() -> int:
-    default = "sqlite:///" + str(HERE.parent / ".flow" / "quickstart.db")
-    store = os.environ.get("QUICKSTART_STORE") or default
+    store = os.environ.get("QUICKSTART_STORE") or None  # None: the client's default
     images = {"word-counter:latest": [sys.executable, str(HERE / "agents" / "word_count.py")]}
     async with WorkflowClient(store=store, runtime="process", images=images) as client:
         execution = await client.run_workflow(

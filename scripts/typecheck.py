@@ -25,6 +25,8 @@ def build() -> Path:
     for item in (ROOT / "sdk").iterdir():
         if item.suffix in (".py", ".typed"):
             (pkg / item.name).symlink_to(item)
+        elif item.is_dir() and (item / "__init__.py").exists():  # sub-packages
+            (pkg / item.name).symlink_to(item, target_is_directory=True)
     (pkg / "engine").symlink_to(ROOT / "engine", target_is_directory=True)
     (pkg / "store").symlink_to(ROOT / "store", target_is_directory=True)
     return pkg

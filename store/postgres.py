@@ -46,7 +46,15 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from .base import UNSET, WATCH_SECONDS, AppendResult, ExecutionRecord, ExecutionStatus, now
+from .base import (
+    UNSET,
+    WATCH_SECONDS,
+    AppendResult,
+    ExecutionRecord,
+    ExecutionStatus,
+    StoreNotFoundError,
+    now,
+)
 from .chain import chain_all
 from .errors import AppendConflictError, StoreError, StoreUnavailableError
 from .events import ENCODING, Event, encode_event, event_type_name
@@ -167,6 +175,8 @@ class PostgresEventStore(SQLEventStore):
         retry_for: seconds an operation is retried while the connection is lost (server
             restarting, backend terminated) before it fails; 0 fails at once. Also
             ``?retry_for=60`` in the URL. Default 60.
+        create: create the schema in a database that has none; ``False`` makes that an
+            error, so that reading from a mistyped database does not create a store.
     """
 
     def __init__(
@@ -178,8 +188,10 @@ class PostgresEventStore(SQLEventStore):
         connect_timeout: float = 10.0,
         listen: bool = True,
         retry_for: float | None = None,
+        create: bool = True,
     ) -> None:
         super().__init__()
+        self.create = create
         try:
             parsed = sa.make_url(url)
         except sa.exc.ArgumentError:
@@ -279,6 +291,12 @@ class PostgresEventStore(SQLEventStore):
                     with engine.begin() as conn:
                         # Concurrent openers wait here instead of racing to create the tables.
                         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
+                        if not self.create and not sa.inspect(conn).has_table(executions.name):
+                            raise StoreNotFoundError(
+                                f"no flow store in the PostgreSQL database "
+                                f"{self._url.database!r} at {self._where()}: it has no flow "
+                                "tables; check the URL (or start an execution there to create "
+                                "the store)")
                         migrate(conn)
                     return engine.dialect
                 except (sa.exc.DBAPIError, psycopg.Error, OSError) as exc:

@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.pool import QueuePool
 
-from .errors import StoreError, StoreUnavailableError
+from .errors import StoreError, StoreNotFoundError, StoreUnavailableError
 from .schema import executions, migrate
 from .sql import SQLEventStore, TransientError, Tx, retry_for_option, settle
 
@@ -82,6 +82,8 @@ class SQLiteEventStore(SQLEventStore):
             writer thread instead, for applications that must never block their loop.
         retry_for: seconds an operation is retried while the database stays locked or
             the disk fails, before it fails; 0 fails at once. Also ``?retry_for=60``.
+        create: make the database file (and its folder) when missing; ``False`` makes a
+            missing file an error, so that reading a mistyped path does not create a store.
     """
 
     def __init__(
@@ -93,9 +95,11 @@ class SQLiteEventStore(SQLEventStore):
         readers: int = 2,
         writer: str | None = None,
         retry_for: float | None = None,
+        create: bool = True,
     ) -> None:
         super().__init__()
         self.url = url
+        self.create = create
         try:
             parsed = sa.make_url(url)
         except sa.exc.ArgumentError:
@@ -141,6 +145,11 @@ class SQLiteEventStore(SQLEventStore):
     async def open(self) -> None:
         if self._engine is not None:
             return
+        if not self.create and not self.path.is_file():
+            raise StoreNotFoundError(
+                f"no SQLite store at {str(self.path)!r} (from {self.url!r}): the file does not "
+                "exist; check the path (or start an execution there to create the store)"
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

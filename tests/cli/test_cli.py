@@ -8,76 +8,18 @@ second or so of interpreter start-up and imports, so independent calls run concu
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-WF = HERE / "workflows_for_cli.py"
+from .flowcli import WF, Flow, Result, id_of
+
 SECRET = "hunter2-very-secret-value"
-
-
-@dataclass(frozen=True)
-class Result:
-    args: tuple[str, ...]
-    code: int
-    out: str
-    err: str
-
-    @property
-    def text(self) -> str:
-        return self.out + self.err
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-    def __str__(self) -> str:  # what a failed assertion shows
-        return f"flow {' '.join(self.args)} -> {self.code}\n--- out ---\n{self.out}\n" \
-               f"--- err ---\n{self.err}"
-
-
-class Flow:
-    """Runs ``python -m agentainer_flow._cli`` against one store, in a scratch directory."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.store = f"sqlite:///{root / 'flow.db'}"
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("FLOW_", "COLUMNS"))}
-        env.update(FLOW_STORE=self.store, FLOW_HOME=str(root / "home"), PYTHONUNBUFFERED="1")
-        self.env = env
-        self.outputs: list[Result] = []  # everything printed, for the secrets test
-
-    def _cmd(self, args: Sequence[str]) -> list[str]:
-        return [sys.executable, "-m", "agentainer_flow._cli", *args]
-
-    def popen(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        return subprocess.Popen(self._cmd(args), cwd=self.root, env={**self.env, **(env or {})},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def finish(self, args: Sequence[str], proc: subprocess.Popen[str],
-               timeout: float = 60) -> Result:
-        out, err = proc.communicate(timeout=timeout)
-        result = Result(tuple(args), proc.returncode, out, err)
-        self.outputs.append(result)
-        return result
-
-    def __call__(self, *args: str, env: dict[str, str] | None = None) -> Result:
-        return self.finish(args, self.popen(*args, env=env))
-
-    def many(self, *calls: Sequence[str], env: dict[str, str] | None = None) -> list[Result]:
-        """Run independent calls concurrently."""
-        procs = [(c, self.popen(*c, env=env)) for c in calls]
-        return [self.finish(c, p) for c, p in procs]
 
 
 @pytest.fixture(scope="module")
@@ -98,18 +40,9 @@ def runs(flow: Flow) -> dict[str, Result]:
     return {"ok": ok, "failed": failed}
 
 
-def _id_of(result: Result) -> str:
-    for word in result.err.split():
-        try:
-            return str(uuid.UUID(word))
-        except ValueError:
-            continue
-    raise AssertionError(f"no execution id in:\n{result}")
-
-
 @pytest.fixture(scope="module")
 def ok_id(runs: dict[str, Result]) -> str:
-    return _id_of(runs["ok"])
+    return id_of(runs["ok"])
 
 
 # run ------------------------------------------------------------------------------------
@@ -129,7 +62,7 @@ def test_failing_workflow_exits_1_with_the_error(flow: Flow, runs: dict[str, Res
     assert "error: execution" in r.err and "failed in step 'explode'" in r.err
     assert "exited with code 3" in r.err and "boom: disk on fire" in r.err
     assert "Traceback" not in r.err
-    status = flow("status", _id_of(r), "--json")
+    status = flow("status", id_of(r), "--json")
     assert status.json()["status"] == "failed"
     assert "exited with code 3" in status.json()["error"]
 
@@ -199,8 +132,8 @@ def test_status_list_history_logs(flow: Flow, ok_id: str) -> None:
         ["status", ok_id, "--json"],
         ["list", "--workflow", "cli_ok", "--tag", "suite=cli"],
         ["list", "--status", "completed", "--tag", "suite=cli", "--json", "--limit", "5"],
-        ["history", ok_id],
-        ["history", ok_id, "--json"],
+        ["history", ok_id, "--events"],
+        ["history", ok_id, "--events", "--json"],
         ["logs", ok_id, "--follow"],  # finished: prints everything and ends
         ["metrics", "--range", "1h"],
     )
@@ -235,11 +168,13 @@ def test_status_list_history_logs(flow: Flow, ok_id: str) -> None:
     assert int(rows["cli_ok"][1]) >= 1 and int(rows["cli_fail"][2]) == 1  # completed, failed
 
 
-def test_unknown_id_exits_2(flow: Flow) -> None:
+def test_unknown_id_exits_2_naming_the_store(flow: Flow, ok_id: str) -> None:
+    # (ok_id: the store exists; a missing store is another error, see test_debugging.py)
     results = flow.many(*([cmd, "no-such-id"] for cmd in ("status", "resume")))
     for r in results:
         assert r.code == 2, r
-        assert r.err.strip() == "error: no execution with id 'no-such-id' in this store", r
+        assert r.err.strip() == (
+            f"error: no execution with id 'no-such-id' in this store ({flow.store})"), r
 
 
 def test_unreachable_store_is_one_clear_line(flow: Flow, tmp_path: Path) -> None:
@@ -261,8 +196,10 @@ def test_unreachable_store_is_one_clear_line(flow: Flow, tmp_path: Path) -> None
 def test_replay_matches_the_history(flow: Flow, ok_id: str) -> None:
     r = flow("replay", ok_id)
     assert r.code == 0, r
-    assert "workflow_completed" in r.out  # the timeline
-    assert r.out.strip().endswith("OK: 2 step attempts match the history")
+    verdict, *rest = r.out.splitlines()
+    assert verdict == "OK: 2 step attempts match the history"  # the verdict first
+    assert "workflow_completed" in "\n".join(rest)  # then the timeline
+    assert ">>" not in r.out and "DIVERGED" not in r.text
 
 
 def test_replay_with_changed_code_diverges(flow: Flow, ok_id: str, tmp_path: Path) -> None:
@@ -304,7 +241,7 @@ def test_secret_values_never_appear_in_output(flow: Flow) -> None:
     assert flow("status", qid, "--json").json()["status"] == "blocked"
     resumed = flow("resume", qid, env=env)  # with FLOW_SECRET_TOKEN it carries on
     assert resumed.code == 0 and "completed" in resumed.err, resumed
-    wid = _id_of(waited)
+    wid = id_of(waited)
     *_, logs = flow.many(["status", wid], ["history", qid, "--json"], ["logs", qid])
     assert "the token is [secret:token]" in logs.out
     for r in flow.outputs:
@@ -343,7 +280,7 @@ def test_worker_stops_cleanly_on_sigterm(flow: Flow, tmp_path: Path) -> None:
     # the next worker adopts the agent, which ran on meanwhile, and finishes the execution
     finished = flow("worker", "--once")
     assert f"{eid} cli_slow: completed" in finished.out, finished
-    types = [e["type"] for e in flow("history", eid, "--json").json()]
+    types = [e["type"] for e in flow("history", eid, "--events", "--json").json()]
     assert types.count("agent_deploy_requested") == 1 and types.count("agent_completed") == 1
 
 

@@ -109,3 +109,53 @@ class LateSecretWorkflow:
     async def late(self, ctx: Context, expensive_result: int) -> dict[str, Any]:
         token = ctx.secrets["token"]
         return {"answer": expensive_result + 1, "token_length": len(token)}
+
+
+@workflow(name="cli_state")
+class StateWorkflow:
+    """Writes the workflow state in each of its two steps (for ``replay --until``)."""
+
+    @step()
+    async def first(self, ctx: Context) -> int:
+        ctx.state["stage"] = "first"
+        return 1
+
+    @step(depends_on="first")
+    async def second(self, ctx: Context, first: int) -> int:
+        ctx.state["stage"] = "second"
+        ctx.state["total"] = first + 1
+        return first + 1
+
+
+@workflow(name="cli_marks")
+class MarksWorkflow:
+    """Two steps that each append their name to a file: which bodies ran, and how often."""
+
+    def __init__(self, marks: str) -> None:
+        self.marks = marks
+
+    def _mark(self, name: str) -> None:
+        with open(self.marks, "a") as f:
+            f.write(name + "\n")
+
+    @step()
+    async def expensive(self, ctx: Context) -> int:
+        self._mark("expensive")
+        return 41
+
+    @step(depends_on="expensive")
+    async def cheap(self, ctx: Context, expensive: int) -> int:
+        self._mark("cheap")
+        return expensive + 1
+
+
+@workflow(name="cli_greeter")
+class Greeter:
+    """One constructor parameter: ``--config {"greeting": ...}`` passes it by name."""
+
+    def __init__(self, greeting: str) -> None:
+        self.greeting = greeting
+
+    @step()
+    async def greet(self, ctx: Context) -> str:
+        return f"{self.greeting}!"

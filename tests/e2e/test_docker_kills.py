@@ -123,6 +123,11 @@ def test_kill_inside_the_launch(docker_engine: DockerEngine, tmp_path: Path,
     check(run, finish(run.child("resume", SLEEP="1")), 1)
 
 
+async def _create_store(url: str) -> None:
+    async with WorkflowClient(store=url):
+        pass
+
+
 def gc(run: Run, *args: str, store: str | None = None) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "agentainer_flow._cli", "gc", "--runtime", "docker", "--json",
@@ -143,7 +148,9 @@ def test_a_container_left_after_its_outcome_is_reaped(docker_engine: DockerEngin
                      FLOW_TEST_KILL_AT="agent.outcome_durable"), kill=False)
     # the execution runs on (its second step is to come); the first container is garbage
     assert [c.status for c in run.containers()] == ["exited"]  # type: ignore[attr-defined]
-    assert gc(run, store=f"sqlite:///{tmp_path / 'other.db'}")["removed"] == []
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    asyncio.run(_create_store(other))  # gc never creates a store: a mistyped one is an error
+    assert gc(run, store=other)["removed"] == []
     assert gc(run, "--dry-run")["removed"][0]["reason"] == "outcome recorded"
     assert len(run.containers()) == 1
     removed = gc(run)["removed"]

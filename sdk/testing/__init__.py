@@ -1,5 +1,7 @@
-"""Testing helpers: ``WorkflowTestCase`` (in-memory store, mock agents, virtual time) and
-``mock_agent`` rules with glob patterns.
+"""Testing helpers: ``WorkflowTestCase`` (in-memory store, mock agents, virtual time),
+``mock_agent`` rules with glob patterns, ``check_determinism`` (crash a workflow at every
+point of its history and check each resume) and ``check_replay`` (the pre-deploy gate: would
+new workflow code break the executions a store holds?).
 
     class TestMine(WorkflowTestCase):
         async def test_it(self):
@@ -9,14 +11,27 @@
             assert self.workflow_state["raw_data"] == "/x"
 
 Mocks stay registered after their ``with`` block, until the test ends.
+
+``agentainer_flow.testing.strategies`` holds hypothesis strategies (crash points, agent
+results and failures, generated workflows) for property tests; it is the only part that
+needs hypothesis (``pip install 'agentainer-flow[testing]'``).
 """
 
 from __future__ import annotations
 
 import unittest
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from agentainer_flow._client import ExecutionMode, WorkflowClient, WorkflowExecution
+from agentainer_flow._determinism import (
+    CrashPoints,
+    DeterminismReport,
+    NondeterministicCall,
+    check_determinism,
+)
+from agentainer_flow._events import ExecutionEvent
+from agentainer_flow._replay_check import ReplayCheckReport, check_replay
 from agentainer_flow.engine.clock import VirtualClock
 from agentainer_flow.engine.runtimes.mock import (
     MockAgent,
@@ -27,19 +42,19 @@ from agentainer_flow.engine.runtimes.mock import (
 )
 from agentainer_flow.store import MemoryEventStore
 
-from ._client import ExecutionMode, WorkflowClient, WorkflowExecution
-from ._determinism import DeterminismReport, check_determinism
-from ._events import ExecutionEvent
-
 __all__ = [
+    "CrashPoints",
     "DeterminismReport",
     "MockAgent",
     "MockCall",
     "MockRegistry",
     "MockRuntime",
+    "NondeterministicCall",
+    "ReplayCheckReport",
     "VirtualClock",
     "WorkflowTestCase",
     "check_determinism",
+    "check_replay",
     "mock_agent",
     "reset_mocks",
     "test_client",
@@ -123,11 +138,17 @@ class WorkflowTestCase(unittest.IsolatedAsyncioTestCase):
         *,
         input: Any = None,
         secrets: Mapping[str, str] | None = None,
+        crash_points: Iterable[int] | CrashPoints | None = None,
+        registry: MockRegistry | None = None,
     ) -> DeterminismReport:
         """Crash the workflow at every event of its history and check each resume ends the
-        same way, records the same history and launches no agent twice (see
-        ``check_determinism``). ``make_workflow`` builds a fresh instance."""
-        return await check_determinism(make_workflow, input=input, secrets=secrets)
+        same way, records the same history and launches no agent twice; run every step a
+        second time with other random seeds and clocks, and name the step (and the likely
+        cause: ``random.random()``, ``time.time()``, ``uuid.uuid4()``, the wall clock) that
+        records something else (see ``check_determinism``). ``make_workflow`` builds a fresh
+        instance."""
+        return await check_determinism(make_workflow, input=input, secrets=secrets,
+                                       crash_points=crash_points, registry=registry)
 
     def event_types(self) -> list[str]:
         """Types of the last run's events, in order."""
