@@ -18,7 +18,13 @@ from agentainer_flow.engine.spec import ErrorHandler, RetryPolicy
 from agentainer_flow.engine.types import AgentResult, ParallelContext, ResourceRequirements
 from agentainer_flow.store import ExecutionRecord, ExecutionStatus, HistoryCorruptedError
 
-from ._client import ExecutionMode, WorkflowClient, WorkflowExecution, WorkflowMetrics
+from ._client import (
+    ExecutionMode,
+    ForkOrigin,
+    WorkflowClient,
+    WorkflowExecution,
+    WorkflowMetrics,
+)
 from ._context import Context
 from ._decorators import step, workflow
 from ._errors import (
@@ -26,6 +32,7 @@ from ._errors import (
     AgentFailedError,
     AgentOutputError,
     AgentTimeoutError,
+    AmbiguousExecutionIdError,
     AppendConflictError,
     ChildWorkflowError,
     ConfigurationError,
@@ -38,17 +45,21 @@ from ._errors import (
     SecretNotFoundError,
     SerializationError,
     StepError,
+    StepNotFoundError,
     StepTimeoutError,
     StoreError,
+    StoreNotFoundError,
     StoreUnavailableError,
     WorkflowCancelledError,
     WorkflowDefinitionError,
     WorkflowFailedError,
     WorkflowNotRegisteredError,
     WorkflowTimeoutError,
+    WorkflowVersionNotRegisteredError,
 )
 from ._events import ExecutionEvent
 from ._queues import Queue
+from ._remote import RemoteError, RemoteWorkflowClient, RemoteWorkflowExecution
 from ._worker import Worker
 
 __version__ = "0.1.0"
@@ -63,6 +74,7 @@ __all__ = [
     "AgentOutputError",
     "AgentResult",
     "AgentTimeoutError",
+    "AmbiguousExecutionIdError",
     "AppendConflictError",
     "ChildWorkflowError",
     "ChildWorkflowHandle",
@@ -76,12 +88,16 @@ __all__ = [
     "ExecutionRecord",
     "ExecutionStatus",
     "FlowError",
+    "ForkOrigin",
     "HistoryCorruptedError",
     "IdempotencyConflictError",
     "LeaseLostError",
     "NonDeterminismError",
     "ParallelContext",
     "Queue",
+    "RemoteError",
+    "RemoteWorkflowClient",
+    "RemoteWorkflowExecution",
     "ResourceRequirements",
     "RetryPolicy",
     "SecretLeakError",
@@ -89,8 +105,10 @@ __all__ = [
     "SecretStore",
     "SerializationError",
     "StepError",
+    "StepNotFoundError",
     "StepTimeoutError",
     "StoreError",
+    "StoreNotFoundError",
     "StoreUnavailableError",
     "Worker",
     "Workflow",
@@ -103,6 +121,7 @@ __all__ = [
     "WorkflowNotRegisteredError",
     "WorkflowState",
     "WorkflowTimeoutError",
+    "WorkflowVersionNotRegisteredError",
     "__version__",
     "parse_duration",
     "step",

@@ -25,12 +25,14 @@ from .base import (
     WorkerInfo,
 )
 from .errors import (
+    AmbiguousExecutionIdError,
     AppendConflictError,
     ExecutionNotFoundError,
     FlowError,
     HistoryCorruptedError,
     LeaseLostError,
     StoreError,
+    StoreNotFoundError,
     StoreUnavailableError,
 )
 from .memory import MemoryEventStore
@@ -39,6 +41,7 @@ __all__ = [
     "DEFAULT_QUEUE",
     "TERMINAL_STATUSES",
     "WATCH_SECONDS",
+    "AmbiguousExecutionIdError",
     "AppendConflictError",
     "AppendResult",
     "AuditedEvent",
@@ -54,6 +57,7 @@ __all__ = [
     "QueueConfig",
     "QueueStats",
     "StoreError",
+    "StoreNotFoundError",
     "StoreUnavailableError",
     "StoredEvent",
     "WorkerInfo",

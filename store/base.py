@@ -16,11 +16,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple, Self
 
+from .errors import (
+    AmbiguousExecutionIdError,
+    ExecutionNotFoundError,
+    StoreNotFoundError,
+)
 from .events import Event, ExecutionStarted
 
 __all__ = [
     "DEFAULT_QUEUE",
     "TERMINAL_STATUSES",
+    "AmbiguousExecutionIdError",
     "AppendResult",
     "AuditedEvent",
     "EventStore",
@@ -29,7 +35,9 @@ __all__ = [
     "NewExecution",
     "QueueConfig",
     "QueueStats",
+    "StoreNotFoundError",
     "StoredEvent",
+    "TokenRecord",
     "WorkerInfo",
     "admit_to_queue",
 ]
@@ -210,6 +218,31 @@ class ExecutionRecord:
         return None if self.finished_at is None else self.finished_at - self.created_at
 
 
+# tokens ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenRecord:
+    """An API token of ``flow server`` as the store keeps it: never the token itself, only
+    its SHA-256 (``hash``, hex) and its first characters (``prefix``, shown in lists).
+
+    ``scope`` is ``read``, ``write`` or ``admin``; times are unix seconds, ``revoked_at``
+    ``None`` while the token is live.
+    """
+
+    id: str
+    name: str
+    scope: str
+    hash: str
+    prefix: str
+    created_at: float
+    last_used_at: float | None = None
+    revoked_at: float | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+# end of tokens ---------------------------------------------------------------------------
+
+
 class StoredEvent(NamedTuple):
     """An event with its position in its execution's log (a tuple: cheap to build in bulk)."""
 
@@ -238,6 +271,10 @@ class AppendResult:
 
     last_seq: int
     cancel_requested: bool = False
+
+
+#: candidates an ambiguous id prefix lists
+_CANDIDATES = 10
 
 
 class _Unset:
@@ -300,8 +337,28 @@ class EventStore(ABC):
         created_after: float | None = None,
         updated_after: float | None = None,
         limit: int | None = 100,
+        id_prefix: str | None = None,
     ) -> list[ExecutionRecord]:
-        """Executions matching every filter given, newest first."""
+        """Executions matching every filter given, newest first (``id_prefix``: those whose
+        id starts with it, case-sensitively)."""
+
+    async def resolve_execution_id(self, prefix: str) -> str:
+        """The id of the one execution whose id is ``prefix`` or starts with it, so people
+        may type a short unique prefix of an id.
+
+        Raises ``ExecutionNotFoundError`` when none matches, and
+        ``AmbiguousExecutionIdError`` (listing some candidates) when several do.
+        """
+        if await self.get_execution(prefix) is not None:
+            return prefix  # an exact id wins, even if it is the prefix of another
+        found = (await self.list_executions(id_prefix=prefix, limit=_CANDIDATES + 1)
+                 if prefix else [])
+        if not found:
+            raise ExecutionNotFoundError(prefix)
+        if len(found) > 1:
+            raise AmbiguousExecutionIdError(prefix, [r.id for r in found[:_CANDIDATES]],
+                                            more=len(found) > _CANDIDATES)
+        return found[0].id
 
     @abstractmethod
     async def request_cancel(self, execution_id: str) -> bool:
@@ -412,6 +469,28 @@ class EventStore(ABC):
     @abstractmethod
     async def due_timers(self, now: float) -> list[tuple[str, float]]:
         """(execution id, wake_at) of unfinished executions whose wake-up time has come."""
+
+    # tokens -----------------------------------------------------------------------------
+    @abstractmethod
+    async def create_token(self, token: TokenRecord) -> bool:
+        """Insert a token; ``False`` (and nothing written) if a live token has its name."""
+
+    @abstractmethod
+    async def get_token(self, token_hash: str) -> TokenRecord | None:
+        """The token whose SHA-256 (hex) is ``token_hash``, revoked or not; or ``None``."""
+
+    @abstractmethod
+    async def list_tokens(self) -> list[TokenRecord]:
+        """Every token, revoked ones included, newest first."""
+
+    @abstractmethod
+    async def revoke_token(self, token_id: str) -> bool:
+        """Revoke a live token; ``False`` if there is no live token with that id."""
+
+    @abstractmethod
+    async def touch_token(self, token_id: str, t: float) -> None:
+        """Record that the token was used at ``t`` (callers throttle how often)."""
+    # end of tokens ----------------------------------------------------------------------
 
     # change notification ----------------------------------------------------------------
     async def watch(self, execution_id: str | None, seconds: float = WATCH_SECONDS) -> None:

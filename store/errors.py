@@ -6,22 +6,28 @@ lowest layer: the engine and the SDK derive their errors from it.
     FlowError
     ├── StoreError                  the store could not do what was asked
     │   ├── StoreUnavailableError   the database cannot be reached (URL, server down)
+    │   │   └── StoreNotFoundError  a store opened without creating it is not there
     │   ├── AppendConflictError     another writer already extended this history
     │   ├── LeaseLostError          this worker's lease on the execution expired
     │   ├── ExecutionNotFoundError  no execution with that id
+    │   │   └── AmbiguousExecutionIdError  an id prefix several executions share
     │   └── HistoryCorruptedError   a stored history is damaged; it is never replayed
     └── (engine and SDK errors, see ``agentainer_flow.errors``)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
+    "AmbiguousExecutionIdError",
     "AppendConflictError",
     "ExecutionNotFoundError",
     "FlowError",
     "HistoryCorruptedError",
     "LeaseLostError",
     "StoreError",
+    "StoreNotFoundError",
     "StoreUnavailableError",
 ]
 
@@ -89,4 +95,29 @@ class HistoryCorruptedError(StoreError):
             f"execution {execution_id}: history damaged at seq {seq}: {problem}; it will not "
             f"be replayed (restore the database from a backup, or inspect it with "
             f"flow history {execution_id})"
+        )
+
+
+class StoreNotFoundError(StoreUnavailableError):
+    """A store opened with ``create=False`` is not there: no SQLite file at the path, or
+    no flow tables in the PostgreSQL database."""
+
+    code = "store_not_found"
+
+
+class AmbiguousExecutionIdError(ExecutionNotFoundError):
+    """An id prefix that several executions' ids start with (a kind of "not found": no one
+    execution is named). ``candidates`` lists some of them, newest first."""
+
+    code = "ambiguous_execution_id"
+
+    def __init__(self, prefix: str, candidates: Sequence[str], *, more: bool = False) -> None:
+        self.execution_id = prefix
+        self.candidates = tuple(candidates)
+        listed = ", ".join(self.candidates) + (", ..." if more else "")
+        count = f"more than {len(self.candidates)}" if more else str(len(self.candidates))
+        StoreError.__init__(
+            self,
+            f"the id prefix {prefix!r} matches {count} executions ({listed}); "
+            "give more characters of the id",
         )

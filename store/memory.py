@@ -22,6 +22,7 @@ from .base import (
     QueueConfig,
     QueueStats,
     StoredEvent,
+    TokenRecord,
     WorkerInfo,
     admit_to_queue,
     now,
@@ -46,6 +47,7 @@ class MemoryEventStore(EventStore):
         #: each log as the SQL stores keep it: (seq, type name, encoded payload, chain)
         self._logs: dict[str, list[Row]] = {}
         self._keys: dict[str, str] = {}
+        self._tokens: dict[str, TokenRecord] = {}
 
     async def open(self) -> None:
         return None
@@ -92,11 +94,13 @@ class MemoryEventStore(EventStore):
         created_after: float | None = None,
         updated_after: float | None = None,
         limit: int | None = 100,
+        id_prefix: str | None = None,
     ) -> list[ExecutionRecord]:
         rows = [
             r
             for r in self._rows.values()
             if (workflow_name is None or r.workflow_name == workflow_name)
+            and (id_prefix is None or r.id.startswith(id_prefix))
             and (statuses is None or r.status in statuses)
             and (tags is None or all(r.tags.get(k) == v for k, v in tags.items()))
             and (parent_id is None or r.parent_id == parent_id)
@@ -316,6 +320,32 @@ class MemoryEventStore(EventStore):
             for r in self._rows.values()
             if r.wake_at is not None and r.wake_at <= now and not r.status.is_terminal
         )
+
+    # tokens -----------------------------------------------------------------------------
+    async def create_token(self, token: TokenRecord) -> bool:
+        if any(t.name == token.name and not t.revoked for t in self._tokens.values()):
+            return False
+        self._tokens[token.id] = token
+        return True
+
+    async def get_token(self, token_hash: str) -> TokenRecord | None:
+        return next((t for t in self._tokens.values() if t.hash == token_hash), None)
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        return sorted(self._tokens.values(), key=lambda t: (-t.created_at, t.id))
+
+    async def revoke_token(self, token_id: str) -> bool:
+        token = self._tokens.get(token_id)
+        if token is None or token.revoked:
+            return False
+        self._tokens[token_id] = dataclasses.replace(token, revoked_at=now())
+        return True
+
+    async def touch_token(self, token_id: str, t: float) -> None:
+        token = self._tokens.get(token_id)
+        if token is not None:
+            self._tokens[token_id] = dataclasses.replace(token, last_used_at=t)
+    # end of tokens ----------------------------------------------------------------------
 
 
 def _from_seq(rows: list[Row], seq: int) -> list[Row]:

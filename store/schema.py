@@ -29,6 +29,7 @@ __all__ = [
     "migrate",
     "queues",
     "schema_version",
+    "tokens",
     "watches",
     "workers",
 ]
@@ -153,6 +154,28 @@ watches = sa.Table(
     sa.Column("until", _Time, nullable=False),
 )
 
+# tokens --------------------------------------------------------------------------------
+#: version 5: API tokens of ``flow server``. Only the SHA-256 of a token is kept (``hash``,
+#: hex); ``prefix`` is its first characters, for people to tell tokens apart in lists. A
+#: name belongs to one live token at a time (revoked ones keep theirs, for the record).
+tokens = sa.Table(
+    "flow_tokens",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("scope", sa.Text, nullable=False),
+    sa.Column("hash", sa.Text, nullable=False),
+    sa.Column("prefix", sa.Text, nullable=False),
+    sa.Column("created_at", _Time, nullable=False),
+    sa.Column("last_used_at", _Time, nullable=True),
+    sa.Column("revoked_at", _Time, nullable=True),
+    sa.UniqueConstraint("hash", name="uq_flow_tokens_hash"),
+)
+_live_token = tokens.c.revoked_at.is_(None)
+sa.Index("ix_flow_tokens_live_name", tokens.c.name, unique=True,
+         sqlite_where=_live_token, postgresql_where=_live_token)
+# end of tokens -------------------------------------------------------------------------
+
 events = sa.Table(
     "flow_events",
     metadata,
@@ -229,6 +252,11 @@ def _v4_watches(conn: sa.Connection) -> None:
     watches.create(conn, checkfirst=True)
 
 
+def _v5_tokens(conn: sa.Connection) -> None:
+    """Version 5 (expand only): the API tokens of ``flow server``."""
+    tokens.create(conn, checkfirst=True)
+
+
 #: (version, step) in ascending order; each step runs inside the migrating transaction.
 #: A new database is created at the latest version directly (``metadata.create_all``).
 MIGRATIONS: list[tuple[int, Migration]] = [
@@ -236,6 +264,7 @@ MIGRATIONS: list[tuple[int, Migration]] = [
     (2, _v2_fencing_and_chain),
     (3, _v3_queues),
     (4, _v4_watches),
+    (5, _v5_tokens),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

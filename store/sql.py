@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 
 import msgspec
 import sqlalchemy as sa
-import structlog
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from ._logging import get_logger
 from .base import (
     DEFAULT_QUEUE,
     UNSET,
@@ -39,6 +39,7 @@ from .base import (
     QueueConfig,
     QueueStats,
     StoredEvent,
+    TokenRecord,
     WorkerInfo,
     admit_to_queue,
     now,
@@ -52,7 +53,7 @@ from .errors import (
     StoreUnavailableError,
 )
 from .events import ENCODING, Event, ExecutionStarted, encode_event, event_type_name
-from .schema import events, executions, queues, workers
+from .schema import events, executions, queues, tokens, workers
 
 __all__ = ["Prepared", "SQLEventStore", "Tx"]
 
@@ -65,7 +66,7 @@ _w = workers
 _ev = events
 _p = sa.bindparam
 
-log = structlog.get_logger("agentainer_flow.store")
+log = get_logger("agentainer_flow.store")
 
 #: seconds a store rides out an outage (connection lost, database locked) by default
 DEFAULT_RETRY_FOR = 60.0
@@ -624,10 +625,14 @@ class SQLEventStore(EventStore):
         created_after: float | None = None,
         updated_after: float | None = None,
         limit: int | None = 100,
+        id_prefix: str | None = None,
     ) -> list[ExecutionRecord]:
         query = sa.select(*_ex.c)
         if workflow_name is not None:
             query = query.where(_ex.c.workflow_name == workflow_name)
+        if id_prefix is not None:
+            # substr, not LIKE: SQLite's LIKE ignores case, and ids may hold % or _
+            query = query.where(sa.func.substr(_ex.c.id, 1, len(id_prefix)) == id_prefix)
         if statuses is not None:
             query = query.where(_ex.c.status.in_([ExecutionStatus(s).value for s in statuses]))
         for key, value in (tags or {}).items():
@@ -1052,6 +1057,41 @@ class SQLEventStore(EventStore):
             lambda tx: [(eid, float(at)) for eid, at in tx.rows(due, {"t": now})]
         )
 
+    # tokens -----------------------------------------------------------------------------
+    async def create_token(self, token: TokenRecord) -> bool:
+        # a live token with this name (the partial unique index) or this hash: no insert;
+        # one statement, so two concurrent creates of one name cannot both succeed
+        insert = self._stmt("token_insert", lambda: self._dialect_insert(tokens)
+                            .on_conflict_do_nothing().returning(tokens.c.id))
+        values = {"id": token.id, "name": token.name, "scope": token.scope,
+                  "hash": token.hash, "prefix": token.prefix, "created_at": token.created_at,
+                  "last_used_at": token.last_used_at, "revoked_at": token.revoked_at}
+        return await self._write(lambda tx: tx.first(insert, values) is not None)
+
+    async def get_token(self, token_hash: str) -> TokenRecord | None:
+        get = self._stmt("token_get", lambda: sa.select(*tokens.c).where(
+            tokens.c.hash == _p("hash")))
+        row = await self._read(lambda tx: tx.first(get, {"hash": token_hash}))
+        return None if row is None else _token_from_row(row)
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        every = self._stmt("token_list", lambda: sa.select(*tokens.c).order_by(
+            tokens.c.created_at.desc(), tokens.c.id))
+        return [_token_from_row(r) for r in await self._read(lambda tx: tx.rows(every, {}))]
+
+    async def revoke_token(self, token_id: str) -> bool:
+        revoke = self._stmt("token_revoke", lambda: sa.update(tokens).where(
+            tokens.c.id == _p("id"), tokens.c.revoked_at.is_(None)).values(
+            revoked_at=_p("t")).returning(tokens.c.id))
+        return await self._write(
+            lambda tx: tx.first(revoke, {"id": token_id, "t": now()}) is not None)
+
+    async def touch_token(self, token_id: str, t: float) -> None:
+        touch = self._stmt("token_touch", lambda: sa.update(tokens).where(
+            tokens.c.id == _p("id")).values(last_used_at=_p("t")))
+        await self._write(lambda tx: tx.execute(touch, {"id": token_id, "t": t}))
+    # end of tokens ----------------------------------------------------------------------
+
     # riding out outages -----------------------------------------------------------------
     def _outage_message(self, reason: str, seconds: float) -> str:
         """What to say when an operation failed for ``seconds`` (0: retrying is off)."""
@@ -1121,6 +1161,15 @@ class SQLEventStore(EventStore):
         log.info("store_append_resolved", store=self.url, execution_id=execution_id,
                  seqs=f"{first_seq}..{last}")
         return AppendResult(last, bool(rows[0][1]))
+
+
+# tokens ----------------------------------------------------------------------------------
+def _token_from_row(row: Row) -> TokenRecord:
+    id_, name, scope, hash_, prefix, created_at, last_used_at, revoked_at = row
+    return TokenRecord(id=id_, name=name, scope=scope, hash=hash_, prefix=prefix,
+                       created_at=float(created_at), last_used_at=_float(last_used_at),
+                       revoked_at=_float(revoked_at))
+# end of tokens ---------------------------------------------------------------------------
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:

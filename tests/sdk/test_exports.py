@@ -18,12 +18,16 @@ PUBLIC = {
     "WorkflowExecution", "WorkflowFailedError", "WorkflowMetrics",
     "WorkflowNotRegisteredError", "WorkflowState", "WorkflowTimeoutError", "__version__",
     "parse_duration", "step", "workflow",
+    "ForkOrigin", "StepNotFoundError", "WorkflowVersionNotRegisteredError",
+    "AmbiguousExecutionIdError", "StoreNotFoundError",
+    "RemoteError", "RemoteWorkflowClient", "RemoteWorkflowExecution",
 }
 
 TESTING = {
     "MockAgent", "MockCall", "MockRegistry", "MockRuntime", "VirtualClock",
     "WorkflowTestCase", "mock_agent", "reset_mocks", "test_client", "check_determinism",
-    "DeterminismReport",
+    "DeterminismReport", "CrashPoints", "NondeterministicCall", "ReplayCheckReport",
+    "check_replay",
 }
 
 
