@@ -202,7 +202,7 @@ class TestCancel(WorkflowTestCase):
         assert await execution.cancel() is False  # already finished
 
 
-@workflow(name="needs_secret")
+@workflow(name="behaviour_needs_secret")
 class NeedsSecret:
     @step()
     async def use(self, ctx: Context) -> str:
