@@ -242,15 +242,39 @@ class WorkflowClient:
 
     async def _enqueue(self, workflow: object, mode: ExecutionMode, queue: str | Queue,
                        priority: int, **start: Any) -> WorkflowExecution:
-        """Record the execution for a queue's workers; with ``SYNC``, wait for its end."""
+        """Record the execution for a queue's workers; with ``SYNC``, wait for its end.
+
+        The engine forgets it at once: whichever worker claims it (in this process or
+        another) reads it back from the store with the lease it took, and its secrets
+        from the store (``FLOW_SECRETS_KEY``) or ``FLOW_SECRET_<NAME>``, as any worker does.
+        """
         stored_queue, key = await self._queue_for(queue, start.get("tags"))
-        record, _ = await self.engine.start(workflow, run_here=False, queue=stored_queue,
-                                            priority=int(priority), concurrency_key=key,
-                                            **start)
+        record, created = await self.engine.start(
+            workflow, run_here=False, queue=stored_queue, priority=int(priority),
+            concurrency_key=key, **start)
+        if created:
+            self._forget_queued(record.id)
         execution = WorkflowExecution(self, record.id)
         if mode is ExecutionMode.SYNC:
             await self.engine.wait_outcome(record.id)
         return execution
+
+    def _forget_queued(self, execution_id: str) -> None:
+        """Drop what ``Engine.start`` kept to run a new execution here (its workflow object
+        and secrets): a queued one runs on a worker. Kept, it would grow without end in a
+        process that starts executions all day (``flow server``).
+
+        Unlike ``Engine._let_go`` (a fork handing over the lease it took), nothing is
+        released: a queued start takes no lease, and a release by this engine's owner id
+        would drop the claim a ``Worker`` of this process may have made meanwhile. An
+        execution this engine already runs (a worker of this process claimed it while
+        it was being recorded) keeps what its run uses.
+        """
+        engine = self.engine
+        if execution_id in engine.tasks:
+            return
+        for kept in (engine._fresh, engine._objects, engine._secrets):
+            kept.pop(execution_id, None)
 
     async def _queue_for(self, queue: str | Queue,
                          tags: Mapping[str, str] | None) -> tuple[str | None, str | None]:

@@ -31,14 +31,21 @@ import httpx
 
 from agentainer_flow.engine import values
 from agentainer_flow.engine.durations import Duration, parse_duration
-from agentainer_flow.engine.engine import Outcome
+from agentainer_flow.engine.engine import FORKED_FROM_STEP_TAG, FORKED_FROM_TAG, Outcome
 from agentainer_flow.engine.errors import ConfigurationError, ExecutionBlockedError
 from agentainer_flow.engine.spec import ARGS_ATTR, get_workflow_spec
-from agentainer_flow.store import ExecutionRecord, ExecutionStatus, FlowError
+from agentainer_flow.store import (
+    AmbiguousExecutionIdError,
+    ExecutionNotFoundError,
+    ExecutionRecord,
+    ExecutionStatus,
+    FlowError,
+)
 
-from ._client import ExecutionMode, WorkflowMetrics
+from ._client import ExecutionMode, ForkOrigin, WorkflowMetrics
 from ._events import ExecutionEvent
 from ._queues import Queue
+from ._summary import AgentSummary, StepSummary
 
 __all__ = [
     "API_TOKEN_ENV",
@@ -53,6 +60,8 @@ __all__ = [
 API_URL_ENV = "AGENTAINER_API_URL"
 API_TOKEN_ENV = "AGENTAINER_API_TOKEN"
 
+#: ids an ambiguous prefix lists (as the store's ``resolve_execution_id``)
+_CANDIDATES = 10
 #: seconds a request to ``?wait=`` may wait on the server before asking again
 _WAIT_STEP = 30.0
 #: seconds between a stream's reconnects, first and most
@@ -326,6 +335,21 @@ class RemoteWorkflowClient:
                                 json={"reason": reason})
         return bool(done["cancelled"])
 
+    async def wait_outcome(self, execution_id: str, timeout: float | None = None) -> Outcome:
+        """How the execution ended, waiting for its end (``TimeoutError`` after ``timeout``
+        seconds); ``ExecutionBlockedError`` if it waits for a secret and nobody runs it.
+
+        As ``Engine.wait_outcome`` of the embedded client: a failure is described, not
+        raised (``Outcome.unwrap()`` raises it)."""
+        data = await self._wait_end(execution_id, timeout)
+        tree = data.get("result_tree")
+        try:
+            values.load(tree)
+        except FlowError:  # it names a type not importable here: its plain JSON
+            tree = values.dump(data.get("result"))
+        return Outcome(execution_id, data["status"], tree, data.get("error"),
+                       data.get("error_type"), data.get("failed_step"))
+
     async def _wait_end(self, execution_id: str, timeout: float | None) -> dict[str, Any]:
         """The execution once it has ended (``TimeoutError`` after ``timeout`` seconds);
         ``ExecutionBlockedError`` if it waits for a secret and nobody runs it."""
@@ -384,6 +408,61 @@ class RemoteWorkflowClient:
             if not cursor:
                 break
         return found
+
+    async def resolve_execution_id(self, prefix: str) -> str:
+        """The id of the one execution whose id is ``prefix`` or starts with it (as the
+        store's ``resolve_execution_id``: an exact id wins).
+
+        Raises ``ExecutionNotFoundError`` when none matches, and
+        ``AmbiguousExecutionIdError`` (listing some candidates) when several do.
+        """
+        found = (await self.list_executions(id_prefix=prefix, limit=_CANDIDATES + 1)
+                 if prefix else [])
+        ids = [r.id for r in found]
+        if prefix in ids or len(ids) == 1:
+            return prefix if prefix in ids else ids[0]
+        if len(ids) > _CANDIDATES:  # the exact id may be past the first page
+            with contextlib.suppress(ExecutionNotFoundError):
+                return (await self.describe(prefix)).id
+        if not ids:
+            raise ExecutionNotFoundError(prefix)
+        raise AmbiguousExecutionIdError(prefix, ids[:_CANDIDATES], more=len(ids) > _CANDIDATES)
+
+    async def forked_from(self, execution_id: str) -> ForkOrigin | None:
+        """Where a forked execution came from (``None`` if it is not a fork)."""
+        tags = (await self.describe(execution_id)).tags
+        source = tags.get(FORKED_FROM_TAG)
+        if source is None:
+            return None
+        return ForkOrigin(execution_id=source, step=tags.get(FORKED_FROM_STEP_TAG, ""))
+
+    async def forks_of(self, execution_id: str) -> list[ExecutionRecord]:
+        """The executions forked from this one (``retry``), newest first."""
+        await self.describe(execution_id)
+        return await self.list_executions(tags={FORKED_FROM_TAG: execution_id}, limit=None)
+
+    async def get_step_summaries(self, execution_id: str) -> list[StepSummary]:
+        """One row per step instance (status, attempts, times, result or error, agents,
+        children), as ``flow status`` and ``flow history`` show it; of a damaged history,
+        what can be read of it."""
+        data = await self._call("GET", f"{_path(execution_id)}/steps")
+        return [_step_summary(s) for s in data["steps"]]
+
+    async def get_audit(
+            self, execution_id: str) -> list[tuple[int, str, str | None, ExecutionEvent | None]]:
+        """``(seq, type, problem, event)`` of every stored event, with the damage marked
+        (``problem``; ``event`` is ``None`` where it does not decode or is missing): what
+        can be read of a history that ``get_history`` refuses as damaged."""
+        data = await self._call("GET", f"{_path(execution_id)}/audit")
+        return [(int(e["seq"]), str(e.get("type") or ""), e.get("problem"),
+                 None if e.get("event") is None else _event(e["event"]))
+                for e in data["entries"]]
+
+    async def get_workflow(self, name: str) -> dict[str, Any]:
+        """A workflow the server can start: its versions and its DAG (``steps``, and
+        ``order``, the steps in a topological order)."""
+        data: dict[str, Any] = await self._call("GET", f"/v1/workflows/{_quote(name)}")
+        return data
 
     async def get_history(self, execution_id: str) -> list[ExecutionEvent]:
         """Every event of the execution, in order."""
@@ -560,8 +639,27 @@ def _value(tree: Any, fallback: Any) -> Any:
         return fallback
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _ServedRecord(ExecutionRecord):
+    """An execution's row as a server sent it: its times are shown to the microsecond, so
+    its duration is the server's own, not the difference of the times shown."""
+
+    served_duration: float | None = None
+
+    @property
+    def duration(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        if self.served_duration is not None:
+            return self.served_duration
+        return self.finished_at - self.created_at
+
+
 def _record(data: Mapping[str, Any]) -> ExecutionRecord:
-    return ExecutionRecord(
+    return _ServedRecord(
+        served_duration=data.get("duration"),
+        lease_token=int(data.get("lease_token") or 0),
+        lease_renewed_at=_unix(data.get("lease_renewed_at")),
         id=data["id"], workflow_name=data["workflow"], workflow_version=data["version"],
         status=ExecutionStatus(data["status"]), created_at=_unix(data["created_at"]) or 0.0,
         updated_at=_unix(data["updated_at"]) or 0.0, finished_at=_unix(data.get("finished_at")),
@@ -579,6 +677,23 @@ def _event(data: Mapping[str, Any]) -> ExecutionEvent:
         timestamp=dt.datetime.fromisoformat(data["timestamp"]), message=data["message"],
         step=data.get("step"), instance=data.get("instance"), attempt=data.get("attempt"),
         details=dict(data.get("details") or {}))
+
+
+def _step_summary(data: Mapping[str, Any]) -> StepSummary:
+    agents = tuple(AgentSummary(
+        name=a["name"], image=a["image"], agent_id=a["agent_id"], attempt=int(a["attempt"]),
+        index=int(a["index"]), status=a["status"], exit_code=a.get("exit_code"),
+        error=a.get("error"),
+        command=tuple(a["command"]) if a.get("command") is not None else None,
+        env=dict(a.get("env") or {})) for a in data.get("agents") or ())
+    return StepSummary(
+        step=data["step"], instance=int(data["instance"]), status=data["status"],
+        attempts=int(data.get("attempts") or 0), started_at=data.get("started_at"),
+        finished_at=data.get("finished_at"),
+        result=_value(data.get("result_tree"), data.get("result")), error=data.get("error"),
+        error_type=data.get("error_type"), retry_at=data.get("retry_at"), agents=agents,
+        children=tuple(data.get("children") or ()), note=data.get("note") or "",
+        first_seq=int(data.get("first_seq") or 0), last_seq=int(data.get("last_seq") or 0))
 
 
 def _error_classes() -> dict[str, type[FlowError]]:

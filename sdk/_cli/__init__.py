@@ -16,6 +16,11 @@ history, cancel, metrics), ``replay`` (the debugger and the pre-deploy ``--check
 ``worker`` (worker, workers, queue, gc). ``_common`` holds the shared options and the
 client, ``_output`` the one output layer, ``_views`` the tables several commands print.
 This module builds the app.
+
+The read and operate commands (list, status, logs, history, cancel, resume, retry,
+metrics, run) work through a ``flow server`` as well (``--api-url``/``--api-token``, or
+``$AGENTAINER_API_URL``/``$AGENTAINER_API_TOKEN``), with the same output; replay, worker,
+workers, gc and queue work on a store only, and say so when given a server.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import typer
 
 from .._loading import SOURCE_TAG
 from .._server.cli import register as _register_server
-from ._common import make_client, quiet_level, quiet_stdout
+from ._common import make_client, quiet_level, quiet_stdout, store_only
 from ._output import Output, configure_logging, out
 from .executions import cancel, history, list_, logs, metrics, resume, retry, run, status
 from .replay import replay
@@ -74,16 +79,33 @@ def _root(
     configure_logging(verbose, quiet_level(ctx.invoked_subcommand))
 
 
+# why the commands that work on a store only cannot work through a flow server
+_STORE_ONLY = {
+    "replay": "it replays a stored history against the workflow code of this process",
+    "worker": "a worker claims executions from the store and runs them here",
+    "workers": "workers are listed from the store they claim from",
+    "gc": "it removes the agents of this host's runtime, by the store's histories",
+    "queue set": "queue limits are written to the store the workers claim from",
+    "queue list": "queues are read from the store the workers claim from",
+}
+
+
+def _store_only(name: str, command: Any) -> Any:
+    return store_only(command, name, _STORE_ONLY[name])
+
+
 # in the order ``flow --help`` lists them
 for _name, _fn in (("run", run), ("resume", resume), ("retry", retry), ("status", status),
-                   ("list", list_), ("logs", logs), ("history", history), ("replay", replay),
-                   ("cancel", cancel), ("metrics", metrics), ("worker", worker),
-                   ("workers", workers), ("gc", gc)):
+                   ("list", list_), ("logs", logs), ("history", history),
+                   ("replay", _store_only("replay", replay)), ("cancel", cancel),
+                   ("metrics", metrics), ("worker", _store_only("worker", worker)),
+                   ("workers", _store_only("workers", workers)),
+                   ("gc", _store_only("gc", gc))):
     app.command(_name)(_fn)
 
 queue_app = typer.Typer(help="Queues: their limits and load.", no_args_is_help=True)
-queue_app.command("set")(queue_set)
-queue_app.command("list")(queue_list)
+queue_app.command("set")(_store_only("queue set", queue_set))
+queue_app.command("list")(_store_only("queue list", queue_list))
 app.add_typer(queue_app, name="queue")
 
 _register_server(app)  # flow server, flow token

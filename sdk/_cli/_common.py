@@ -8,6 +8,7 @@ Exit codes: 0 ok, 1 the workflow failed (or replay diverged, or a history is dam
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import inspect
 import json
@@ -18,7 +19,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeAlias
 
 import typer
 
@@ -40,6 +41,7 @@ from agentainer_flow.store import (
 
 from .._client import DEFAULT_STORE, WorkflowClient
 from .._loading import UsageError, instantiate
+from .._remote import API_TOKEN_ENV, API_URL_ENV, RemoteError, RemoteWorkflowClient
 from ._output import configure_logging, iso, out, ts
 
 __all__ = [
@@ -49,6 +51,9 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USAGE",
+    "AnyClient",
+    "ApiTokenOpt",
+    "ApiUrlOpt",
     "IdArg",
     "ImagesOpt",
     "JsonOpt",
@@ -59,6 +64,7 @@ __all__ = [
     "StoreOpt",
     "VerboseOpt",
     "build_workflow",
+    "connect",
     "exit_code",
     "fork_links",
     "go",
@@ -73,8 +79,11 @@ __all__ = [
     "quiet_stdout",
     "read_data",
     "record_dict",
+    "refuse_local_options",
     "resolve_id",
+    "server_of",
     "status_text",
+    "store_only",
 ]
 
 EXIT_OK = 0
@@ -105,6 +114,18 @@ RuntimeOpt = Annotated[str, typer.Option(
 ImagesOpt = Annotated[list[str] | None, typer.Option(
     "--image", help="IMAGE=COMMAND: run agents of IMAGE as this local command "
     "(process runtime; repeatable).")]
+ApiUrlOpt = Annotated[str | None, typer.Option(
+    "--api-url", envvar=API_URL_ENV, show_envvar=True, show_default=False,
+    help="Work through this flow server (http://host:8081) instead of a store; "
+    "not with --store.")]
+ApiTokenOpt = Annotated[str | None, typer.Option(
+    "--api-token", envvar=API_TOKEN_ENV, show_envvar=True, show_default=False,
+    help="The server's API token (flow token create); never printed.")]
+# the same, on the commands that refuse them (not listed in their help)
+_RefusedUrlOpt = Annotated[str | None, typer.Option(
+    "--api-url", envvar=API_URL_ENV, hidden=True, show_default=False)]
+_RefusedTokenOpt = Annotated[str | None, typer.Option(
+    "--api-token", envvar=API_TOKEN_ENV, hidden=True, show_default=False)]
 IdArg = Annotated[str, typer.Argument(help="Execution id, or a unique prefix of it.",
                                       show_default=False)]
 
@@ -151,13 +172,128 @@ def make_client(store: str, runtime: str = "mock",
     return client
 
 
-async def resolve_id(client: WorkflowClient, given: str) -> str:
+#: what a command works through: the store (the engine embedded here) or a flow server
+AnyClient: TypeAlias = WorkflowClient | RemoteWorkflowClient
+
+
+def _on_command_line(ctx: typer.Context | None, name: str, value: object) -> bool:
+    """Whether option ``name`` was given on the command line (not by its environment
+    variable, nor its default)."""
+    if ctx is None:  # called as a function: what it was given
+        return value is not None
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def server_of(ctx: typer.Context | None, store: str | None, api_url: str | None,
+              api_token: str | None) -> tuple[str, str | None] | None:
+    """The server (URL, token) a command works through, or ``None``: the store.
+
+    ``--api-url`` and ``--store`` on one command line are a usage error. Otherwise what is
+    on the command line wins over the environment, and ``$AGENTAINER_API_URL`` over
+    ``$FLOW_STORE`` (as ``WorkflowClient()`` picks the server when the URL is set).
+    """
+    url = (api_url or "").strip()
+    if not url:
+        if api_token and _on_command_line(ctx, "api_token", api_token):
+            raise UsageError(f"--api-token needs --api-url (or ${API_URL_ENV}): the URL of "
+                             "the flow server it is for")
+        return None
+    if _on_command_line(ctx, "store", store):
+        if _on_command_line(ctx, "api_url", api_url):
+            raise UsageError("--store and --api-url both say where the executions are: give "
+                             "one (--store: open the store here; --api-url: work through a "
+                             "flow server)")
+        return None  # --store on the command line wins over $AGENTAINER_API_URL
+    return url, (api_token or "").strip() or None
+
+
+def connect(ctx: typer.Context | None, store: str, api_url: str | None,
+            api_token: str | None, *, runtime: str = "mock",
+            images: Mapping[str, Sequence[str]] | None = None,
+            read_only: bool = True) -> AnyClient:
+    """The client a command works through: a flow server's (``--api-url``, see
+    ``server_of``), else the store's (``make_client``). ``ctx`` tells which options were
+    given on the command line."""
+    server = server_of(ctx, store, api_url, api_token)
+    if server is None:
+        return make_client(store, runtime, images, read_only=read_only)
+    url, token = server
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--api-url must be an http:// or https:// URL (as "
+                         f"http://host:8081), got {url!r}")
+    if not token:
+        raise UsageError(f"no API token for {url}: pass --api-token TOKEN or set "
+                         f"${API_TOKEN_ENV} (flow token create --name NAME --scope "
+                         "read|write, on the server's store, makes one)")
+    out.add_secrets({"api_token": token})  # whatever is printed, the token is not
+    client = RemoteWorkflowClient(url, token)
+    _opened[:] = [client.api_url]
+    return client
+
+
+def store_only(command: Callable[..., None], name: str, why: str) -> Callable[..., None]:
+    """``command`` with ``--api-url``/``--api-token`` options that refuse a server with a
+    clear usage error (exit 2): it works on a store only, for the reason ``why``.
+
+    The command itself is left as it is (its own options are its module's); the options
+    are added to the signature typer reads.
+    """
+    signature = inspect.signature(command, eval_str=True)
+
+    @functools.wraps(command)
+    def refusing(*args: Any, flow_cli_context: typer.Context, api_url: str | None = None,
+                 api_token: str | None = None, **kwargs: Any) -> None:
+        ctx = flow_cli_context
+        # refused when asked for, or when only $AGENTAINER_API_URL says where to work
+        store_named = _on_command_line(ctx, "store", kwargs.get("store")) or bool(
+            os.environ.get("FLOW_STORE"))
+        if api_url and (_on_command_line(ctx, "api_url", api_url) or not store_named):
+            out.error(f"flow {name} works on a store, not through a flow server ({why}): "
+                      "run it where the store can be opened, with --store URL (the "
+                      "server's store)")
+            raise typer.Exit(EXIT_USAGE)
+        command(*args, **kwargs)
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    extra = [inspect.Parameter("flow_cli_context", keyword, annotation=typer.Context),
+             inspect.Parameter("api_url", keyword, default=None, annotation=_RefusedUrlOpt),
+             inspect.Parameter("api_token", keyword, default=None,
+                               annotation=_RefusedTokenOpt)]
+    params = [p.replace(kind=keyword) if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+              else p for p in signature.parameters.values()]
+    refusing.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*params, *extra])
+    refusing.__annotations__ = {**command.__annotations__, "flow_cli_context": typer.Context,
+                                "api_url": _RefusedUrlOpt, "api_token": _RefusedTokenOpt}
+    return refusing
+
+
+#: what a flag is for in this process: refused through a server, whose workers run things
+_LOCAL_ONLY = {"module": ("-m/--module", "load workflow code"),
+               "runtime": ("--runtime", "run agents"), "image": ("--image", "run agents")}
+
+
+def refuse_local_options(ctx: typer.Context | None, **given: object) -> None:
+    """Refuse, through a server, the options given on the command line that only a run in
+    this process uses (``-m``, ``--runtime``, ``--image``): the server's workers have the
+    code and run the agents."""
+    for name, value in given.items():
+        if value and _on_command_line(ctx, name, value):
+            flag, what = _LOCAL_ONLY[name]
+            raise UsageError(f"{flag} is for a run in this process; through a flow server "
+                             f"(--api-url) its workers {what}: drop {flag.split('/')[-1]}")
+
+
+async def resolve_id(client: AnyClient, given: str) -> str:
     """The full id of the execution ``given`` names: its id or a unique prefix of it."""
+    if isinstance(client, RemoteWorkflowClient):
+        return await client.resolve_execution_id(given)
     await client.open()
     return await client.store.resolve_execution_id(given)
 
 
-async def fork_links(client: WorkflowClient, execution_id: str
+async def fork_links(client: AnyClient, execution_id: str
                      ) -> tuple[dict[str, str] | None, list[ExecutionRecord]]:
     """Where the execution was forked from (``{"execution_id", "step"}``) and the
     executions forked from it (``flow retry --from-step``), newest first."""
@@ -176,6 +312,8 @@ def exit_code(exc: FlowError) -> int:
     """The exit code a command that raised ``exc`` ends with."""
     if isinstance(exc, ExecutionBlockedError):
         return EXIT_BLOCKED
+    if isinstance(exc, RemoteError):  # refused (a token, a scope, a request) or unreachable
+        return EXIT_FAILED if exc.status is not None and exc.status >= 500 else EXIT_USAGE
     return EXIT_USAGE if isinstance(exc, _USAGE_ERRORS) else EXIT_FAILED
 
 

@@ -19,7 +19,6 @@ from agentainer_flow.engine import Outcome
 from agentainer_flow.engine.spec import SPEC_ATTR, registered_workflows
 from agentainer_flow.store import (
     DEFAULT_QUEUE,
-    AuditedEvent,
     ExecutionRecord,
     ExecutionStatus,
     HistoryCorruptedError,
@@ -27,7 +26,7 @@ from agentainer_flow.store import (
 )
 from agentainer_flow.store.events import EVENT_TYPES, ExecutionFailed
 
-from .._client import ExecutionMode, WorkflowClient
+from .._client import ExecutionMode
 from .._events import ExecutionEvent, event_type
 from .._loading import (
     SOURCE_TAG,
@@ -39,9 +38,13 @@ from .._loading import (
     pick_workflow,
     split_target,
 )
-from .._summary import step_summaries
+from .._remote import RemoteWorkflowClient
+from .._summary import StepSummary, step_summaries
 from ._common import (
     DEFAULT_STORE,
+    AnyClient,
+    ApiTokenOpt,
+    ApiUrlOpt,
     IdArg,
     ImagesOpt,
     JsonOpt,
@@ -52,17 +55,18 @@ from ._common import (
     StoreOpt,
     VerboseOpt,
     build_workflow,
+    connect,
     fork_links,
     go,
     holder,
     holder_text,
-    make_client,
     pairs,
     parse_images,
     parse_input,
     parse_secrets,
     read_data,
     record_dict,
+    refuse_local_options,
     resolve_id,
     status_text,
 )
@@ -79,7 +83,7 @@ _PROGRESS_TYPES = frozenset({
 
 
 # following an execution run here ----------------------------------------------------------
-async def _progress(client: WorkflowClient, execution_id: str, after_seq: int) -> None:
+async def _progress(client: AnyClient, execution_id: str, after_seq: int) -> None:
     async for ev in client.stream_events(execution_id, after_seq=after_seq):
         if ev.type in _PROGRESS_TYPES:
             fg = "red" if ev.type == "step_failed" else None
@@ -88,15 +92,18 @@ async def _progress(client: WorkflowClient, execution_id: str, after_seq: int) -
             out.info(f"  {when} {at}{ev.message}", fg=fg)
 
 
-async def follow(client: WorkflowClient, execution_id: str, *, after_seq: int,
+async def follow(client: AnyClient, execution_id: str, *, after_seq: int,
                  as_json: bool, quiet: bool, extra: Mapping[str, Any] | None = None) -> int:
-    """Wait for the execution (running in this process) to end, showing progress; ``extra``
-    goes into the ``--json`` outcome."""
-    out.running = execution_id
+    """Wait for the execution (running in this process, or on a server's workers) to end,
+    showing progress; ``extra`` goes into the ``--json`` outcome."""
+    remote = isinstance(client, RemoteWorkflowClient)
+    out.running = None if remote else execution_id  # ^C stops only this process's run
     watcher = None if quiet else asyncio.ensure_future(
         _progress(client, execution_id, after_seq))
     try:
-        outcome = await client.engine.wait_outcome(execution_id)
+        outcome = await (client.wait_outcome(execution_id)
+                         if isinstance(client, RemoteWorkflowClient)
+                         else client.engine.wait_outcome(execution_id))
     except BaseException:
         if watcher is not None:
             watcher.cancel()
@@ -131,6 +138,7 @@ def _report_outcome(outcome: Outcome, record: ExecutionRecord, *, as_json: bool,
 
 # starting -------------------------------------------------------------------------------
 def run(
+    ctx: typer.Context,
     target: Annotated[str, typer.Argument(metavar="FILE[:WORKFLOW]", show_default=False,
                                           help="Python file, and the @workflow class to run "
                                           "if it has several.")],
@@ -155,11 +163,14 @@ def run(
     priority: Annotated[int, typer.Option(
         "--priority", help="With --queue: higher runs first.")] = 0,
     store: StoreOpt = DEFAULT_STORE,
+    api_url: ApiUrlOpt = None,
+    api_token: ApiTokenOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
-    """Start an execution of a workflow defined in FILE."""
+    """Start an execution of a workflow defined in FILE (through a flow server with
+    --api-url: it starts the same workflow, name and version, on its workers)."""
 
     async def body() -> int:
         secrets = parse_secrets(secret)
@@ -171,8 +182,15 @@ def run(
         cls = pick_workflow(module, cls_name)
         data = read_data(config, "config file") if config is not None else None
         workflow = build_workflow(cls, data, has_config=config is not None)
-        tags.setdefault(SOURCE_TAG, str(module_file(module)))
-        async with make_client(store, runtime, images) as client:
+        async with connect(ctx, store, api_url, api_token, runtime=runtime, images=images,
+                           read_only=False) as client:
+            if isinstance(client, RemoteWorkflowClient):
+                refuse_local_options(ctx, runtime=runtime, image=image)
+                return await _run_on_server(
+                    client, workflow, value, secrets, tags, wait=wait, queue=queue,
+                    priority=priority, idempotency_key=idempotency_key, as_json=as_json,
+                    quiet=quiet)
+            tags.setdefault(SOURCE_TAG, str(module_file(module)))
             if queue is not None:
                 queued = await client.run_workflow(
                     workflow, ExecutionMode.ASYNC, input=value, secrets=secrets, tags=tags,
@@ -210,6 +228,33 @@ def run(
     go(body)
 
 
+async def _run_on_server(client: RemoteWorkflowClient, workflow: object, value: Any,
+                         secrets: Mapping[str, str], tags: Mapping[str, str], *, wait: bool,
+                         queue: str | None, priority: int, idempotency_key: str | None,
+                         as_json: bool, quiet: bool) -> int:
+    """``flow run --api-url``: the server records it (for the workers of ``queue``), and
+    this process follows it to its end unless ``--no-wait``."""
+    name = getattr(type(workflow), SPEC_ATTR).name
+    execution = await client.run_workflow(
+        workflow, ExecutionMode.ASYNC, input=value, secrets=secrets, tags=tags,
+        idempotency_key=idempotency_key, queue=queue, priority=priority)
+    if not wait:
+        if as_json:
+            where = {"queue": queue} if queue is not None else {"workflow": name}
+            out.json({"execution_id": execution.id, **where,
+                      "status": (await execution.status()).value})
+        else:
+            out.out(execution.id)
+            on = f"the workers of queue {queue!r}" if queue else "its workers"
+            out.info(f"execution {execution.id} recorded by {client.api_url}; {on} run it")
+        return 0
+    if not quiet:
+        on = f" on queue {queue!r}" if queue else ""
+        out.info(f"execution {execution.id} ({name}) started by {client.api_url}{on}; "
+                 "following it")
+    return await follow(client, execution.id, after_seq=0, as_json=as_json, quiet=quiet)
+
+
 def _no_wait_hint(record: ExecutionRecord, secrets: Mapping[str, str]) -> None:
     out.info(f"execution {record.id} recorded ({record.status.value}); nothing runs it yet: "
              f"start `flow worker` on this store, or `flow resume {record.id}`")
@@ -220,6 +265,7 @@ def _no_wait_hint(record: ExecutionRecord, secrets: Mapping[str, str]) -> None:
 
 
 def resume(
+    ctx: typer.Context,
     execution_id: IdArg,
     module: ModulesOpt = None,
     secret: SecretsOpt = None,
@@ -229,19 +275,28 @@ def resume(
         "--force", help="Take it over now even if a live process holds its lease (that "
         "process is fenced out: it stops before its next step).")] = False,
     store: StoreOpt = DEFAULT_STORE,
+    api_url: ApiUrlOpt = None,
+    api_token: ApiTokenOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
-    """Run an unfinished execution to its end in this process, from its history."""
+    """Run an unfinished execution to its end in this process, from its history (through
+    a flow server with --api-url: in the server's process, followed from here)."""
 
     async def body() -> int:
         secrets = parse_secrets(secret)
         images = parse_images(image)
-        import_modules(module)
-        async with make_client(store, runtime, images, read_only=True) as client:
+        async with connect(ctx, store, api_url, api_token, runtime=runtime, images=images,
+                           read_only=True) as client:
+            remote = isinstance(client, RemoteWorkflowClient)
+            if remote:
+                refuse_local_options(ctx, module=module, runtime=runtime, image=image)
+            else:
+                import_modules(module)
             record = await client.describe(await resolve_id(client, execution_id))
-            ensure_registered(record)
+            if not remote:
+                ensure_registered(record)
             held = holder(record)
             if not quiet and held is not None and not held[1] and not force:
                 out.info(f"execution {record.id} is running in {held[0]}: following it "
@@ -258,6 +313,7 @@ def resume(
 
 
 def retry(
+    ctx: typer.Context,
     execution_id: IdArg,
     from_step: Annotated[str | None, typer.Option(
         "--from-step", metavar="STEP", help="Run this step and what depends on it again; "
@@ -273,27 +329,36 @@ def retry(
     runtime: RuntimeOpt = "process",
     image: ImagesOpt = None,
     store: StoreOpt = DEFAULT_STORE,
+    api_url: ApiUrlOpt = None,
+    api_token: ApiTokenOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Run an execution again from a step, as a new execution (a fork) with the current
     code: the steps that do not depend on STEP keep their recorded results (their bodies and
-    agents do not run again). The original is not changed."""
+    agents do not run again). The original is not changed. Through a flow server
+    (--api-url), the server's workers run it with the server's code."""
 
     async def body() -> int:
         secrets = parse_secrets(secret)
         images = parse_images(image)
-        import_modules(module)
-        async with make_client(store, runtime, images, read_only=True) as client:
+        async with connect(ctx, store, api_url, api_token, runtime=runtime, images=images,
+                           read_only=True) as client:
+            if isinstance(client, RemoteWorkflowClient):
+                refuse_local_options(ctx, module=module, runtime=runtime, image=image)
+                return await _retry_on_server(client, execution_id, from_step, secrets,
+                                              wait=wait, queue=queue, as_json=as_json,
+                                              quiet=quiet)
+            import_modules(module)
             eid = await resolve_id(client, execution_id)
             record = await client.describe(eid)
             ensure_registered(record)
             steps = registered_workflows()[record.workflow_name].order
-            step = from_step or _step_to_retry(record, await client.store.load(eid), steps)
-            if step not in steps:
-                raise UsageError(f"workflow {record.workflow_name!r} has no step {step!r} "
-                                 f"(steps: {', '.join(steps)})")
+            stored = await client.store.load(eid)
+            step = from_step or _step_to_retry(record, _failed_step(stored),
+                                               step_summaries(stored), steps)
+            _check_step(record, step, steps)
             fork = getattr(client, "fork", None)
             if fork is None:
                 raise UsageError("this version of agentainer-flow cannot fork executions "
@@ -324,14 +389,58 @@ def retry(
     go(body)
 
 
-def _step_to_retry(record: ExecutionRecord, stored: Sequence[StoredEvent],
-                   steps: Sequence[str]) -> str:
-    """The step ``flow retry`` redoes by default: the one the execution failed in, else
-    the first one that did not finish."""
+async def _retry_on_server(client: RemoteWorkflowClient, execution_id: str,
+                           from_step: str | None, secrets: Mapping[str, str], *, wait: bool,
+                           queue: str | None, as_json: bool, quiet: bool) -> int:
+    """``flow retry --api-url``: the server records the fork for its workers (of
+    ``queue``); this process follows it to its end unless ``--no-wait``."""
+    eid = await resolve_id(client, execution_id)
+    record = await client.describe(eid)
+    steps = (await client.get_workflow(record.workflow_name))["order"]
+    step = from_step
+    if step is None:
+        failed = None
+        if record.status is ExecutionStatus.FAILED:  # ended: the outcome is there at once
+            failed = (await client.wait_outcome(eid)).step
+        step = _step_to_retry(record, failed, await client.get_step_summaries(eid), steps)
+    _check_step(record, step, steps)
+    new = await client.retry(eid, from_step=step, secrets=secrets or None, queue=queue)
+    link = {"forked_from": {"execution_id": eid, "step": step}}
+    forked = f"execution {new.id} forked from {eid} at step {step!r}"
+    if not wait:
+        if as_json:
+            out.json({"execution_id": new.id, **link, "status": (await new.status()).value})
+        else:
+            out.out(new.id)
+            on = f"the workers of queue {queue!r}" if queue else "its workers"
+            out.info(f"{forked} and recorded by {client.api_url}; {on} run it")
+        return 0
+    if not quiet:
+        out.info(f"{forked} by {client.api_url}; following it")
+    return await follow(client, new.id, after_seq=0, as_json=as_json, quiet=quiet, extra=link)
+
+
+def _failed_step(stored: Sequence[StoredEvent]) -> str | None:
+    """The step a failed execution failed in, from its history."""
     for s in reversed(stored):
         if isinstance(s.event, ExecutionFailed) and s.event.step:
             return s.event.step
-    for summary in step_summaries(stored):
+    return None
+
+
+def _check_step(record: ExecutionRecord, step: str, steps: Sequence[str]) -> None:
+    if step not in steps:
+        raise UsageError(f"workflow {record.workflow_name!r} has no step {step!r} "
+                         f"(steps: {', '.join(steps)})")
+
+
+def _step_to_retry(record: ExecutionRecord, failed_step: str | None,
+                   summaries: Sequence[StepSummary], steps: Sequence[str]) -> str:
+    """The step ``flow retry`` redoes by default: the one the execution failed in, else
+    the first one that did not finish."""
+    if failed_step:
+        return failed_step
+    for summary in summaries:
         if summary.status not in ("completed", "skipped"):
             return summary.step
     raise UsageError(f"execution {record.id} ({record.status.value}) has no failed or "
@@ -341,11 +450,14 @@ def _step_to_retry(record: ExecutionRecord, stored: Sequence[StoredEvent],
 
 # reading --------------------------------------------------------------------------------
 def status(
+    ctx: typer.Context,
     execution_id: IdArg,
     watch: Annotated[bool, typer.Option(
         "--watch", "-W", help="Redraw every second until the execution ends (Ctrl-C "
         "stops watching); exit 0 if it completed, 1 if not.")] = False,
     store: StoreOpt = DEFAULT_STORE,
+    api_url: ApiUrlOpt = None,
+    api_token: ApiTokenOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
@@ -353,7 +465,7 @@ def status(
     (for one that is not finished)."""
 
     async def body() -> int:
-        async with make_client(store, read_only=True) as client:
+        async with connect(ctx, store, api_url, api_token) as client:
             eid = await resolve_id(client, execution_id)
             if not watch:
                 await _show_status(client, eid, as_json=as_json, steps=None)
@@ -364,15 +476,15 @@ def status(
     go(body)
 
 
-async def _show_status(client: WorkflowClient, eid: str, *, as_json: bool,
+async def _show_status(client: AnyClient, eid: str, *, as_json: bool,
                        steps: bool | None) -> ExecutionRecord:
     """Print the execution's status; ``steps``: show the step summary (default: while it
     is not finished)."""
     r = await client.describe(eid)
     result: Any = None
     if r.status is ExecutionStatus.COMPLETED:
-        result = (await client.engine.wait_outcome(r.id)).result
-    summaries = step_summaries(await _readable_history(client, r.id))
+        result = await client.get_execution(r.id).get_result()
+    summaries = await _summaries(client, r.id)
     origin, forks = await fork_links(client, r.id)
     if as_json:
         out.json({**record_dict(r), "result": result, "steps": steps_json(summaries),
@@ -397,7 +509,8 @@ async def _show_status(client: WorkflowClient, eid: str, *, as_json: bool,
         rows.append(("tags", ", ".join(f"{k}={v}" for k, v in sorted(r.tags.items()))))
     if holder(r) is not None:
         rows.append(("held by", holder_text(r)))
-        rows.append(("renewed", ts(r.lease_renewed_at)))
+        if r.lease_renewed_at is not None or not isinstance(client, RemoteWorkflowClient):
+            rows.append(("renewed", ts(r.lease_renewed_at)))  # a server does not say
     if r.error:
         rows.append(("error", r.error))
     if r.status is ExecutionStatus.COMPLETED:
@@ -410,7 +523,7 @@ async def _show_status(client: WorkflowClient, eid: str, *, as_json: bool,
     return r
 
 
-async def _watch_status(client: WorkflowClient, eid: str, *, as_json: bool) -> int:
+async def _watch_status(client: AnyClient, eid: str, *, as_json: bool) -> int:
     """Redraw the status every second until the execution ends."""
     tty = sys.stdout.isatty() and not as_json
     shown: tuple[str, int] | None = None
@@ -427,20 +540,26 @@ async def _watch_status(client: WorkflowClient, eid: str, *, as_json: bool) -> i
             shown = (r.status.value, r.last_seq)
         if r.status.is_terminal:
             return 0 if r.status is ExecutionStatus.COMPLETED else 1
-        await client.store.wait_for_change(eid, 1.0)
+        if isinstance(client, RemoteWorkflowClient):
+            await asyncio.sleep(1.0)  # a server is asked again every second
+        else:
+            await client.store.wait_for_change(eid, 1.0)
         await asyncio.sleep(0.2)  # at most ~4 frames a second while it is busy
 
 
-async def _readable_history(client: WorkflowClient, eid: str) -> list[StoredEvent]:
-    """The history, or what can be read of a damaged one (for a summary)."""
+async def _summaries(client: AnyClient, eid: str) -> list[StepSummary]:
+    """The per-step summary of the history, or of what can be read of a damaged one."""
+    if isinstance(client, RemoteWorkflowClient):
+        return await client.get_step_summaries(eid)  # the server reads it the same way
     try:
-        return await client.store.load(eid)
+        stored = await client.store.load(eid)
     except HistoryCorruptedError:
         audit = await client.store.audit(eid)
-        return [StoredEvent(eid, e.seq, e.event) for e in audit if e.event is not None]
+        stored = [StoredEvent(eid, e.seq, e.event) for e in audit if e.event is not None]
+    return step_summaries(stored)
 
 
-async def _fork_steps(client: WorkflowClient, forks: Sequence[ExecutionRecord]
+async def _fork_steps(client: AnyClient, forks: Sequence[ExecutionRecord]
                       ) -> dict[str, str]:
     steps: dict[str, str] = {}
     for f in forks:
@@ -450,7 +569,7 @@ async def _fork_steps(client: WorkflowClient, forks: Sequence[ExecutionRecord]
     return steps
 
 
-async def _forks_json(client: WorkflowClient, forks: Sequence[ExecutionRecord]
+async def _forks_json(client: AnyClient, forks: Sequence[ExecutionRecord]
                       ) -> list[dict[str, Any]]:
     steps = await _fork_steps(client, forks)
     return [{"execution_id": f.id, "step": steps.get(f.id), "status": f.status.value}
@@ -458,6 +577,7 @@ async def _forks_json(client: WorkflowClient, forks: Sequence[ExecutionRecord]
 
 
 def list_(
+    ctx: typer.Context,
     workflow: Annotated[str | None, typer.Option("--workflow", "-w",
                                                  help="Only this workflow.")] = None,
     status_: Annotated[list[ExecutionStatus] | None, typer.Option(
@@ -466,13 +586,15 @@ def list_(
                                                   help="Only with tag k=v (repeatable).")] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 50,
     store: StoreOpt = DEFAULT_STORE,
+    api_url: ApiUrlOpt = None,
+    api_token: ApiTokenOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
     """List executions, newest first."""
 
     async def body() -> int:
-        async with make_client(store, read_only=True) as client:
+        async with connect(ctx, store, api_url, api_token) as client:
             rows = await client.list_executions(
                 workflow_name=workflow, statuses=status_ or None,
                 tags=pairs(tag, "--tag") or None, limit=limit)
@@ -491,16 +613,19 @@ def list_(
 
 
 def logs(
+    ctx: typer.Context,
     execution_id: IdArg,
     follow_: Annotated[bool, typer.Option("--follow", "-f",
                                           help="Keep printing until it ends.")] = False,
     store: StoreOpt = DEFAULT_STORE,
+    api_url: ApiUrlOpt = None,
+    api_token: ApiTokenOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Print an execution's log: ctx.log messages and step milestones."""
 
     async def body() -> int:
-        async with make_client(store, read_only=True) as client:
+        async with connect(ctx, store, api_url, api_token) as client:
             eid = await resolve_id(client, execution_id)
             if follow_:
                 async for line in client.stream_logs(eid):
@@ -514,11 +639,14 @@ def logs(
 
 
 def history(
+    ctx: typer.Context,
     execution_id: IdArg,
     events: Annotated[bool, typer.Option(
         "--events", "-e", help="The raw event table (seq, time, type, step, message) instead "
         "of the per-step summary.")] = False,
     store: StoreOpt = DEFAULT_STORE,
+    api_url: ApiUrlOpt = None,
+    api_token: ApiTokenOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
@@ -526,24 +654,22 @@ def history(
     or error, agents), or every event with --events."""
 
     async def body() -> int:
-        async with make_client(store, read_only=True) as client:
+        async with connect(ctx, store, api_url, api_token) as client:
             eid = await resolve_id(client, execution_id)
             try:
-                stored = await client.store.load(eid)
+                shown, summaries = await _history(client, eid)
             except HistoryCorruptedError as exc:
                 # show what can be read, the damage marked, and fail with the error
-                _damaged_timeline(eid, await client.store.audit(eid), as_json=as_json)
+                _damaged_timeline(eid, await _audit(client, eid), as_json=as_json)
                 out.error(str(exc))
                 return 1
             if events:
-                shown = [ExecutionEvent.from_stored(e) for e in stored]
                 if as_json:
                     out.json([e.to_dict() for e in shown])
                 else:
                     timeline(shown)
                 return 0
             r = await client.describe(eid)
-            summaries = step_summaries(stored)
             origin, forks = await fork_links(client, eid)
             if as_json:
                 out.json({"execution_id": r.id, "workflow": r.workflow_name,
@@ -562,27 +688,48 @@ def history(
     go(body)
 
 
-def _damaged_timeline(execution_id: str, audit: Sequence[AuditedEvent], *, as_json: bool
+async def _history(client: AnyClient, eid: str
+                   ) -> tuple[list[ExecutionEvent], list[StepSummary]]:
+    """The events and the per-step summary; ``HistoryCorruptedError`` for a damaged one."""
+    if isinstance(client, RemoteWorkflowClient):
+        shown = await client.get_history(eid)  # refused by the server if damaged
+        return shown, await client.get_step_summaries(eid)
+    stored = await client.store.load(eid)
+    return [ExecutionEvent.from_stored(e) for e in stored], step_summaries(stored)
+
+
+#: one entry of a damaged history: seq, stored type, problem, the event if readable
+_Audited = tuple[int, str, str | None, ExecutionEvent | None]
+
+
+async def _audit(client: AnyClient, eid: str) -> list[_Audited]:
+    if isinstance(client, RemoteWorkflowClient):
+        return await client.get_audit(eid)
+    return [(e.seq, e.type, e.problem, None if e.event is None
+             else ExecutionEvent.from_stored(StoredEvent(eid, e.seq, e.event)))
+            for e in await client.store.audit(eid)]
+
+
+def _damaged_timeline(execution_id: str, audit: Sequence[_Audited], *, as_json: bool
                       ) -> None:
     """A damaged history as ``flow history`` shows it: every readable event, and the
     damage marked where it is (a changed or unreadable event, a gap, a missing tail)."""
     rows: list[dict[str, Any]] = []
     cells: list[tuple[str, ...]] = []
-    for entry in audit:
-        mark = f"DAMAGED: {entry.problem}" if entry.problem else ""
-        if entry.event is not None:
-            ev = ExecutionEvent.from_stored(StoredEvent(execution_id, entry.seq, entry.event))
-            rows.append({**ev.to_dict(), "problem": entry.problem})
+    for seq, stored_type, problem, ev in audit:
+        mark = f"DAMAGED: {problem}" if problem else ""
+        if ev is not None:
+            rows.append({**ev.to_dict(), "problem": problem})
             cells.append((str(ev.seq), ts(ev.timestamp.timestamp(), ms=True), ev.type,
                           where(ev), ev.message, mark))
             continue
-        what = "(unreadable)" if entry.type else "(missing)"
-        known = EVENT_TYPES.get(entry.type)
-        kind = event_type(known) if known is not None else entry.type
-        rows.append({"execution_id": execution_id, "seq": entry.seq, "type": kind or None,
+        what = "(unreadable)" if stored_type else "(missing)"
+        known = EVENT_TYPES.get(stored_type)
+        kind = event_type(known) if known is not None else stored_type
+        rows.append({"execution_id": execution_id, "seq": seq, "type": kind or None,
                      "timestamp": None, "step": None, "instance": None, "attempt": None,
-                     "message": what, "details": {}, "problem": entry.problem})
-        cells.append((str(entry.seq), "", kind, "", what, mark))
+                     "message": what, "details": {}, "problem": problem})
+        cells.append((str(seq), "", kind, "", what, mark))
     if as_json:
         out.json(rows)
     else:
@@ -592,15 +739,18 @@ def _damaged_timeline(execution_id: str, audit: Sequence[AuditedEvent], *, as_js
 
 # operating ------------------------------------------------------------------------------
 def cancel(
+    ctx: typer.Context,
     execution_id: IdArg,
     store: StoreOpt = DEFAULT_STORE,
+    api_url: ApiUrlOpt = None,
+    api_token: ApiTokenOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Ask an execution to stop (its agents are stopped, always_run steps still run)."""
 
     async def body() -> int:
-        async with make_client(store, read_only=True) as client:
+        async with connect(ctx, store, api_url, api_token) as client:
             eid = await resolve_id(client, execution_id)
             ok = await client.cancel(eid)
             record = await client.describe(eid)
@@ -619,11 +769,14 @@ def cancel(
 
 
 def metrics(
+    ctx: typer.Context,
     workflow: Annotated[str | None, typer.Option("--workflow", "-w",
                                                  help="One workflow (default: all).")] = None,
     range_: Annotated[str, typer.Option("--range", "-r",
                                         help="Time range: 1h, 24h, 7d...")] = "24h",
     store: StoreOpt = DEFAULT_STORE,
+    api_url: ApiUrlOpt = None,
+    api_token: ApiTokenOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
@@ -636,7 +789,7 @@ def metrics(
             seconds = parse_duration(range_, what="--range") or 0.0
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        async with make_client(store, read_only=True) as client:
+        async with connect(ctx, store, api_url, api_token) as client:
             if workflow is not None:
                 names = [workflow]
             else:

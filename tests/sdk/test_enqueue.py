@@ -1,0 +1,118 @@
+"""Queued starts (``run_workflow(..., queue=...)``) leave nothing in the starting engine.
+
+The execution runs on whichever worker claims it, so the engine that recorded it must not
+keep its workflow object, its secrets or a record to run: in a process that starts
+executions all day (``flow server``) that memory would grow without end, and a ``Worker``
+of that process must run what it claimed, under the lease (fencing token) it took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+
+from agentainer_flow import (
+    Context,
+    ExecutionMode,
+    ExecutionStatus,
+    Worker,
+    WorkflowClient,
+    step,
+    workflow,
+)
+from agentainer_flow.store import ExecutionRecord
+
+STARTS = 1000
+
+
+@workflow(name="enqueue_probe")
+class Probe:
+    """One step that reads a secret: it runs only if the worker finds the secret."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    @step()
+    async def use(self, ctx: Context) -> int:
+        return self.n + len(ctx.secrets["token"])
+
+
+def _kept(client: WorkflowClient, ids: set[str]) -> dict[str, set[str]]:
+    engine: Any = client.engine  # what the engine keeps per execution, by map
+    return {name: ids & set(getattr(engine, name))
+            for name in ("_fresh", "_objects", "_secrets", "tasks", "runners")}
+
+
+async def test_queued_starts_leave_nothing_and_a_worker_here_runs_them_fenced(
+        sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the secrets reach the worker encrypted in the store, as they reach any worker
+    monkeypatch.setenv("FLOW_SECRETS_KEY", Fernet.generate_key().decode())
+    async with WorkflowClient(sqlite_url, "mock") as client:
+        started = await asyncio.gather(*(
+            client.run_workflow(Probe(n), ExecutionMode.ASYNC, queue="jobs",
+                                secrets={"token": "s3cret-value"})
+            for n in range(STARTS)))
+        ids = {e.id for e in started}
+        assert len(ids) == STARTS
+        assert _kept(client, ids) == {name: set() for name in
+                                      ("_fresh", "_objects", "_secrets", "tasks", "runners")}
+
+        # a worker on the same client: every append carries the fencing token its claim
+        # took (a record kept from the start would carry none)
+        store: Any = client.store
+        claims: dict[str, int] = {}
+        appends: list[tuple[str, int | None]] = []
+        claim, append = store.claim, store.append
+
+        async def claiming(worker_id: str, **kwargs: Any) -> list[ExecutionRecord]:
+            got: list[ExecutionRecord] = await claim(worker_id, **kwargs)
+            for r in got:
+                assert r.lease_owner == worker_id and r.lease_token > 0
+                claims[r.id] = r.lease_token
+            return got
+
+        async def appending(execution_id: str, *args: Any, **kwargs: Any) -> Any:
+            appends.append((execution_id, kwargs.get("lease_token")))
+            return await append(execution_id, *args, **kwargs)
+
+        monkeypatch.setattr(store, "claim", claiming)
+        monkeypatch.setattr(store, "append", appending)
+        worker = Worker(client, queues=["jobs"], concurrency=50, once=True,
+                        poll_interval=0.02)
+        await asyncio.wait_for(worker.run(), 300)
+
+        assert set(claims) == ids  # each claimed once, by this worker
+        assert {eid for eid, _ in appends} == ids
+        for eid, token in appends:
+            assert token == claims[eid], eid
+        rows = await client.list_executions(statuses=[ExecutionStatus.COMPLETED], limit=None)
+        assert {r.id for r in rows} == ids
+        results = {await client.get_execution(e.id).get_result() for e in started[:5]}
+        assert results == {n + len("s3cret-value") for n in range(5)}
+        assert _kept(client, ids) == {name: set() for name in
+                                      ("_fresh", "_objects", "_secrets", "tasks", "runners")}
+
+
+async def test_a_queued_start_that_finds_an_execution_running_here_leaves_it_alone(
+        sqlite_url: str) -> None:
+    async with WorkflowClient(sqlite_url, "mock") as client:
+        gate = asyncio.Event()
+
+        @workflow(name="enqueue_gated")
+        class Gated:
+            @step()
+            async def wait(self, ctx: Context) -> str:
+                await asyncio.wait_for(gate.wait(), 30)
+                return len(ctx.secrets["token"]) * "x"
+
+        first = await client.run_workflow(Gated(), ExecutionMode.ASYNC, idempotency_key="k",
+                                          secrets={"token": "abc-secret"})
+        again = await client.run_workflow(Gated(), ExecutionMode.ASYNC, idempotency_key="k",
+                                          queue="jobs", secrets={"token": "abc-secret"})
+        assert again.id == first.id
+        assert first.id in client.engine.tasks  # still running here, with its secrets
+        gate.set()
+        assert await first.get_result() == "x" * len("abc-secret")
