@@ -61,6 +61,7 @@ from .errors import (
     SerializationError,
     WorkflowDefinitionError,
 )
+from .observe import AttemptRef
 from .runtimes.base import AgentOutcome, AgentSpec, AgentState
 from .secrets import Redactor, SecretStore
 from .spec import StepSpec, get_workflow_spec
@@ -319,6 +320,11 @@ class StepRuntime:
         return self.runner.secret_store
 
     @property
+    def ref(self) -> AttemptRef:
+        """This attempt, as the engine's observer is told of it."""
+        return AttemptRef(self.runner.execution_id, self.runner.spec.name, *self._key)
+
+    @property
     def replaying(self) -> bool:
         """True while this attempt is re-running commands already in the history."""
         return self._index in self._recorded
@@ -501,10 +507,16 @@ class StepRuntime:
             kind = "AgentConfigurationError" if isinstance(exc, ConfigurationError) else ""
             ev = self._emit(AgentFailed(**self._base(idx), agent_id=spec.agent_id, error=msg,
                                         error_type=kind))
+            runner.engine.observer.agent_finished(
+                self.ref, agent=spec.name, image=spec.image, agent_id=spec.agent_id,
+                outcome="launch_failed", exit_code=None, started_at=None, finished_at=None)
             raise _launch_error(ev, spec.name, runner.redactor.text(msg)) from None
         reach("agent.started")
         self._emit(AgentStarted(**self._base(idx), agent_id=spec.agent_id,
                                 runtime=runner.runtime.name, adopted=adopted))
+        if not adopted:
+            runner.engine.observer.agent_launched(self.ref, agent=spec.name, image=spec.image,
+                                                  agent_id=spec.agent_id)
 
     # child workflows --------------------------------------------------------------------
     async def run_workflow(
@@ -910,6 +922,11 @@ class AgentHandle:
                              log_tail=values.safe_text(redact.text(outcome.log_tail[-4000:])),
                              started_at=outcome.started_at, finished_at=outcome.finished_at)
         ev = runner.emit(ev)
+        ended = ("completed" if isinstance(ev, AgentCompleted) else
+                 "timed_out" if outcome.timed_out else "lost" if self.lost else "failed")
+        runner.engine.observer.agent_finished(
+            rt.ref, agent=self.name, image=self._spec.image, agent_id=self.id, outcome=ended,
+            exit_code=ev.exit_code, started_at=ev.started_at, finished_at=ev.finished_at)
         runner.after_flush(self._remove)
         return ev
 

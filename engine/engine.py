@@ -16,6 +16,7 @@ from typing import Any
 
 from agentainer_flow.store._logging import get_logger
 from agentainer_flow.store.base import (
+    DEFAULT_QUEUE,
     EventStore,
     ExecutionRecord,
     ExecutionStatus,
@@ -54,6 +55,7 @@ from .errors import (
 )
 from .history import ExecutionState, effective_deps, shape_divergence
 from .leases import holder_is_dead, lease_seconds_from_env, make_owner_id
+from .observe import Observer, combine, default_observer
 from .runner import Runner
 from .runtimes.base import AgentRuntime, store_label
 from .secrets import Redactor, encrypt_secrets, resolve_secrets
@@ -151,8 +153,10 @@ class Engine:
         secret_fallback: Callable[[str], str] | None = None,
         owner_id: str | None = None,
         lease_seconds: float | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.store = store
+        self._observer = combine(observer) if observer is not None else default_observer()
         #: this engine's lease owner id (see ``leases.make_owner_id``)
         self.owner_id = owner_id or make_owner_id()
         self.lease_seconds = lease_seconds or lease_seconds_from_env()
@@ -179,6 +183,16 @@ class Engine:
         self.draining = False
         #: carried by every agent as its ``flow.store`` label (see ``store_label``)
         self.store_label = store_label(getattr(store, "url", "") or "memory://")
+
+    @property
+    def observer(self) -> Observer:
+        """Hears of the live work done here (metrics, traces): see ``observe``. One that
+        is set is wrapped by ``combine``: what it raises is logged, never raised here."""
+        return self._observer
+
+    @observer.setter
+    def observer(self, observer: Observer | None) -> None:
+        self._observer = combine(observer)
 
     # starting ---------------------------------------------------------------------------
     async def start(
@@ -240,14 +254,14 @@ class Engine:
             input=input_tree, tags=clean_tags, secret_names=sorted(secrets),
             parent_id=parent_id,
             deadline=now + spec.timeout if spec.timeout is not None else None)
-        record, created = await self.store.create_execution(
-            NewExecution(id=eid, workflow_name=spec.name, workflow_version=spec.version,
-                         tags=clean_tags, idempotency_key=idempotency_key, parent_id=parent_id,
-                         secrets=encrypt_secrets(secrets),
-                         lease_owner=self.owner_id if run_here else None,
-                         lease_seconds=self.lease_seconds, queue=queue, priority=priority,
-                         concurrency_key=concurrency_key),
-            started)
+        with self.observer.time_store("create_execution"):
+            record, created = await self.store.create_execution(NewExecution(
+                id=eid, workflow_name=spec.name, workflow_version=spec.version,
+                tags=clean_tags, idempotency_key=idempotency_key, parent_id=parent_id,
+                secrets=encrypt_secrets(secrets),
+                lease_owner=self.owner_id if run_here else None,
+                lease_seconds=self.lease_seconds, queue=queue, priority=priority,
+                concurrency_key=concurrency_key), started)
         if not created and idempotency_key is not None:
             await self._check_same_start(record, idempotency_key, started)
         if created:
@@ -256,6 +270,7 @@ class Engine:
             self._objects[record.id] = workflow
             self._secrets[record.id] = secrets
             log.info("execution_started", execution_id=record.id, workflow=spec.name)
+            self.observer.execution_started(record.id, spec.name, queue=queue or DEFAULT_QUEUE)
         return record, created
 
     async def _check_same_start(self, record: ExecutionRecord, key: str,
@@ -326,7 +341,8 @@ class Engine:
             if isinstance(got, Outcome):
                 return got
             record = got
-            history = await self.store.load(execution_id)
+            with self.observer.time_store("load"):
+                history = await self.store.load(execution_id)
         runner: Runner | None = None
         try:
             started = history[0].event
@@ -389,6 +405,9 @@ class Engine:
                 left = (record.lease_expires_at or now) - now
                 await self.store.wait_for_change(execution_id, max(0.05, min(1.0, left)))
             if got is not None:
+                if holder is not None and holder != self.owner_id:
+                    self.observer.lease_taken_over(execution_id, record.workflow_name,
+                                                   previous_holder=holder)
                 if following:
                     log.info("execution_taken_over", execution_id=execution_id,
                              previous_holder=holder)
@@ -413,7 +432,9 @@ class Engine:
             if not ids:
                 continue
             try:
-                held = set(await self.store.renew_lease(self.owner_id, ids, self.lease_seconds))
+                with self.observer.time_store("renew_lease"):
+                    held = set(await self.store.renew_lease(self.owner_id, ids,
+                                                            self.lease_seconds))
             except StoreError as exc:
                 log.warning("lease_renewal_failed", error=str(exc), executions=len(ids))
                 continue

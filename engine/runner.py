@@ -18,6 +18,7 @@ import asyncio
 import contextvars
 import functools
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,7 @@ from .errors import (
     StepTimeoutError,
 )
 from .history import CommandKey, ExecutionState, effective_deps, shape_divergence
+from .observe import NOOP, AttemptRef, attempt_outcome, run_stop_reason
 from .secrets import Redactor, SecretStore
 from .spec import RetryPolicy, StepSpec, WorkflowSpec
 
@@ -170,6 +172,7 @@ class Runner:
         self._ready: list[str] = []
         self._open: list[str] = []  # steps with instances to run, in start order
         self._starting: list[tuple[StepSpec, int, int]] = []  # attempts to launch after flush
+        self._new_attempts: set[CommandKey] = set()  # started by this run (not resumed)
         self._cancel_wanted = False
         self._cancel_reason = ""
         self._short_id = _NAME_SAFE.sub("-", self.execution_id)[:40]
@@ -269,9 +272,10 @@ class Runner:
                       error: str | None, wake_at: float | None) -> None:
         """Append ``batch`` under the lease; note how far the history is durable."""
         try:
-            result = await self.store.append(
-                self.execution_id, self.durable_seq + 1, batch,
-                status=status, error=error, wake_at=wake_at, lease_token=self.lease_token)
+            with self.engine.observer.time_store("append"):
+                result = await self.store.append(
+                    self.execution_id, self.durable_seq + 1, batch,
+                    status=status, error=error, wake_at=wake_at, lease_token=self.lease_token)
         except StoreError as exc:
             # lost the lease or a race, or the store stayed down: stop here; the agents
             # are left running for whoever holds (or takes) the lease
@@ -351,6 +355,23 @@ class Runner:
 
     # the loop -------------------------------------------------------------------------
     async def run(self) -> Outcome:
+        """Run the execution to its end, or until this run must stop; the engine's
+        observer hears when the run starts and how it ended."""
+        obs, started = self.engine.observer, self.h.started
+        if obs is NOOP or self.h.terminal is not None or started is None:
+            return await self._run()
+        obs.run_started(self.execution_id, self.spec.name, resumed=self.h.progressed)
+        try:
+            outcome = await self._run()
+        except BaseException as exc:
+            obs.run_finished(self.execution_id, self.spec.name, outcome=run_stop_reason(exc),
+                             duration=None)
+            raise
+        obs.run_finished(self.execution_id, self.spec.name, outcome=outcome.status,
+                         duration=max(0.0, self.clock.now() - started.ts))
+        return outcome
+
+    async def _run(self) -> Outcome:
         from .engine import Outcome
 
         if self.h.terminal is not None:
@@ -623,6 +644,7 @@ class Runner:
         deadline = now + step.timeout if step.timeout is not None else None
         self.emit(StepStarted(ts=now, step=step.name, instance=instance, attempt=attempt,
                               total=total, deadline=deadline, depends_on=depends_on))
+        self._new_attempts.add((step.name, instance, attempt))
         self._start_task(step, instance, attempt)
 
     def _start_task(self, step: StepSpec, instance: int, attempt: int) -> None:
@@ -671,7 +693,7 @@ class Runner:
                 self._fail_instance(step, instance, attempt, "cancelled", "ExecutionStopped",
                                     final=True)
                 continue
-            task = asyncio.ensure_future(self._run_instance(step, instance, attempt))
+            task = asyncio.ensure_future(self._observed_attempt(step, instance, attempt))
             task.add_done_callback(self._wakeup)
             self._tasks[task] = (step.name, instance, attempt)
         self._starting.clear()
@@ -695,6 +717,33 @@ class Runner:
                 value = [value]
             kwargs[b.param] = value
         return kwargs, item
+
+    async def _observed_attempt(self, step: StepSpec, instance: int,
+                                attempt: int) -> tuple[str, Any]:
+        """``_run_instance``, with the engine's observer told when the body starts and how
+        it ended (called here, in the attempt's own task: a tracer can make its span the
+        current one for what the body does)."""
+        key = (step.name, instance, attempt)
+        obs = self.engine.observer
+        if obs is NOOP:
+            self._new_attempts.discard(key)
+            return await self._run_instance(step, instance, attempt)
+        ref = AttemptRef(self.execution_id, self.spec.name, *key)
+        resumed = key not in self._new_attempts
+        self._new_attempts.discard(key)
+        obs.step_attempt_started(ref, resumed=resumed)
+        t0 = time.perf_counter()
+        outcome, error_type = "aborted", None
+        try:
+            result = await self._run_instance(step, instance, attempt)
+            outcome, error_type = attempt_outcome(result)
+            return result
+        except asyncio.CancelledError:
+            outcome = "interrupted" if self.leaves_agents else "cancelled"
+            raise
+        finally:
+            obs.step_attempt_finished(ref, outcome=outcome, error_type=error_type,
+                                      seconds=time.perf_counter() - t0)
 
     async def _run_instance(self, step: StepSpec, instance: int, attempt: int) -> tuple[str, Any]:
         """Run one attempt; returns ("ok", tree), ("error", exception) or ("blocked",

@@ -13,6 +13,7 @@ from collections.abc import MutableMapping
 from agentainer_flow.engine.commands import AgentHandle, ChildWorkflowHandle
 from agentainer_flow.engine.durations import parse_duration
 from agentainer_flow.engine.errors import SecretLeakError
+from agentainer_flow.engine.observe import Observer, set_default_observer
 from agentainer_flow.engine.secrets import SecretStore
 from agentainer_flow.engine.spec import ErrorHandler, RetryPolicy
 from agentainer_flow.engine.types import AgentResult, ParallelContext, ResourceRequirements
@@ -58,6 +59,8 @@ from ._errors import (
     WorkflowVersionNotRegisteredError,
 )
 from ._events import ExecutionEvent
+from ._metrics import FlowMetrics
+from ._otel import TracingObserver
 from ._queues import Queue
 from ._remote import RemoteError, RemoteWorkflowClient, RemoteWorkflowExecution
 from ._worker import Worker
@@ -88,11 +91,13 @@ __all__ = [
     "ExecutionRecord",
     "ExecutionStatus",
     "FlowError",
+    "FlowMetrics",
     "ForkOrigin",
     "HistoryCorruptedError",
     "IdempotencyConflictError",
     "LeaseLostError",
     "NonDeterminismError",
+    "Observer",
     "ParallelContext",
     "Queue",
     "RemoteError",
@@ -110,6 +115,7 @@ __all__ = [
     "StoreError",
     "StoreNotFoundError",
     "StoreUnavailableError",
+    "TracingObserver",
     "Worker",
     "Workflow",
     "WorkflowCancelledError",
@@ -124,6 +130,7 @@ __all__ = [
     "WorkflowVersionNotRegisteredError",
     "__version__",
     "parse_duration",
+    "set_default_observer",
     "step",
     "workflow",
 ]

@@ -26,6 +26,7 @@ from agentainer_flow.engine.errors import (
     ExecutionSuspended,
     WorkflowNotRegisteredError,
 )
+from agentainer_flow.engine.observe import combine
 from agentainer_flow.store import (
     ExecutionRecord,
     FlowError,
@@ -37,6 +38,7 @@ from agentainer_flow.store._logging import get_logger
 
 from ._client import WorkflowClient
 from ._loading import ensure_registered
+from ._metrics import FlowMetrics, MetricsServer
 from ._queues import Queue, declared_queues
 
 __all__ = ["Worker"]
@@ -68,6 +70,12 @@ class Worker:
     or whose version of it, this worker has not loaded is handed back untouched (released,
     not failed, logged as ``execution_code_missing``) for a worker that has the code, and
     this worker does not claim it again.
+
+    ``metrics_port``: serve this worker's Prometheus metrics at
+    ``http://metrics_host:metrics_port/metrics`` while it runs (``FlowMetrics``: the step
+    attempts, agents, takeovers and store calls of its executions, and the store's queue
+    depth); 0 picks a free port. It takes no token: ``metrics_host`` (default
+    ``127.0.0.1``) must be an address only your Prometheus reaches.
     """
 
     def __init__(
@@ -83,6 +91,8 @@ class Worker:
         report: Report | None = None,
         report_error: Report | None = None,
         suspend_after: float | None = 2.0,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -106,6 +116,14 @@ class Worker:
         self._hurry = asyncio.Event()
         self._last_gc: float | None = None
         self._started_at = time.time()
+        #: this worker's metrics (with ``metrics_port``), else ``None``
+        self.metrics: FlowMetrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        if metrics_port is not None:
+            metrics = self.metrics = FlowMetrics()
+            client.engine.observer = combine(client.engine.observer, metrics)
+            self.metrics_server = MetricsServer(lambda: metrics.exposition(client.store),
+                                                host=metrics_host, port=metrics_port)
 
     @property
     def worker_id(self) -> str:
@@ -131,6 +149,9 @@ class Worker:
         await self.client.open()
         self.client.engine.suspend_after = self.suspend_after
         await self._declare()
+        if self.metrics_server is not None:
+            await self.metrics_server.start()
+            self._say(f"metrics at {self.metrics_server.url}")
         beat = asyncio.ensure_future(self._beat())
         queues = ", ".join(self.queues) if self.queues is not None else "every queue"
         self._say(f"worker {self.name} started (concurrency {self.concurrency}, {queues}"
@@ -155,6 +176,8 @@ class Worker:
                 await beat
             with contextlib.suppress(FlowError):
                 await self.client.store.heartbeat(self._info(), gone=True)
+            if self.metrics_server is not None:
+                await self.metrics_server.close()
         self._say(f"worker {self.name} stopped; {self.done} executions processed")
         return self.done
 
@@ -203,9 +226,10 @@ class Worker:
             return 0
         store = self.client.store
         extra = min(len(self.skipped), 100)  # so skipped rows cannot starve runnable ones
-        records = await store.claim(self.worker_id,
-                                    lease_seconds=self.client.engine.lease_seconds,
-                                    limit=free + extra, queues=self.queues)
+        with self.client.engine.observer.time_store("claim"):
+            records = await store.claim(self.worker_id,
+                                        lease_seconds=self.client.engine.lease_seconds,
+                                        limit=free + extra, queues=self.queues)
         started = 0
         for record in records:
             # children run inside their parent's process; skipped ones are left alone

@@ -134,12 +134,14 @@ class QueueConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class QueueStats:
     """A queue's limits and load: ``pending`` (waiting for a worker), ``running`` (held by
-    a live lease), ``sleeping`` (waiting for a timer, holding nothing)."""
+    a live lease), ``sleeping`` (waiting for a timer, holding nothing), ``blocked`` (waiting
+    for a person to resume it with a secret: no worker claims it)."""
 
     config: QueueConfig
     pending: int = 0
     running: int = 0
     sleeping: int = 0
+    blocked: int = 0
 
 
 def admit_to_queue(config: QueueConfig, queue: str, key: str | None,

@@ -263,9 +263,12 @@ class MemoryEventStore(EventStore):
                 continue
             name = r.queue or DEFAULT_QUEUE
             found.setdefault(name, QueueConfig(name=name))
-            c = counts.setdefault(name, {"pending": 0, "running": 0, "sleeping": 0})
+            c = counts.setdefault(name, {"pending": 0, "running": 0, "sleeping": 0,
+                                         "blocked": 0})
             if r.lease_live(t):
                 c["running"] += 1
+            elif r.status is ExecutionStatus.BLOCKED:
+                c["blocked"] += 1
             elif r.wake_at is not None and r.wake_at > t:
                 c["sleeping"] += 1
             else:

@@ -280,14 +280,18 @@ def _stmt_queue_started() -> sa.Select[Any]:
 def _stmt_queue_load() -> sa.Select[Any]:
     """Per queue: unfinished executions waiting for a worker, running, sleeping."""
     live = sa.and_(_ex.c.lease_owner.is_not(None), _ex.c.lease_expires_at >= _p("t"))
-    sleeping = sa.and_(sa.not_(live), _ex.c.wake_at.is_not(None), _ex.c.wake_at > _p("t"))
+    blocked = sa.and_(sa.not_(live), _ex.c.status == ExecutionStatus.BLOCKED.value)
+    sleeping = sa.and_(sa.not_(live), sa.not_(blocked), _ex.c.wake_at.is_not(None),
+                       _ex.c.wake_at > _p("t"))
     one = sa.literal(1)
+    waiting = sa.and_(sa.not_(live), sa.not_(sleeping), sa.not_(blocked))
     return (
         sa.select(
             _ex.c.queue,
-            sa.func.sum(sa.case((sa.and_(sa.not_(live), sa.not_(sleeping)), one), else_=0)),
+            sa.func.sum(sa.case((waiting, one), else_=0)),
             sa.func.sum(sa.case((live, one), else_=0)),
             sa.func.sum(sa.case((sleeping, one), else_=0)),
+            sa.func.sum(sa.case((blocked, one), else_=0)),
         )
         .where(_UNFINISHED, _ex.c.parent_id.is_(None))
         .group_by(_ex.c.queue)
@@ -999,10 +1003,10 @@ class SQLEventStore(EventStore):
             t = now()
             found = {row[0]: _queue_config(row) for row in tx.rows(configs, {})}
             counts: dict[str, dict[str, int]] = {}
-            for queue, pending, running, sleeping in tx.rows(load, {"t": t}):
+            for queue, pending, running, sleeping, blocked in tx.rows(load, {"t": t}):
                 name = queue or DEFAULT_QUEUE
                 counts[name] = {"pending": int(pending or 0), "running": int(running or 0),
-                                "sleeping": int(sleeping or 0)}
+                                "sleeping": int(sleeping or 0), "blocked": int(blocked or 0)}
                 found.setdefault(name, QueueConfig(name=name))
             return [QueueStats(config=found[n], **counts.get(n, {})) for n in sorted(found)]
 

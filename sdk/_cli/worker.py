@@ -15,6 +15,7 @@ from agentainer_flow.engine.leases import make_owner_id
 from agentainer_flow.store import QueueConfig, StoreNotFoundError
 
 from .._loading import import_modules
+from .._otel import tracing_from_env
 from .._queues import Queue
 from .._worker import HEARTBEAT_INTERVAL, Worker
 from ._common import (
@@ -55,22 +56,34 @@ def worker(
     grace: Annotated[float, typer.Option(
         "--grace", min=0, help="On SIGTERM/SIGINT, seconds running executions may go on "
         "before they are handed back; a second signal hands them back at once.")] = 30.0,
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", min=0, max=65535, help="Serve this worker's Prometheus metrics "
+        "at http://HOST:PORT/metrics (no token: see --metrics-host; 0: a free port).",
+        show_default=False)] = None,
+    metrics_host: Annotated[str, typer.Option(
+        "--metrics-host", help="Address of --metrics-port (0.0.0.0: every interface; "
+        "only your Prometheus should reach it).")] = "127.0.0.1",
     runtime: RuntimeOpt = "process",
     image: ImagesOpt = None,
     store: StoreOpt = DEFAULT_STORE,
     verbose: VerboseOpt = 0,
 ) -> None:
-    """Claim unfinished executions from the store and run them, until stopped."""
+    """Claim unfinished executions from the store and run them, until stopped.
+
+    With FLOW_OTEL=1 (or the standard OTEL_TRACES_EXPORTER / OTLP endpoint variables) it
+    makes OpenTelemetry spans of its executions (pip install 'agentainer-flow[otel]').
+    """
 
     async def body() -> int:
         images = parse_images(image)
         import_modules(module)
         wid = make_owner_id(worker_id)
-        async with make_client(store, runtime, images, owner_id=wid,
-                               lease_seconds=lease) as client:
+        async with make_client(store, runtime, images, owner_id=wid, lease_seconds=lease,
+                               observer=tracing_from_env()) as client:
             w = Worker(client, queues=queue or None, concurrency=concurrency,
                        poll_interval=poll_interval, once=once, grace=grace,
-                       name=worker_id or wid, report=out.out, report_error=out.error)
+                       name=worker_id or wid, report=out.out, report_error=out.error,
+                       metrics_port=metrics_port, metrics_host=metrics_host)
             loop = asyncio.get_running_loop()
 
             def on_signal(sig: int) -> None:
@@ -165,15 +178,16 @@ def queue_list(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False,
             stats = await client.store.list_queues()
         if as_json:
             out.json([{"name": q.config.name, "pending": q.pending, "running": q.running,
-                       "sleeping": q.sleeping, "concurrency": q.config.concurrency,
+                       "sleeping": q.sleeping, "blocked": q.blocked,
+                       "concurrency": q.config.concurrency,
                        "rate_count": q.config.rate_count,
                        "rate_seconds": q.config.rate_seconds,
                        "concurrency_key": q.config.key_tag,
                        "key_concurrency": q.config.key_concurrency} for q in stats])
             return 0
-        out.table(["queue", "pending", "running", "sleeping", "limits"],
+        out.table(["queue", "pending", "running", "sleeping", "blocked", "limits"],
                   [(q.config.name, str(q.pending), str(q.running), str(q.sleeping),
-                    _limits(q.config)) for q in stats])
+                    str(q.blocked), _limits(q.config)) for q in stats])
         return 0
 
     go(body)

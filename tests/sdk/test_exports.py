@@ -21,6 +21,7 @@ PUBLIC = {
     "ForkOrigin", "StepNotFoundError", "WorkflowVersionNotRegisteredError",
     "AmbiguousExecutionIdError", "StoreNotFoundError",
     "RemoteError", "RemoteWorkflowClient", "RemoteWorkflowExecution",
+    "FlowMetrics", "Observer", "TracingObserver", "set_default_observer",
 }
 
 TESTING = {

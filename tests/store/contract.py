@@ -660,6 +660,15 @@ async def a_queue_concurrency_limit_holds_across_claimers(store: EventStore) -> 
 
 
 @case
+async def queue_load_counts_blocked_executions_apart(store: EventStore) -> None:
+    for i in range(3):
+        await new(store, f"b{i}", queue="q")
+    await store.append("b0", 2, steps("a"), status=ExecutionStatus.BLOCKED)
+    [stats] = [q for q in await store.list_queues() if q.config.name == "q"]
+    assert (stats.pending, stats.blocked, stats.running) == (2, 1, 0)  # no worker claims it
+
+
+@case
 async def a_per_key_limit_and_a_rate_limit_hold(store: EventStore) -> None:
     await store.set_queue(QueueConfig(name="tenants", key_tag="tenant", key_concurrency=1))
     for i, tenant in enumerate(["a", "a", "b", "a", "b"]):
