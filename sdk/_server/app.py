@@ -32,9 +32,9 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,6 +43,7 @@ from agentainer_flow.engine.errors import (
     ConfigurationError,
     WorkflowNotRegisteredError,
 )
+from agentainer_flow.engine.observe import combine
 from agentainer_flow.engine.runtimes.base import AgentRuntime
 from agentainer_flow.engine.secrets import Redactor, redact_known
 from agentainer_flow.engine.spec import (
@@ -58,6 +59,8 @@ from agentainer_flow.store import (
     ExecutionRecord,
     ExecutionStatus,
     FlowError,
+    HistoryCorruptedError,
+    StoredEvent,
 )
 from agentainer_flow.store._logging import get_logger
 from agentainer_flow.store.base import TokenRecord
@@ -65,6 +68,9 @@ from agentainer_flow.store.events import ExecutionFailed
 
 from .._client import DEFAULT_STORE, ExecutionMode, WorkflowClient
 from .._loading import import_modules
+from .._metrics import CONTENT_TYPE, FlowMetrics
+from .._otel import tracing_from_env
+from .._summary import step_summaries
 from .._worker import Worker
 from . import sse
 from .auth import (
@@ -76,13 +82,23 @@ from .auth import (
     scope_allows,
 )
 from .convert import event_out, execution_out, load_value, plain, to_datetime, to_unix
-from .problems import PROBLEM_JSON, ApiProblem, problem_from_error, problem_response
+from .problems import (
+    PROBLEM_JSON,
+    ApiProblem,
+    declare_problems,
+    problem_from_error,
+    problem_response,
+)
 from .schemas import (
+    LAST_EVENT_ID_PATTERN,
+    SEQ_PATTERN,
     BulkIds,
     BulkResult,
     BulkResults,
     CancelBody,
     Cancelled,
+    EventOut,
+    EventTypeName,
     ExecutionOut,
     ExecutionPage,
     Health,
@@ -97,6 +113,9 @@ from .schemas import (
     State,
     Status,
     StepOut,
+    Tag,
+    TimeRange,
+    Timestamp,
     TokenCreate,
     TokenCreated,
     TokenOut,
@@ -135,20 +154,6 @@ class ServerState:
             await self.client.open()
             self._opened = True
         return self.client
-
-    def let_go(self, execution_id: str) -> None:
-        """Forget what the engine kept in memory to run a new execution here: it runs on a
-        worker. (A worker of this process finds its secrets still here.)
-
-        ``WorkflowClient.run_workflow(queue=...)`` keeps them: in a server that starts
-        executions all day that would grow without end, and an in-process worker would run
-        the kept record instead of the one it claimed (without its fencing token).
-        """
-        engine: Any = self.client.engine
-        engine._fresh.pop(execution_id, None)
-        engine._objects.pop(execution_id, None)
-        if not self.workers:
-            engine._secrets.pop(execution_id, None)
 
 
 # the app ---------------------------------------------------------------------------------
@@ -222,7 +227,18 @@ def create_app(
     async def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
+    fastapi_openapi = app.openapi
+
+    def openapi_document() -> dict[str, Any]:
+        # errors are sent as application/problem+json: the document says so (built once)
+        if app.openapi_schema is None:
+            app.openapi_schema = declare_problems(fastapi_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi_document  # type: ignore[method-assign]
+
     app.include_router(_router())
+    _add_metrics(app, state)
     return app
 
 
@@ -286,13 +302,31 @@ def _install_errors(app: FastAPI) -> None:
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.url.path))
         return problem_response(exc.status_code, code, str(exc.detail),
-                                instance=request.url.path, headers=exc.headers)
+                                instance=request.url.path, headers=headers)
 
     app.add_exception_handler(ApiProblem, on_problem)
     app.add_exception_handler(FlowError, on_flow_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods ``path`` answers, for the ``Allow`` of a 405: of every route whose path
+    matches it (Starlette names only the first), the routes of a literal path first
+    (``/v1/executions/search`` is not ``/v1/executions/{execution_id}``), as OpenAPI reads
+    paths."""
+    literal: set[str] = set()
+    templated: set[str] = set()
+    for route in app.routes:
+        regex = getattr(route, "path_regex", None)
+        methods = getattr(route, "methods", None)
+        if regex is not None and methods and regex.match(path):
+            (templated if getattr(route, "param_convertors", None) else literal).update(methods)
+    return sorted(literal or templated)
 
 
 class _Guard:
@@ -374,6 +408,82 @@ class EventStream(StreamingResponse):
             group.cancel_scope.cancel()
 
 
+# the per-step summary and the audit (what ``flow status``/``flow history`` print) ----------
+class AgentRow(BaseModel):
+    """An agent a step deployed, and how it ended so far."""
+
+    name: str
+    image: str
+    agent_id: str
+    attempt: int
+    index: int
+    status: str = Field(description="requested, running, completed or failed.")
+    exit_code: int | None = None
+    error: str | None = None
+    command: list[str] | None = None
+    env: dict[str, str] = Field(default_factory=dict,
+                                description="As recorded: secrets show as [secret:name].")
+
+
+class StepRow(BaseModel):
+    """One step instance as its events tell it. Times are unix seconds, exactly as the
+    store keeps them (the CLI prints the same numbers against a server or a store)."""
+
+    step: str
+    instance: int
+    status: str = Field(description="running, retrying, completed, failed, skipped, "
+                        "cancelled or interrupted.")
+    attempts: int
+    started_at: float | None = None
+    finished_at: float | None = None
+    duration: float | None = Field(default=None, description="Seconds, over every attempt.")
+    result: Any = Field(default=None, description="A completed instance's result as plain "
+                        "JSON.")
+    result_tree: Any = Field(default=None, description="The result as a typed value tree.")
+    error: str | None = None
+    error_type: str | None = None
+    retry_at: float | None = None
+    agents: list[AgentRow] = Field(default_factory=list)
+    children: list[str] = Field(default_factory=list, description="Child executions' ids.")
+    note: str = ""
+    first_seq: int
+    last_seq: int
+
+
+class Steps(BaseModel):
+    execution_id: str
+    steps: list[StepRow]
+
+
+class AuditEntry(BaseModel):
+    seq: int
+    type: str = Field(description="The stored type of the event ('' where none is known).")
+    problem: str | None = Field(default=None, description="What is wrong here (None: "
+                                "nothing).")
+    event: EventOut | None = Field(default=None, description="None when it does not decode "
+                                   "or is missing.")
+
+
+class Audit(BaseModel):
+    execution_id: str
+    entries: list[AuditEntry]
+
+
+def _step_row(row: dict[str, Any]) -> StepRow:
+    from agentainer_flow.engine import values
+
+    result = row.pop("result")
+    tree = None
+    if result is not None:
+        with contextlib.suppress(FlowError):
+            tree = values.dump(result)
+    try:
+        shown = values.to_jsonable(result)
+    except FlowError:  # as the CLI shows a value JSON has no form for
+        shown = str(result)
+    return StepRow(**row, result=shown, result_tree=tree)
+
+
 # the routes ------------------------------------------------------------------------------
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
     status: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": what}
@@ -384,6 +494,12 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
 }
 _STREAM: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}},
                  "description": "Server-Sent Events; send Last-Event-ID to resume."}}
+
+
+def _location(execution_id: str) -> str:
+    """The ``Location`` of an execution: its id percent-encoded, as a URL needs (an id may
+    hold any character; a header holds only visible ASCII safely)."""
+    return f"/v1/executions/{urllib.parse.quote(execution_id, safe='')}"
 
 
 def _secrets(given: Mapping[str, SecretStr]) -> dict[str, str]:
@@ -548,7 +664,6 @@ def _router() -> APIRouter:
                 secrets=secrets, tags=body.tags, idempotency_key=body.idempotency_key,
                 execution_id=body.execution_id, queue=body.queue or DEFAULT_QUEUE,
                 priority=body.priority)
-            state.let_go(execution.id)
             if body.mode == "sync":
                 await _wait_end(client, execution.id, None)
             out = await _detail(client, execution.id)
@@ -558,7 +673,7 @@ def _router() -> APIRouter:
             return problem_response(exc.status, exc.code, exc.detail,
                                     instance="/v1/executions", redactor=redactor, **exc.extra)
         return JSONResponse(redactor.tree(out.model_dump(mode="json")), status_code=201,
-                            headers={"Location": f"/v1/executions/{out.id}"})
+                            headers={"Location": _location(out.id)})
 
     @r.get("/executions", response_model=ExecutionPage, tags=["executions"],
            dependencies=[Read])
@@ -566,12 +681,12 @@ def _router() -> APIRouter:
         state: StateDep,
         status: Annotated[list[Status] | None, Query()] = None,
         workflow: str | None = None,
-        tag: Annotated[list[str] | None, Query(description="KEY=VALUE (repeatable)")] = None,
+        tag: Annotated[list[Tag] | None, Query(description="KEY=VALUE (repeatable)")] = None,
         parent_id: str | None = None,
         id_prefix: str | None = None,
-        created_after: dt.datetime | None = None,
-        created_before: dt.datetime | None = None,
-        updated_after: dt.datetime | None = None,
+        created_after: Timestamp | None = None,
+        created_before: Timestamp | None = None,
+        updated_after: Timestamp | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
         cursor: str | None = None,
     ) -> ExecutionPage:
@@ -617,6 +732,36 @@ def _router() -> APIRouter:
         return History(execution_id=execution_id,
                        events=[event_out(s) for s in await client.store.load(execution_id)])
 
+    @r.get("/executions/{execution_id}/steps", response_model=Steps, tags=["executions"],
+           dependencies=[Read])
+    async def get_steps(execution_id: str, state: StateDep) -> Steps:
+        """One row per step instance, as ``flow status`` and ``flow history`` show it:
+        status, attempts, times, result or error, agents, child executions. Of a damaged
+        history, what can be read of it."""
+        client = await state.ready()
+        await _record(client, execution_id)
+        try:
+            history = await client.store.load(execution_id)
+        except HistoryCorruptedError:
+            history = [StoredEvent(execution_id, e.seq, e.event)
+                       for e in await client.store.audit(execution_id) if e.event is not None]
+        return Steps(execution_id=execution_id,
+                     steps=[_step_row(s.to_dict()) for s in step_summaries(history)])
+
+    @r.get("/executions/{execution_id}/audit", response_model=Audit, tags=["executions"],
+           dependencies=[Read])
+    async def get_audit(execution_id: str, state: StateDep) -> Audit:
+        """Every stored event that can be read, with the damage marked where it is (a
+        changed or unreadable event, a gap, a missing tail): what ``flow history`` shows
+        of a history that ``/history`` refuses as damaged."""
+        client = await state.ready()
+        await _record(client, execution_id)
+        return Audit(execution_id=execution_id, entries=[
+            AuditEntry(seq=e.seq, type=e.type, problem=e.problem,
+                       event=None if e.event is None
+                       else event_out(StoredEvent(execution_id, e.seq, e.event)))
+            for e in await client.store.audit(execution_id)])
+
     @r.get("/executions/{execution_id}/state", response_model=State, tags=["executions"],
            dependencies=[Read])
     async def get_state(execution_id: str, state: StateDep) -> State:
@@ -641,7 +786,8 @@ def _router() -> APIRouter:
     async def get_logs(execution_id: str, state: StateDep,
                        follow: Annotated[bool, Query(description=(
                            "Stream the lines (Server-Sent Events) until it ends."))] = False,
-                       last_event_id: Annotated[str | None, Header()] = None) -> Any:
+                       last_event_id: Annotated[str, Header(pattern=SEQ_PATTERN)] = "",
+                       ) -> Any:
         """Log lines; with ``follow``, as Server-Sent Events (one message per event)."""
         client = await state.ready()
         await _record(client, execution_id)
@@ -653,7 +799,7 @@ def _router() -> APIRouter:
     @r.get("/executions/{execution_id}/events", tags=["streams"], dependencies=[Read],
            response_class=StreamingResponse, responses=_STREAM)
     async def stream_execution(execution_id: str, state: StateDep,
-                               last_event_id: Annotated[str | None, Header()] = None,
+                               last_event_id: Annotated[str, Header(pattern=SEQ_PATTERN)] = "",
                                ) -> StreamingResponse:
         """The execution's events as Server-Sent Events (``id``: the seq), then new ones
         until it ends; ``Last-Event-ID`` resumes right after that event."""
@@ -667,11 +813,12 @@ def _router() -> APIRouter:
     async def stream_events(
         state: StateDep,
         workflow: str | None = None,
-        type: Annotated[list[str] | None, Query(description="Event types (repeatable).")] = None,
-        since: Annotated[dt.datetime | None, Query(
+        type: Annotated[list[EventTypeName] | None,
+                        Query(description="Event types (repeatable).")] = None,
+        since: Annotated[Timestamp | None, Query(
             description="Only executions created since then.")] = None,
         follow: bool = True,
-        last_event_id: Annotated[str | None, Header()] = None,
+        last_event_id: Annotated[str, Header(pattern=LAST_EVENT_ID_PATTERN)] = "",
     ) -> StreamingResponse:
         """Events across executions (of ``workflow``, of the ``type``s), as Server-Sent
         Events; ``Last-Event-ID`` resumes right after that event."""
@@ -753,13 +900,12 @@ def _router() -> APIRouter:
         client = await state.ready()
         try:
             new_id = await retry_one(state, execution_id, body)
-            state.let_go(new_id)
             out = await _detail(client, new_id)
         except FlowError as exc:
             return problem_from_error(exc, instance=f"/v1/executions/{execution_id}/retry",
                                       redactor=redactor)
         return JSONResponse(redactor.tree(out.model_dump(mode="json")), status_code=201,
-                            headers={"Location": f"/v1/executions/{out.id}"})
+                            headers={"Location": _location(out.id)})
 
     async def bulk(ids: Sequence[str],
                    one: Callable[[str], Awaitable[Any]]) -> BulkResults:
@@ -796,12 +942,7 @@ def _router() -> APIRouter:
     async def retry_many(body: BulkIds, state: StateDep) -> BulkResults:
         """Retry several failed executions; each result names the new execution."""
 
-        async def one(eid: str) -> str:
-            new_id = await retry_one(state, eid, RetryBody())
-            state.let_go(new_id)
-            return new_id
-
-        return await bulk(body.ids, one)
+        return await bulk(body.ids, lambda eid: retry_one(state, eid, RetryBody()))
 
     # workflows ----------------------------------------------------------------------------
     @r.get("/workflows", response_model=Workflows, tags=["workflows"], dependencies=[Read])
@@ -813,13 +954,19 @@ def _router() -> APIRouter:
     @r.get("/workflows/{name}", response_model=WorkflowOut, tags=["workflows"],
            dependencies=[Read])
     async def get_workflow(name: str) -> WorkflowOut:
-        _spec(name, None)
+        try:
+            _spec(name, None)
+        except WorkflowNotRegisteredError as exc:  # a resource of the path: not found
+            raise ApiProblem(404, exc.code, str(exc)) from None
         return _workflow_out(name)
 
     @r.get("/workflows/{name}/metrics", response_model=MetricsOut, tags=["workflows"],
            dependencies=[Read])
-    async def workflow_metrics(name: str, state: StateDep,
-                               time_range: str = "24h") -> MetricsOut:
+    async def workflow_metrics(
+            name: str, state: StateDep,
+            time_range: Annotated[TimeRange, Query(
+                description="How far back: '30m', '24h', '7d'...")] = "24h",
+    ) -> MetricsOut:
         """Totals, success rate and average duration of the workflow's executions created
         within ``time_range`` (e.g. ``24h``, ``30m``, ``7d``)."""
         client = await state.ready()
@@ -841,7 +988,12 @@ def _router() -> APIRouter:
     async def new_token(body: TokenCreate, state: StateDep) -> TokenCreated:
         """Make a token: the answer holds it, once."""
         client = await state.ready()
-        token, record = await create_token(client.store, body.name, body.scope)
+        name = body.name.strip()
+        if any(t.name == name and not t.revoked for t in await client.store.list_tokens()):
+            raise ApiProblem(409, "token_name_taken",
+                             f"a live token named {name!r} exists already: revoke it first "
+                             "or pick another name", name=name)
+        token, record = await create_token(client.store, name, body.scope)
         return TokenCreated(**_token_out(record).model_dump(), token=token)
 
     @r.delete("/tokens/{id_or_name}", response_model=TokenOut, tags=["tokens"],
@@ -866,3 +1018,31 @@ def _seq(last_event_id: str | None) -> int:
         return sse.parse_seq(last_event_id)
     except ValueError as exc:
         raise ApiProblem(422, "validation", str(exc)) from None
+
+
+# metrics ---------------------------------------------------------------------------------
+def _add_metrics(app: FastAPI, state: ServerState) -> None:
+    """``GET /metrics`` in the Prometheus text format, for a token of scope ``read`` (a
+    scraper sends it as ``Authorization: Bearer``, e.g. Prometheus' ``authorization:
+    credentials_file:``), like every route but ``/health``.
+
+    It holds this process's engine metrics (executions started here, store calls, and the
+    steps, agents and takeovers of what runs here: ``--workers``, resumes) and the store's
+    queue depth and unfinished executions, read at each scrape; ``flow worker
+    --metrics-port`` gives those of a worker. The engine also traces when the environment
+    asks for it (``FLOW_OTEL=1``, see ``_otel.tracing_from_env``).
+    """
+    metrics = FlowMetrics()
+    engine = state.client.engine
+    engine.observer = combine(engine.observer, metrics, tracing_from_env())
+
+    @app.get("/metrics", tags=["server"], dependencies=[Read],
+             response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "The Prometheus text format (0.0.4)."},
+                        **{k: _PROBLEMS[k] for k in (401, 403, 500)}})
+    async def get_metrics() -> PlainTextResponse:
+        """Prometheus metrics of this server and of the store (read now)."""
+        client = await state.ready()
+        return PlainTextResponse(await metrics.exposition(client.store),
+                                 media_type=CONTENT_TYPE)

@@ -21,6 +21,7 @@ from agentainer_flow.store import FlowError, StoreError
 __all__ = [
     "PROBLEM_JSON",
     "ApiProblem",
+    "declare_problems",
     "problem_from_error",
     "problem_response",
     "status_of",
@@ -107,3 +108,26 @@ def problem_from_error(exc: FlowError, *, instance: str | None = None,
             extra[name] = list(value) if isinstance(value, list | tuple) else value
     return problem_response(status_of(exc), exc.code, str(exc), instance=instance,
                             redactor=redactor, **extra)
+
+
+def declare_problems(document: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI ``document`` with every error response (4xx, 5xx) declared as the
+    ``application/problem+json`` it is sent as, with the ``Problem`` schema.
+
+    FastAPI puts a response's model under ``application/json`` (the media type of the
+    route's response class); a client validating a problem against the document would
+    find no schema for the type it got.
+    """
+    fallback = {"$ref": "#/components/schemas/Problem"}
+    for path in document.get("paths", {}).values():
+        for operation in path.values():
+            if not isinstance(operation, dict):
+                continue
+            for status, response in operation.get("responses", {}).items():
+                if str(status)[:1] not in ("4", "5") or not isinstance(response, dict):
+                    continue
+                content = response.setdefault("content", {})
+                schema = (content.pop("application/json", {}).get("schema")
+                          or content.get(PROBLEM_JSON, {}).get("schema") or fallback)
+                content[PROBLEM_JSON] = {"schema": schema}
+    return document

@@ -9,31 +9,55 @@ Secrets are accepted in requests and never appear in a response.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    WithJsonSchema,
+)
+
+from agentainer_flow.store.events import EVENT_TYPES
+
+from .._events import event_type
 
 __all__ = [
+    "EVENT_TYPE_NAMES",
+    "LAST_EVENT_ID_PATTERN",
+    "SEQ_PATTERN",
+    "TAG_PATTERN",
+    "TIME_RANGE_PATTERN",
     "BulkIds",
     "BulkResult",
     "BulkResults",
     "CancelBody",
     "Cancelled",
     "EventOut",
+    "EventTypeName",
     "ExecutionOut",
     "ExecutionPage",
     "Health",
     "History",
+    "Int",
     "Logs",
     "MetricsOut",
     "Problem",
     "ResumeBody",
     "RetryBody",
     "SearchBody",
+    "SecretValue",
     "StartExecution",
     "State",
     "StepOut",
     "StepSummary",
+    "Tag",
+    "TimeRange",
+    "Timestamp",
     "TokenCreate",
     "TokenCreated",
     "TokenOut",
@@ -43,11 +67,100 @@ __all__ = [
 
 Status = Literal["pending", "running", "blocked", "completed", "failed", "cancelled"]
 
+# What the API accepts is exactly what its OpenAPI document says: each constraint a route
+# checks is declared here (as a pattern, a bound or a type), so that a client validating
+# against the document, and schemathesis in our CI, find no request accepted that the
+# document calls invalid nor the other way round.
+
+#: ``?tag=KEY=VALUE``
+TAG_PATTERN = r"^[^=]+=[\s\S]*$"
+#: ``?time_range=`` of the metrics: ``30m``, ``24h``, ``1h30m``, ``3600.0s``... (what
+#: ``parse_duration`` reads, written without spaces, in lower case)
+TIME_RANGE_PATTERN = r"^([0-9]{1,12}(\.[0-9]{1,9})?(ms|s|m|h|d|w)){1,8}$"
+#: ``Last-Event-ID`` of a one-execution stream: the seq of the last message received
+SEQ_PATTERN = r"^\s*[0-9]{0,18}\s*$"
+#: ``Last-Event-ID`` of the cross-execution stream: ``<time>:<execution id>:<seq>``
+LAST_EVENT_ID_PATTERN = (r"^\s*([0-9]{1,12}(\.[0-9]{0,9})?([eE][+-]?[0-9]{1,3})?:[\s\S]*"
+                         r":[0-9]{1,18})?\s*$")
+
+# RFC 3339 (the zone may be left out: a time without one is UTC)
+_RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}"
+                      r"(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})?")
+
+
+def _rfc3339(value: Any) -> Any:
+    # pydantic alone also reads numbers and "1700000000" as unix times, and dates alone:
+    # the document says date-time, so only that is taken
+    if isinstance(value, dt.datetime):
+        return value
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ValueError("expected a date-time in RFC 3339 (ISO 8601) form, like "
+                         "'2024-05-01T12:00:00Z'")
+    # parsed here: a strict body would refuse the text itself (it is not a datetime yet)
+    return dt.datetime.fromisoformat(value.upper())  # a bad day or hour: ValueError
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+#: a time in a request: RFC 3339 only (no unix numbers); without a zone it is UTC
+Timestamp = Annotated[dt.datetime, BeforeValidator(_rfc3339), AfterValidator(_utc)]
+
+
+def _pattern_type(pattern: str, explain: str) -> Any:
+    """A text type that must match ``pattern`` (declared in the document as it is), refused
+    with ``explain`` (which says how to write it) instead of the bare pattern."""
+    # "$" of Python's re also matches before a final newline; JSON Schema's does not
+    compiled = re.compile(pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern)
+
+    def check(value: str) -> str:
+        if not compiled.search(value):
+            raise ValueError(f"cannot read {value!r}: {explain}")
+        return value
+
+    return Annotated[str, AfterValidator(check),
+                     WithJsonSchema({"type": "string", "pattern": pattern})]
+
+
+#: ``?tag=KEY=VALUE``
+Tag = _pattern_type(TAG_PATTERN, "a tag filter is written KEY=VALUE")
+#: ``?time_range=``
+TimeRange = _pattern_type(TIME_RANGE_PATTERN, "write a time range like '30m', '24h', '1h30m' "
+                          "or '7d' (units ms, s, m, h, d, w; no spaces)")
+
+
+def _whole(value: Any) -> Any:
+    # JSON has one kind of number: 228.0 is the integer 228 (as JSON Schema reads it)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: an integer of a body (strict, but 228.0 is 228)
+Int = Annotated[int, BeforeValidator(_whole)]
+#: the event types a stream may be filtered by (``step_started``, ``workflow_failed``...)
+EVENT_TYPE_NAMES: tuple[str, ...] = tuple(sorted(event_type(c) for c in EVENT_TYPES.values()))
+
+
+def _known_event_type(value: str) -> str:
+    if value not in EVENT_TYPE_NAMES:
+        raise ValueError(f"unknown event type {value!r}: one of {', '.join(EVENT_TYPE_NAMES)}")
+    return value
+
+
+#: an event type's name (an unknown one is refused: it would match nothing, silently)
+EventTypeName = Annotated[str, AfterValidator(_known_event_type),
+                          WithJsonSchema({"type": "string", "enum": list(EVENT_TYPE_NAMES)})]
+#: a secret's value: never empty (an empty value could not be kept out of the event log)
+SecretValue = Annotated[SecretStr, Field(min_length=1)]
+
 
 class _Body(BaseModel):
-    """A request body: unknown fields are refused (a typo is not silently ignored)."""
+    """A request body: unknown fields are refused (a typo is not silently ignored), and
+    values are taken as the document types them (no ``"5"`` for 5, no number for a time)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Problem(BaseModel):
@@ -77,7 +190,7 @@ class StartExecution(_Body):
     kwargs: dict[str, Any] = Field(default_factory=dict,
                                    description="Keyword constructor arguments (value trees).")
     input: Any = Field(default=None, description="The execution's input (a value tree).")
-    secrets: dict[str, SecretStr] = Field(
+    secrets: dict[str, SecretValue] = Field(
         default_factory=dict, description="Secrets for ctx.secrets: never stored in clear, "
         "never returned.")
     tags: dict[str, str] = Field(default_factory=dict)
@@ -86,7 +199,8 @@ class StartExecution(_Body):
     execution_id: str | None = None
     queue: str | None = Field(default=None, description="The queue whose workers run it "
                               "(default: 'default').")
-    priority: int = 0
+    priority: Int = Field(default=0, ge=-(2**31), le=2**31 - 1,
+                          description="Higher runs first (a 32-bit integer).")
     mode: Literal["async", "sync"] = Field(
         default="async", description="sync: answer when the execution has ended.")
 
@@ -99,10 +213,10 @@ class SearchBody(_Body):
     tags: dict[str, str] | None = None
     parent_id: str | None = None
     id_prefix: str | None = None
-    created_after: dt.datetime | None = None
-    created_before: dt.datetime | None = None
-    updated_after: dt.datetime | None = None
-    limit: int = Field(default=50, ge=1, le=1000)
+    created_after: Timestamp | None = None
+    created_before: Timestamp | None = None
+    updated_after: Timestamp | None = None
+    limit: Int = Field(default=50, ge=1, le=1000)
     cursor: str | None = Field(default=None, description="next_cursor of the previous page.")
 
 
@@ -111,7 +225,7 @@ class CancelBody(_Body):
 
 
 class ResumeBody(_Body):
-    secrets: dict[str, SecretStr] = Field(default_factory=dict)
+    secrets: dict[str, SecretValue] = Field(default_factory=dict)
     takeover: bool = Field(default=False, description="Take it over from a live holder at once.")
 
 
@@ -120,7 +234,7 @@ class RetryBody(_Body):
     before ``from_step`` (default: the step that failed; the first step if none did)."""
 
     from_step: str | None = None
-    secrets: dict[str, SecretStr] = Field(default_factory=dict)
+    secrets: dict[str, SecretValue] = Field(default_factory=dict)
     tags: dict[str, str] = Field(default_factory=dict)
     queue: str | None = None
 
@@ -273,7 +387,7 @@ class MetricsOut(BaseModel):
 
 # tokens ----------------------------------------------------------------------------------
 class TokenCreate(_Body):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, pattern=r"\S", description="Unique among live tokens.")
     scope: Literal["read", "write", "admin"] = "read"
 
 

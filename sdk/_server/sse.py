@@ -8,9 +8,11 @@ and the stream goes on right after that message: nothing missed, nothing twice.
 - Across executions: there is no global sequence in the store, so the stream has an order
   of its own: by the *effective time* of each event (the largest ``ts`` of its execution's
   events up to it, so an execution's events keep their order), then execution id, then
-  seq. The id is ``<effective time>:<execution id>:<seq>``; a reconnecting stream skips
-  what sorts at or before it. An event is sent once ``SETTLE`` seconds have passed since
-  its time, so that an append that commits a little late still sorts after what was sent.
+  seq. The id is ``<effective time>:<execution id>:<seq>`` (the execution id
+  percent-encoded: an id may hold a newline, which would end the field); a reconnecting
+  stream skips what sorts at or before it. An event is sent once ``SETTLE`` seconds have
+  passed since its time, so that an append that commits a little late still sorts after
+  what was sent.
   (An append committed more than that after its event's time, or a worker clock off by
   more, may be missed by a reconnect; a live stream never misses it.)
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -82,7 +85,7 @@ def parse_seq(last_event_id: str | None) -> int:
     text = (last_event_id or "").strip()
     if not text:
         return 0
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"Last-Event-ID {text!r} is not an event seq of this stream (a "
                          "number); send back the id of the last message received")
     return int(text)
@@ -96,7 +99,7 @@ def parse_cursor(last_event_id: str | None) -> Cursor | None:
     head, _, rest = text.partition(":")
     execution_id, _, seq = rest.rpartition(":")
     try:
-        return float(head), execution_id, int(seq)
+        return float(head), urllib.parse.unquote(execution_id), int(seq)
     except ValueError:
         raise ValueError(f"Last-Event-ID {text!r} is not a position of this stream "
                          "(<time>:<execution id>:<seq>); send back the id of the last "
@@ -204,7 +207,7 @@ async def workflow_events(
                     batch.append((key, stored))
         batch.sort(key=lambda item: item[0])
         for key, stored in batch:
-            event_id = f"{key[0]!r}:{key[1]}:{key[2]}"
+            event_id = f"{key[0]!r}:{urllib.parse.quote(key[1], safe='')}:{key[2]}"
             yield message(_event_json(stored), id=event_id)
         checked_at = started
         if not follow:

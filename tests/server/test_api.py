@@ -204,7 +204,7 @@ def test_workflows_and_their_dags(sqlite_stack: Stack) -> None:
     assert steps["aggregate"]["reduce"] and steps["aggregate"]["depends_on"] == ["process"]
     assert steps["fetch"]["timeout"] == 600
     assert {"data_workflow", "ticker", "needs_secret"} <= set(workflows)
-    assert missing.status_code == 422 and missing.json()["code"] == "workflow_not_registered"
+    assert missing.status_code == 404 and missing.json()["code"] == "workflow_not_registered"
 
 
 def test_the_openapi_document(sqlite_stack: Stack) -> None:
