@@ -546,10 +546,14 @@ class EventStore(ABC):
         """
         seq = after_seq
         renew_at = 0.0
+        settled_at = 0.0
         while True:
             if time.monotonic() >= renew_at:  # before reading: no append falls between
                 await self.watch(execution_id)
                 renew_at = time.monotonic() + WATCH_SECONDS / 3
+                # ...except one whose statement began before the watch was committed: it is
+                # not announced; look again shortly rather than wait for the next one
+                settled_at = time.monotonic() + 0.25
             watch = self._watch(execution_id)
             batch = await self.load(execution_id, seq)
             for stored in batch:
@@ -563,7 +567,8 @@ class EventStore(ABC):
                     if record is None or record.last_seq <= seq:
                         return
                     continue
-                await self.wait_for_change(execution_id, 1.0, watch=watch)
+                timeout = 0.05 if time.monotonic() < settled_at else 1.0
+                await self.wait_for_change(execution_id, timeout, watch=watch)
 
 
 def _is_terminal_event(event: Event) -> bool:
