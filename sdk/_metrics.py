@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -104,7 +105,7 @@ def _labels(names: Sequence[str], values: Sequence[str]) -> str:
 
 
 @dataclass
-class _Family:
+class _Family(ABC):
     name: str
     help: str
     kind: str  # counter | gauge | histogram
@@ -119,8 +120,9 @@ class _Family:
         text = self.help.replace("\\", "\\\\").replace("\n", "\\n")
         return [f"# HELP {self.name} {text}", f"# TYPE {self.name} {self.kind}"]
 
+    @abstractmethod
     def lines(self) -> list[str]:
-        raise NotImplementedError
+        """The family's samples in the text exposition format."""
 
 
 @dataclass
