@@ -6,8 +6,11 @@ the workers in parallel and shares WAL flushes between concurrent commits; write
 up while every worker is busy are committed together, one transaction per worker (group
 commit). Why threads and the sync driver: measured on a 2-core machine, an operation's
 round trips cost about half the CPU on a sync psycopg connection that they cost on psycopg's
-async one, and handing the operation to a waiting thread adds next to nothing; SQLAlchemy's
-async engine (greenlet adapter, pool, events) cost several times more. Statements are
+async one; SQLAlchemy's async engine (greenlet adapter, pool, events) cost several times
+more. A hand-off to a waiting thread does cost wall time (two thread wake-ups, about 0.1 ms
+here), which a caller alone pays on every step: so a write runs on the caller's own thread,
+on an idle worker's connection, when nothing else waits on its event loop and no other
+operation is under way (``_serve_inline``). Statements are
 SQLAlchemy Core compiled once for the postgresql dialect, with bound parameters; psycopg
 prepares each one on a connection after a few uses.
 
@@ -177,6 +180,10 @@ class PostgresEventStore(SQLEventStore):
             ``?retry_for=60`` in the URL. Default 60.
         create: create the schema in a database that has none; ``False`` makes that an
             error, so that reading from a mistyped database does not create a store.
+        inline: let a write run on the caller's thread when nothing else waits on its
+            event loop (one caller alone, e.g. a chain of steps), which saves a thread
+            hand-off; ``?inline=0`` in the URL turns it off (an operation then never
+            holds the event loop).
     """
 
     def __init__(
@@ -189,6 +196,7 @@ class PostgresEventStore(SQLEventStore):
         listen: bool = True,
         retry_for: float | None = None,
         create: bool = True,
+        inline: bool = True,
     ) -> None:
         super().__init__()
         self.create = create
@@ -220,8 +228,17 @@ class PostgresEventStore(SQLEventStore):
                     pool_size = number
                 else:
                     max_overflow = number
+        if "inline" in query:
+            raw = query["inline"]
+            flag = (raw if isinstance(raw, str) else raw[-1]).lower()
+            if flag not in ("0", "1", "true", "false"):
+                raise StoreUnavailableError(
+                    f"inline in the store URL must be 0 or 1, got {raw!r}"
+                )
+            inline = flag in ("1", "true")
         parsed = parsed.difference_update_query(
-            [k for k in parsed.query if k.lower() in ("retry_for", "pool_size", "max_overflow")]
+            [k for k in parsed.query
+             if k.lower() in ("retry_for", "pool_size", "max_overflow", "inline")]
         )
         self._url = parsed.set(drivername="postgresql+psycopg")
         #: the URL with the password masked, for messages
@@ -248,6 +265,13 @@ class PostgresEventStore(SQLEventStore):
         self._listen_stop: tuple[socket.socket, socket.socket] | None = None
         self._listening = False
         self._listen_connects = 0  # how many times LISTEN (re)connected, for tests
+        #: operations handed to worker threads and not yet answered (by this loop's callers)
+        self._inflight = 0
+        #: whether a write may run on the caller's thread when nothing else waits (see
+        #: ``_serve_inline``); ``?inline=0`` in the URL turns it off
+        self.inline = inline
+        #: writes run on the caller's thread, for tests and diagnostics
+        self.inline_count = 0
 
     # lifecycle --------------------------------------------------------------------------
     async def open(self) -> None:
@@ -566,7 +590,47 @@ class PostgresEventStore(SQLEventStore):
     async def _submit(self, op: Callable[[_Tx], T], kind: int) -> T:
         """Run ``op`` once on an idle worker (started if there is none and the pool has
         room), or when one is free."""
-        request = _Request(op, kind, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        request = _Request(op, kind, loop)
+        if kind != _READ and self._inflight == 0 and self.inline and _loop_idle(loop):
+            ok, value = self._serve_inline(request)
+            if ok is not None:
+                if ok:
+                    result: T = value
+                    return result
+                raise value
+        self._inflight += 1
+        try:
+            result = await self._submit_to_worker(request)
+            return result
+        finally:
+            self._inflight -= 1
+
+    def _serve_inline(self, request: _Request) -> tuple[bool | None, Any]:
+        """Run a write on this thread with an idle worker's open connection: (ok, result),
+        or (None, None) if no worker is idle with a connection.
+
+        Only when nothing else waits on this event loop and no other operation of this
+        store is under way (``_submit``): then blocking the loop for the write's round trip
+        delays no one, and it saves the two thread wake-ups of a hand-off (measured: a
+        sequential append 0.54 -> 0.38 ms, a chain of trivial steps 1,400 -> 2,300 steps/s).
+        Reads are never run here: a long history would hold the loop.
+        """
+        with self._lock:
+            worker = self._idle.pop() if self._open and self._idle else None
+        if worker is None:
+            return None, None
+        try:
+            if worker.tx is None:  # opening a connection takes a while: not on this thread
+                return None, None
+            self.inline_count += 1
+            return self._serve(worker, request)
+        finally:
+            with self._lock:
+                if self._open:  # else close() has told its thread to stop
+                    self._idle.append(worker)
+
+    async def _submit_to_worker(self, request: _Request) -> Any:
         with self._lock:
             if not self._open:
                 raise StoreError("the PostgreSQL store is not open: use `async with store:` first")
@@ -579,8 +643,7 @@ class PostgresEventStore(SQLEventStore):
                 self._backlog.append(request)
         if worker is not None:
             worker.inbox.put(request)
-        result: T = await request.future
-        return result
+        return await request.future
 
     def _start_worker(self) -> _Worker:
         """A new worker and its thread (called under ``_lock``)."""
@@ -701,6 +764,25 @@ class PostgresEventStore(SQLEventStore):
         error.__cause__ = exc
         return error
 
+    async def _write_one(self, op: Callable[[Tx], T]) -> T:
+        return await self._run(op, _STATEMENT)  # in autocommit: one round trip
+
+    def _insert_new(
+        self,
+        tx: Tx,
+        insert: Prepared,
+        insert_events: Prepared,
+        row: Mapping[str, Any],
+        first: Mapping[str, Any],
+    ) -> bool:
+        # One statement (a CTE: the row's insert, and the first event's from it) in
+        # autocommit instead of BEGIN, two inserts and COMMIT.
+        columns = tuple(row)
+        create = self._stmt(("create_one", columns), lambda: _create_statement(columns))
+        values = {**row, "ev_type": first["type"], "ev_data": first["data"],
+                  "encoding": first["encoding"]}
+        return tx.first(create, values) is not None
+
     def _insert_ignore(self) -> sa.Insert:
         return (
             pg_insert(executions)
@@ -812,6 +894,35 @@ class PostgresEventStore(SQLEventStore):
                 ev.set()
 
 
+def _create_statement(columns: tuple[str, ...]) -> sa.Select[Any]:
+    """A new execution's row (``ON CONFLICT DO NOTHING``, announced) and its first event,
+    in one statement: the event is inserted only if the row was."""
+    created = (
+        pg_insert(executions)
+        .values({name: sa.bindparam(name, type_=executions.c[name].type) for name in columns})
+        .on_conflict_do_nothing()
+        .returning(executions.c.id, executions.c.created_at, executions.c.last_chain,
+                   sa.func.pg_notify(sa.literal(CHANNEL, sa.Text), executions.c.id))
+        .cte("created")
+    )
+    first = sa.select(
+        created.c.id,
+        sa.literal(1, sa.Integer),
+        sa.bindparam("ev_type", type_=sa.Text),
+        sa.bindparam("encoding", type_=sa.Integer),
+        sa.bindparam("ev_data", type_=sa.LargeBinary),
+        created.c.created_at,
+        created.c.last_chain,
+    ).select_from(created)
+    inserted = (
+        sa.insert(events_table)
+        .from_select(["execution_id", "seq", "type", "encoding", "data", "created_at", "chain"],
+                     first)
+        .cte("first_event")
+    )
+    return sa.select(created.c.id).add_cte(inserted)
+
+
 def _transient(exc: BaseException, lost: bool) -> bool:
     """Whether trying again may succeed: a server error saying the connection is gone or
     the server is restarting, or a lost connection (not a refused login)."""
@@ -856,6 +967,13 @@ def _in_transaction(worker: _Worker, op: Callable[[_Tx], T], tx: _Tx) -> T:
     finally:
         if worker.conn is not None:
             conn.autocommit = True
+
+
+def _loop_idle(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether no callback is ready to run on ``loop`` but the current one (the asyncio
+    event loop's own queue; an event loop without one, like uvloop's, never counts as idle)."""
+    ready = getattr(loop, "_ready", None)
+    return ready is not None and not ready
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:

@@ -496,6 +496,26 @@ class SQLEventStore(EventStore):
         Transient failures are retried (:meth:`_ride_out`, which calls ``resolve``).
         """
 
+    async def _write_one(self, op: Callable[[Tx], T]) -> T:
+        """Run ``op``, a write whose every change is made by one statement (the others
+        only read), so that a backend may run it without a transaction of its own."""
+        return await self._write(op)
+
+    def _insert_new(
+        self,
+        tx: Tx,
+        insert: Prepared,
+        insert_events: Prepared,
+        row: Mapping[str, Any],
+        first: Mapping[str, Any],
+    ) -> bool:
+        """Insert a new execution's row (if its id and key are free) and its first event;
+        whether it was new."""
+        if tx.first(insert, row) is None:
+            return False
+        tx.executemany(insert_events, [first])
+        return True
+
     @abstractmethod
     async def _read(self, op: Callable[[Tx], T]) -> T:
         """Run ``op`` on a read-only connection."""
@@ -594,8 +614,7 @@ class SQLEventStore(EventStore):
         def op(tx: Tx) -> tuple[ExecutionRecord, bool]:
             # Insert first: a new execution is the common case, and ON CONFLICT makes a
             # concurrent create with the same id or key wait, then do nothing.
-            if tx.first(insert, row) is not None:
-                tx.executemany(insert_events, [first])
+            if self._insert_new(tx, insert, insert_events, row, first):
                 return new.record(t, chain), True
             existing = tx.first(get, {"id": new.id})
             if existing is None and new.idempotency_key is not None:
@@ -604,7 +623,7 @@ class SQLEventStore(EventStore):
                 raise StoreError(f"could not create execution {new.id!r}; try again")
             return record_from_row(existing), False
 
-        record, created = await self._write(op)
+        record, created = await self._write_one(op)
         if created:
             self._chains.put(new.id, 1, chain)
             self._notify(new.id)

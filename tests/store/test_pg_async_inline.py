@@ -1,0 +1,168 @@
+"""Postgres writes on the caller's thread (``PostgresEventStore._serve_inline``): used only
+when the caller is alone, never while other work waits on the event loop, off with
+``?inline=0``, and as safe as the threaded path through cut connections."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from agentainer_flow.store import (
+    ExecutionStatus,
+    NewExecution,
+    StoreUnavailableError,
+    create_store,
+)
+from agentainer_flow.store.events import ExecutionStarted, StepCompleted, StepStarted
+from agentainer_flow.store.postgres import PostgresEventStore
+
+from .test_outages import Proxy, captured_logs, named
+from .test_outages import proxy as proxy  # the fixture
+
+pytestmark = pytest.mark.postgres
+
+
+async def _create(store: Any, eid: str) -> None:
+    await store.create_execution(
+        NewExecution(id=eid, workflow_name="wf"), ExecutionStarted(workflow_name="wf")
+    )
+
+
+def _step(i: int) -> list[Any]:
+    return [StepStarted(step=f"s{i}"), StepCompleted(step=f"s{i}", result=i)]
+
+
+async def _append_steps(store: Any, eid: str, n: int) -> None:
+    seq = 2
+    for i in range(n):
+        await store.append(eid, seq, _step(i), status=ExecutionStatus.RUNNING)
+        seq += 2
+
+
+async def _check_history(store: Any, eid: str, n: int) -> None:
+    history = await store.load(eid)  # load verifies the hash chain
+    assert [s.seq for s in history] == list(range(1, 2 * n + 2))
+    assert [s.event for s in history[1:]] == [e for i in range(n) for e in _step(i)]
+    record = await store.get_execution(eid)
+    assert record is not None and record.last_seq == 2 * n + 1
+
+
+async def test_a_lone_caller_writes_on_its_own_thread(postgres_url: str) -> None:
+    async with create_store(postgres_url) as store:
+        assert isinstance(store, PostgresEventStore)
+        await _create(store, "warm")  # opens a worker's connection (never inline)
+        before = store.inline_count
+        await _create(store, "x")
+        await _append_steps(store, "x", 20)
+        assert store.inline_count - before == 21  # the create and every append
+        await _check_history(store, "x", 20)
+
+
+async def test_inline_off_in_the_url(postgres_url: str) -> None:
+    url = sa.make_url(postgres_url).update_query_dict({"inline": "0"})
+    async with create_store(url.render_as_string(hide_password=False)) as store:
+        assert isinstance(store, PostgresEventStore) and store.inline is False
+        await _create(store, "x")
+        await _append_steps(store, "x", 10)
+        assert store.inline_count == 0
+        await _check_history(store, "x", 10)
+    bad = sa.make_url(postgres_url).update_query_dict({"inline": "maybe"})
+    with pytest.raises(StoreUnavailableError, match="inline in the store URL must be 0 or 1"):
+        PostgresEventStore(bad.render_as_string(hide_password=False))
+
+
+async def test_never_while_other_work_is_ready(postgres_url: str) -> None:
+    """A callback ready on the loop (another task, an I/O event) keeps the write off it."""
+    async with create_store(postgres_url) as store:
+        assert isinstance(store, PostgresEventStore)
+        await _create(store, "x")
+        await _append_steps(store, "x", 1)
+        before = store.inline_count
+        ran: list[int] = []
+        loop = asyncio.get_running_loop()
+        for i in range(1, 6):
+            loop.call_soon(ran.append, i)  # ready before the append is submitted
+            await store.append("x", 2 * i + 2, _step(i))
+        assert store.inline_count == before and ran == [1, 2, 3, 4, 5]
+        await _check_history(store, "x", 6)
+
+
+async def test_many_callers_at_once_share_the_threads(postgres_url: str) -> None:
+    """Fifty executions appending together: all land, in order, once; most writes go to
+    the worker threads (and some commit together)."""
+    async with create_store(postgres_url + "?pool_size=2") as store:
+        assert isinstance(store, PostgresEventStore)
+        ids = [f"c{i}" for i in range(50)]
+        await asyncio.gather(*(_create(store, eid) for eid in ids))
+        before = store.inline_count
+        await asyncio.gather(*(_append_steps(store, eid, 10) for eid in ids))
+        for eid in ids:
+            await _check_history(store, eid, 10)
+        assert store.inline_count - before < 250  # of 500 appends
+        assert store.batch_count > 0
+
+
+async def test_an_inline_append_cut_after_its_commit_is_recognised(
+    postgres_url: str, proxy: Proxy
+) -> None:
+    """The connection drops after the server committed an append run inline: the retry
+    (on a thread, with a new connection) recognises its own events; nothing is doubled."""
+    async with create_store(proxy.url(postgres_url)) as store:
+        assert isinstance(store, PostgresEventStore)
+        await _create(store, "warm")
+        await _create(store, "x")
+        await _append_steps(store, "x", 3)
+        before = store.inline_count
+        proxy.arm(b"WITH appended AS")
+        with captured_logs() as logs:
+            result = await asyncio.wait_for(store.append("x", 8, _step(3)), 120)
+        assert proxy.cut.is_set() and store.inline_count > before
+        assert result.last_seq == 9
+        assert named(logs, "store_append_resolved")
+        await _check_history(store, "x", 4)
+        await store.append("x", 10, _step(4))  # and it goes on from there
+        await _check_history(store, "x", 5)
+
+
+async def test_an_inline_create_cut_after_its_commit_exists_once(
+    postgres_url: str, proxy: Proxy
+) -> None:
+    async with create_store(proxy.url(postgres_url)) as store:
+        assert isinstance(store, PostgresEventStore)
+        await _create(store, "warm")
+        proxy.arm(b"WITH created AS")
+        record, _ = await asyncio.wait_for(
+            store.create_execution(
+                NewExecution(id="x", workflow_name="wf"), ExecutionStarted(workflow_name="wf")
+            ),
+            120,
+        )
+        assert proxy.cut.is_set() and record.id == "x"
+        assert [s.seq for s in await store.load("x")] == [1]
+        await _append_steps(store, "x", 2)
+        await _check_history(store, "x", 2)
+
+
+async def test_terminated_backends_between_inline_writes(
+    postgres_url: str, postgres_server: str
+) -> None:
+    admin = sa.make_url(postgres_server).set(drivername="postgresql")
+    name = sa.make_url(postgres_url).database
+    async with create_store(postgres_url) as store:
+        assert isinstance(store, PostgresEventStore)
+        await _create(store, "x")
+        seq = 2
+        for i in range(12):
+            if i % 3 == 0:
+                with psycopg.connect(admin.render_as_string(hide_password=False),
+                                     autocommit=True) as conn:
+                    conn.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+            await store.append("x", seq, _step(i))
+            seq += 2
+        await _check_history(store, "x", 12)
