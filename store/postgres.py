@@ -10,7 +10,10 @@ async one; SQLAlchemy's async engine (greenlet adapter, pool, events) cost sever
 more. A hand-off to a waiting thread does cost wall time (two thread wake-ups, about 0.1 ms
 here), which a caller alone pays on every step: so a write runs on the caller's own thread,
 on an idle worker's connection, when nothing else waits on its event loop and no other
-operation is under way (``_serve_inline``). Statements are
+operation is under way (``_serve_inline``). The appends and creates that several tasks make
+in one turn of the event loop go to one worker together, as one transaction (``_dispatch``):
+a worker process running many executions pays one thread wake-up and one commit for them
+all. Statements are
 SQLAlchemy Core compiled once for the postgresql dialect, with bound parameters; psycopg
 prepares each one on a connection after a few uses.
 
@@ -272,6 +275,9 @@ class PostgresEventStore(SQLEventStore):
         self.inline = inline
         #: writes run on the caller's thread, for tests and diagnostics
         self.inline_count = 0
+        #: whether the appends made in one turn of the event loop go to a worker together
+        self.coalesce = True
+        self._coalescing: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
 
     # lifecycle --------------------------------------------------------------------------
     async def open(self) -> None:
@@ -601,10 +607,45 @@ class PostgresEventStore(SQLEventStore):
                 raise value
         self._inflight += 1
         try:
-            result = await self._submit_to_worker(request)
+            if kind == _STATEMENT and self.coalesce:
+                # gathered until the callbacks ready now have run: the appends and creates
+                # that other tasks make in this turn of the loop go to one worker together
+                pending = self._coalescing.setdefault(loop, [])
+                pending.append(request)
+                if len(pending) == 1:
+                    loop.call_soon(self._dispatch, loop)
+                result = await request.future
+            else:
+                result = await self._submit_to_worker(request)
             return result
         finally:
             self._inflight -= 1
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand the writes gathered in this turn of ``loop`` to a worker: alone, or together
+        in one transaction (one commit, one thread wake-up for all of them)."""
+        pending = self._coalescing.pop(loop, [])
+        pending = [r for r in pending if not r.future.done()]  # callers cancelled meanwhile
+        if not pending:
+            return
+        chunk, rest = pending[:_MAX_BATCH], pending[_MAX_BATCH:]
+        with self._lock:
+            closed = not self._open
+            if closed:
+                worker: _Worker | None = None
+            elif self._idle:
+                worker = self._idle.pop()
+            elif len(self._workers) < self._max_workers:
+                worker = self._start_worker()
+            else:
+                worker, rest = None, pending
+            if not closed:
+                self._backlog.extend(rest)  # the next worker to finish takes them
+        if worker is not None:
+            worker.inbox.put(chunk if len(chunk) > 1 else chunk[0])
+        if closed:
+            for request in pending:
+                _resolve(request, False, StoreError("the PostgreSQL store was closed"))
 
     def _serve_inline(self, request: _Request) -> tuple[bool | None, Any]:
         """Run a write on this thread with an idle worker's open connection: (ok, result),

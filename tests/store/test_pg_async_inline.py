@@ -106,6 +106,30 @@ async def test_many_callers_at_once_share_the_threads(postgres_url: str) -> None
         assert store.batch_count > 0
 
 
+async def test_appends_of_one_loop_turn_commit_together(postgres_url: str) -> None:
+    """Ten appends started in the same turn of the loop reach one worker as one batch (one
+    transaction); with coalescing off they are still all written, once and in order."""
+    for coalesce in (True, False):
+        async with create_store(postgres_url) as store:
+            assert isinstance(store, PostgresEventStore)
+            store.coalesce = coalesce
+            ids = [f"t{coalesce}{i}" for i in range(10)]
+            for eid in ids:
+                await _create(store, eid)
+            batches = store.batch_count
+            await asyncio.gather(*(_append_steps(store, eid, 1) for eid in ids))
+            if coalesce:
+                assert store.batch_count - batches == 1
+            for eid in ids:
+                await _check_history(store, eid, 1)
+            # a second round, chained on the first: seq 4 for each
+            await asyncio.gather(
+                *(store.append(eid, 4, _step(1), status=ExecutionStatus.RUNNING) for eid in ids)
+            )
+            for eid in ids:
+                assert [s.seq for s in await store.load(eid)] == [1, 2, 3, 4, 5]
+
+
 async def test_an_inline_append_cut_after_its_commit_is_recognised(
     postgres_url: str, proxy: Proxy
 ) -> None:
