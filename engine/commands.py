@@ -965,7 +965,7 @@ class ChildWorkflowHandle:
         if self._final is None:
             runner = self._rt.runner
             try:
-                outcome = await runner.engine.wait_outcome(self.id)
+                outcome = await runner.wait_for_child(self.id)
             except BaseException:
                 if not runner.leaves_agents:
                     await runner.engine.cancel(self.id)

@@ -40,6 +40,7 @@ from agentainer_flow.store.events import (
 )
 
 from . import values
+from ._testhooks import reach
 from .clock import Clock
 from .errors import (
     ConfigurationError,
@@ -56,7 +57,7 @@ from .errors import (
 from .history import ExecutionState, effective_deps, shape_divergence
 from .leases import holder_is_dead, lease_seconds_from_env, make_owner_id
 from .observe import Observer, combine, default_observer
-from .runner import Runner
+from .runner import Runner, child_check_back_from_env
 from .runtimes.base import AgentRuntime, store_label
 from .secrets import Redactor, encrypt_secrets, resolve_secrets
 from .spec import (
@@ -178,6 +179,9 @@ class Engine:
         #: go (lease released, memory freed) for a worker to claim when it is due; ``None``
         #: (the default, for runs that callers wait on in this process) never suspends
         self.suspend_after: float | None = None
+        #: seconds: an execution let go while it waits for a child is claimed again this
+        #: late at the latest (it is woken when the child ends; see ``CHILD_CHECK_BACK``)
+        self.child_check_back = child_check_back_from_env()
         #: set by a worker that shuts down: no new step attempt starts; an execution whose
         #: running attempts are done is handed back (``ExecutionSuspended``)
         self.draining = False
@@ -365,7 +369,11 @@ class Engine:
             self._ensure_renewer()
             if self.store.url != "memory://" and len(history) > 1:
                 log.info("execution_resumed", execution_id=execution_id, events=len(history))
-            return await runner.run()
+            outcome = await runner.run()
+            if started.parent_id is not None and runner.finished:
+                reach("child.ended")  # a crash here: the parent's check-back finds it
+                await self._wake(started.parent_id)
+            return outcome
         finally:
             if runner is None or not runner.finished:
                 # stopped without an outcome (blocked, diverged, store down, shut down):
@@ -574,22 +582,58 @@ class Engine:
     # children ---------------------------------------------------------------------------
     async def ensure_child(self, child_id: str, workflow: object, *, parent: Runner,
                            input: Any, tags: Mapping[str, str] | None) -> None:
-        """Create (once) and run the child execution of a ``ctx.run_workflow`` command."""
+        """Create (once) the child execution of a ``ctx.run_workflow`` command, and run it.
+
+        Here, as a task of this process, unless the engine suspends (a worker's): then the
+        child is left for the workers of its parent's queue, like any queued execution,
+        so that the parent can let go while it runs (see ``Runner.wait_for_child``).
+        """
         secrets = dict(self._secrets.get(parent.execution_id) or {})
-        await self.start(workflow, input=input, tags=tags, secrets=secrets,
-                         execution_id=child_id, parent_id=parent.execution_id)
-        self.launch(child_id, secrets=secrets, workflow=workflow)
+        if self.suspend_after is None:
+            await self.start(workflow, input=input, tags=tags, secrets=secrets,
+                             execution_id=child_id, parent_id=parent.execution_id)
+            self.launch(child_id, secrets=secrets, workflow=workflow)
+            return
+        record = parent.record
+        _, created = await self.start(
+            workflow, input=input, tags=tags, secrets=secrets, execution_id=child_id,
+            parent_id=parent.execution_id, run_here=False, queue=record.queue,
+            priority=record.priority, concurrency_key=record.concurrency_key)
+        if created and child_id not in self.tasks:
+            # whichever worker claims it rebuilds it and finds its secrets, as for any
+            # queued execution; kept here, they would pile up for the ones run elsewhere
+            self._objects.pop(child_id, None)
+            self._secrets.pop(child_id, None)
+
+    async def _wake(self, execution_id: str) -> None:
+        """Make a suspended execution due now (a child of it ended, or it was cancelled);
+        if this fails, its own check-back timer finds what changed."""
+        try:
+            with self.observer.time_store("wake"):
+                await self.store.wake(execution_id)
+        except StoreError as exc:
+            log.warning("execution_wake_failed", execution_id=execution_id, error=str(exc))
 
     # waiting and cancelling -------------------------------------------------------------
-    async def wait_outcome(self, execution_id: str) -> Outcome:
+    async def wait_outcome(self, execution_id: str, *, follow: bool = False) -> Outcome:
         """How the execution ended, waiting for it (in this process or in the store).
 
-        Raises ``ExecutionBlockedError`` for an execution that waits for a secret.
+        A run of this process that lets the execution go without an outcome (suspended,
+        handed back, taken over) is followed in the store. One that stopped here (it
+        diverged, a store error...) raises why, unless ``follow``: then only the store's
+        outcome counts, as for a worker's child, which another worker may run. Raises
+        ``ExecutionBlockedError`` for an execution that waits for a secret.
         """
         task = self.tasks.get(execution_id)
         if task is not None:
-            return await asyncio.shield(task)
-        stopped = self._stopped.get(execution_id)
+            try:
+                return await asyncio.shield(task)
+            except (ExecutionSuspended, LeaseLostError, AppendConflictError):
+                pass  # let go here: its outcome comes through the store
+            except Exception:
+                if not follow:
+                    raise
+        stopped = None if follow else self._stopped.get(execution_id)
         if stopped is not None:
             raise stopped
         seq = 0
@@ -616,6 +660,8 @@ class Engine:
         runner = self.runners.get(execution_id)
         if runner is not None:
             runner.request_cancel(reason)
+        elif ok:  # suspended (asleep, waiting for a child): claimed again now, to stop
+            await self._wake(execution_id)
         return ok
 
     async def shutdown(self) -> None:

@@ -20,25 +20,32 @@ import uuid
 
 from .runtimes._supervisor import boot_id, proc_stat
 
-__all__ = ["DEFAULT_LEASE_SECONDS", "holder_is_dead", "lease_seconds_from_env", "make_owner_id"]
+__all__ = ["DEFAULT_LEASE_SECONDS", "holder_is_dead", "lease_seconds_from_env", "make_owner_id",
+           "seconds_from_env"]
 
 #: how long a lease lasts without renewal; renewed every third of it
 DEFAULT_LEASE_SECONDS = 30.0
 _ENV = "FLOW_LEASE_SECONDS"
 
 
-def lease_seconds_from_env() -> float:
-    """``$FLOW_LEASE_SECONDS`` if set (for tests and tuning), else the default."""
-    raw = os.environ.get(_ENV)
+def seconds_from_env(name: str, default: float) -> float:
+    """``$name`` as a positive, finite number of seconds if set (for tests and tuning), else
+    ``default``; a value that is not one raises ``ValueError`` naming the variable."""
+    raw = os.environ.get(name)
     if not raw:
-        return DEFAULT_LEASE_SECONDS
+        return default
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{_ENV}={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ValueError(f"{_ENV} must be positive, got {raw!r}")
+        raise ValueError(f"{name}={raw!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a positive number of seconds, got {raw!r}")
     return value
+
+
+def lease_seconds_from_env() -> float:
+    """``$FLOW_LEASE_SECONDS`` if set, else the default."""
+    return seconds_from_env(_ENV, DEFAULT_LEASE_SECONDS)
 
 
 def _host() -> str:

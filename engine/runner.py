@@ -27,6 +27,8 @@ from agentainer_flow.store.base import UNSET, ExecutionRecord, ExecutionStatus, 
 from agentainer_flow.store.errors import LeaseLostError, StoreError
 from agentainer_flow.store.events import (
     CancelRequested,
+    ChildWorkflowCompleted,
+    ChildWorkflowStarted,
     Event,
     ExecutionCancelled,
     ExecutionCompleted,
@@ -50,6 +52,7 @@ from .errors import (
     StepTimeoutError,
 )
 from .history import CommandKey, ExecutionState, effective_deps, shape_divergence
+from .leases import seconds_from_env
 from .observe import NOOP, AttemptRef, attempt_outcome, run_stop_reason
 from .secrets import Redactor, SecretStore
 from .spec import RetryPolicy, StepSpec, WorkflowSpec
@@ -57,15 +60,27 @@ from .spec import RetryPolicy, StepSpec, WorkflowSpec
 if TYPE_CHECKING:
     from .engine import Engine, Outcome
 
-__all__ = ["Runner"]
+__all__ = ["CHILD_CHECK_BACK", "Runner", "child_check_back_from_env"]
 
 log = get_logger("agentainer_flow")
 _NAME_SAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
 
+#: seconds: an execution let go while it waits for a child workflow is claimed again this
+#: late at the latest, to look whether the child ended (it is woken as soon as the child
+#: ends; this covers a process that died between the child's end and that wake-up).
+#: ``$FLOW_CHILD_CHECK_BACK`` overrides it (``Engine.child_check_back``).
+CHILD_CHECK_BACK = 30.0
+_CHECK_BACK_ENV = "FLOW_CHILD_CHECK_BACK"
+
+
+def child_check_back_from_env() -> float:
+    """``$FLOW_CHILD_CHECK_BACK`` if set (for tests and tuning), else ``CHILD_CHECK_BACK``."""
+    return seconds_from_env(_CHECK_BACK_ENV, CHILD_CHECK_BACK)
+
 
 class _Suspend(EngineSignal):
-    """Every in-flight instance sleeps until at least ``wake_at``: let the execution go
-    (``None``: the engine drains, and nothing runs here any more)."""
+    """Every in-flight instance sleeps (or waits for a child) until at least ``wake_at``:
+    let the execution go (``None``: the engine drains, and nothing runs here any more)."""
 
     def __init__(self, wake_at: float | None) -> None:
         super().__init__()
@@ -158,8 +173,13 @@ class Runner:
         self._pending: list[Event] = []
         self._after_flush: list[Callable[[], Awaitable[None]]] = []
         self._cleanups: set[asyncio.Task[None]] = set()
-        #: sleeping instances: the task awaiting ``ctx.sleep`` -> when it fires
+        #: sleeping instances: the task awaiting ``ctx.sleep`` -> when it fires (or
+        #: awaiting a child workflow -> when to look at it again)
         self._sleeping: dict[asyncio.Task[Any], float] = {}
+        #: instances waiting for a child workflow: the task -> the child's id
+        self._awaited: dict[asyncio.Task[Any], str] = {}
+        #: the body of an attempt with a deadline runs as its own task: it -> the attempt's
+        self._bodies: dict[asyncio.Task[Any], asyncio.Task[Any]] = {}
         self._suspended = False
         self._flush_lock = asyncio.Lock()
         self._status: ExecutionStatus | None = (
@@ -173,8 +193,9 @@ class Runner:
         self._open: list[str] = []  # steps with instances to run, in start order
         self._starting: list[tuple[StepSpec, int, int]] = []  # attempts to launch after flush
         self._new_attempts: set[CommandKey] = set()  # started by this run (not resumed)
-        self._cancel_wanted = False
-        self._cancel_reason = ""
+        # a cancel requested while no run held the execution (e.g. let go, asleep)
+        self._cancel_wanted = record.cancel_requested
+        self._cancel_reason = "requested" if record.cancel_requested else ""
         self._short_id = _NAME_SAFE.sub("-", self.execution_id)[:40]
         self._log = log.bind(execution_id=self.execution_id, workflow=spec.name)
         #: the patch ids this code names (``ctx.patched``), declared by its new executions
@@ -416,6 +437,7 @@ class Runner:
                 await self._wait(next_retry, deadline_task)
             return await self._finish()
         except _Suspend as suspend:
+            children = {c for t, c in self._awaited.items() if t in self._tasks}
             self._suspended = True  # the sleeping instances are dropped, agents left alone
             await self._cancel_tasks()
             if suspend.wake_at is None:
@@ -423,8 +445,16 @@ class Runner:
                 self._log.info("execution_handed_back")
                 raise ExecutionSuspended(self.execution_id, None) from None
             await self.flush(wake_at=suspend.wake_at)
-            self._log.info("execution_suspended", wake_at=suspend.wake_at)
-            raise ExecutionSuspended(self.execution_id, suspend.wake_at) from None
+            wake_at = suspend.wake_at
+            if await self._woken_meanwhile(children):
+                try:
+                    if await self.store.wake(self.execution_id):
+                        wake_at = self.clock.now()
+                except StoreError:
+                    pass  # claimed again at the wake-up time written
+            self._log.info("execution_suspended", wake_at=wake_at,
+                           waiting_for=sorted(children))
+            raise ExecutionSuspended(self.execution_id, wake_at) from None
         except _Aborted:
             await self._cancel_tasks()
             assert self._fatal is not None
@@ -787,6 +817,9 @@ class Runner:
 
     async def _with_deadline(self, coro: Any, deadline: float, step: StepSpec) -> Any:
         body = asyncio.ensure_future(coro)
+        attempt = asyncio.current_task()
+        if attempt is not None:  # its sleeps and child waits are the attempt's
+            self._bodies[body] = attempt
         timer = asyncio.ensure_future(self.clock.sleep_until(deadline))
         try:
             await asyncio.wait({body, timer}, return_when=asyncio.FIRST_COMPLETED)
@@ -804,6 +837,7 @@ class Runner:
             if not body.done():
                 body.cancel()
                 await asyncio.gather(body, return_exceptions=True)
+            self._bodies.pop(body, None)
 
     def _wakeup(self, *_: object) -> None:
         """Wake the scheduler loop (an instance finished, a cancel or a fatal error)."""
@@ -811,23 +845,70 @@ class Runner:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _attempt_task(self) -> asyncio.Task[Any] | None:
+        """The task of the attempt the caller runs in (its own, or its body's)."""
+        task = asyncio.current_task()
+        return None if task is None else self._bodies.get(task, task)
+
     def sleeping(self, fire_at: float) -> None:
         """The calling instance waits for a durable timer until ``fire_at``."""
-        task = asyncio.current_task()
+        task = self._attempt_task()
         if task is not None:
             self._sleeping[task] = fire_at
             if self.engine.suspend_after is not None:
                 self._wakeup()  # the scheduler decides whether to let the execution go
 
     def awake(self) -> None:
-        task = asyncio.current_task()
+        """The calling instance no longer sleeps (nor waits for a child)."""
+        task = self._attempt_task()
         if task is not None:
             self._sleeping.pop(task, None)
+            self._awaited.pop(task, None)
+
+    async def wait_for_child(self, child_id: str) -> Outcome:
+        """How the child execution ended, waiting for it.
+
+        Under a suspending engine (a worker's) the child runs on whichever worker claims
+        it, and the calling instance counts as asleep meanwhile: when every in-flight
+        instance sleeps or waits for a child, the execution is let go (see
+        ``_suspend_until``), to be woken when the child ends (``Engine._wake``), or after
+        ``Engine.child_check_back`` seconds at the latest.
+        """
+        after = self.engine.suspend_after
+        if after is None:  # the child runs in this process (``Engine.ensure_child``)
+            return await self.engine.wait_outcome(child_id)
+        record = await self.store.get_execution(child_id)
+        if record is not None and record.status.is_terminal:  # e.g. what woke this run
+            return await self.engine.wait_outcome(child_id, follow=True)
+        task = self._attempt_task()
+        if task is not None:
+            self._awaited[task] = child_id
+        self.sleeping(self.clock.now() + max(self.engine.child_check_back, after))
+        try:
+            return await self.engine.wait_outcome(child_id, follow=True)
+        finally:
+            self.awake()
+
+    async def _woken_meanwhile(self, children: set[str]) -> bool:
+        """After letting go: whether a cancel was asked, or one of the awaited ``children``
+        ended, while the wake-up time was being written (its wake-up may have come before
+        ours, and been overwritten by it)."""
+        if self._cancel_wanted:
+            return True
+        for child_id in sorted(children):
+            try:
+                record = await self.store.get_execution(child_id)
+            except StoreError:
+                return True  # cannot tell: be claimed again rather than wait
+            if record is None or record.status.is_terminal:
+                return True
+        return False
 
     def _suspend_until(self, next_retry: float | None) -> float | None:
         """When to wake, if this run may let go of the execution now: the engine suspends
-        (a worker's does), every in-flight instance sleeps in ``ctx.sleep`` itself, and
-        nothing (timer, retry, step or workflow deadline) is due within ``suspend_after``."""
+        (a worker's does), every in-flight instance sleeps in ``ctx.sleep`` or waits for a
+        child workflow (``wait_for_child``) itself, and nothing (timer, check-back, retry,
+        step or workflow deadline) is due within ``suspend_after``."""
         after = self.engine.suspend_after
         if after is None or self._starting or self._fatal is not None or self._cancel_wanted:
             return None
@@ -940,10 +1021,25 @@ class Runner:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
 
+    async def _cancel_open_children(self) -> None:
+        """A cancelled execution cancels the children its interrupted attempts started.
+
+        The step waiting for a child cancels it when it is interrupted; this also reaches
+        a child whose step was interrupted elsewhere (a resumed run cancelled before the
+        step was back waiting, e.g. a parent cancelled while it was let go)."""
+        for child_id in _open_children(self.h):
+            try:
+                await self.engine.cancel(child_id, "its parent was cancelled")
+            except StoreError as exc:
+                self._log.warning("child_cancel_failed", child_id=child_id, error=str(exc))
+
     async def _finish(self) -> Outcome:
         from .engine import Outcome
 
-        h, now = self.h, self.clock.now()
+        h = self.h
+        if h.cancel_requested:
+            await self._cancel_open_children()
+        now = self.clock.now()
         if h.cancel_requested:
             ev: Event = ExecutionCancelled(ts=now, reason=h.cancel_reason)
             status = ExecutionStatus.CANCELLED
@@ -967,6 +1063,21 @@ class Runner:
         self.finished = True
         self._log.info("execution_finished", status=status.value)
         return Outcome.from_event(self.execution_id, ev)
+
+
+def _open_children(h: ExecutionState) -> list[str]:
+    """The children started by attempts that did not complete and whose outcome the
+    history does not hold (a child a completed step left running is left alone)."""
+    out: list[str] = []
+    for (name, instance, attempt), by_index in h.commands.items():
+        inst = h.steps[name].instances.get(instance) if name in h.steps else None
+        if inst is not None and inst.attempt == attempt and inst.status == "completed":
+            continue
+        for events in by_index.values():
+            if isinstance(events[0], ChildWorkflowStarted) and not any(
+                    isinstance(e, ChildWorkflowCompleted) for e in events):
+                out.append(events[0].child_id)
+    return out
 
 
 def _redact_event(event: Event, redactor: Redactor) -> Event:

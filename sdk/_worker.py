@@ -59,8 +59,9 @@ class Worker:
     runs them with ``client``'s engine, at most ``concurrency`` at once.
 
     ``suspend_after``: an execution whose every step instance sleeps at least this many
-    seconds is let go (lease released, nothing kept in memory) and claimed again when due
-    (``None``: keep it). ``once``: process what is claimable now, then return. ``grace``:
+    seconds, or waits for a child workflow, is let go (lease released, nothing kept in
+    memory) and claimed again when due or when the child ends (``None``: keep it, and run
+    its children in this process). ``once``: process what is claimable now, then return. ``grace``:
     on ``stop()``, how
     long running executions may go on before they are handed back (their agents keep
     running and are adopted by the next holder). ``report``/``report_error``: where
@@ -232,8 +233,9 @@ class Worker:
                                         limit=free + extra, queues=self.queues)
         started = 0
         for record in records:
-            # children run inside their parent's process; skipped ones are left alone
-            if record.parent_id is not None or record.id in self.skipped or started >= free:
+            # skipped ones are left alone; children are claimed like any execution (their
+            # parents let go of them while they wait, see ``Engine.ensure_child``)
+            if record.id in self.skipped or started >= free:
                 await store.release(self.worker_id, record.id)
                 continue
             try:
@@ -247,15 +249,22 @@ class Worker:
                 await store.release(self.worker_id, record.id)
                 continue
             self._say(f"{record.id} {record.workflow_name}: claimed ({record.status.value})")
-            self.running[record.id] = asyncio.ensure_future(self._process(record))
+            # claimed again while its run here ends (it let go of the lease a moment ago, to
+            # be woken at once): the new run starts once that one is over
+            previous = self.running.get(record.id)
+            self.running[record.id] = asyncio.ensure_future(self._process(record, previous))
             # the engine renews the lease from here on, and its runner carries the token
             started += 1
         return started
 
-    async def _process(self, record: ExecutionRecord) -> None:
+    async def _process(self, record: ExecutionRecord,
+                       previous: asyncio.Task[None] | None = None) -> None:
         eid = record.id
+        me = asyncio.current_task()
         ended = False
         try:
+            if previous is not None:
+                await asyncio.wait({previous})
             outcome = await asyncio.shield(self.client.engine.launch(eid, leased=record))
             ended = True  # the terminal append released the lease
             detail = f": {outcome.error}" if outcome.error else ""
@@ -274,8 +283,9 @@ class Worker:
                 self._say(f"{eid} {record.workflow_name}: handed back (shutting down)")
             else:
                 self.suspended += 1
-                self._say(f"{eid} {record.workflow_name}: sleeping until "
-                          f"{_clock(asleep.wake_at)}; released")
+                self._say(f"{eid} {record.workflow_name}: suspended (asleep, or waiting for "
+                          f"a child workflow) until {_clock(asleep.wake_at)} at the latest; "
+                          "released")
         except (StoreError, ExecutionBlockedError) as exc:
             # the store went away (it is retried at the next claim), the lease was taken
             # over (the new holder runs it), or it waits for a secret (`flow resume`)
@@ -284,8 +294,11 @@ class Worker:
             self.skipped.add(eid)
             self._error(f"execution {eid} stopped: {type(exc).__name__}: {exc}")
         finally:
-            self.running.pop(eid, None)
-            if not ended:
+            # a newer claim of it by this worker holds the lease now: leave it be
+            superseded = self.running.get(eid) is not me
+            if not superseded:
+                self.running.pop(eid, None)
+            if not ended and not superseded:
                 with contextlib.suppress(FlowError):
                     await asyncio.shield(self.client.store.release(self.worker_id, eid))
 

@@ -469,6 +469,17 @@ class EventStore(ABC):
         """Give up this worker's lease on the execution."""
 
     @abstractmethod
+    async def wake(self, execution_id: str) -> bool:
+        """Make a suspended execution due now: set its wake-up time to now if it is
+        unfinished and its wake-up time is later, and announce the change (workers waiting
+        for work claim it within milliseconds on Postgres). Returns whether it changed.
+
+        Called when something a suspended execution waits for happened before its timer
+        (a child workflow ended, a cancel was requested). An execution without a future
+        wake-up time is not suspended (it runs, or is claimable already): left as it is.
+        """
+
+    @abstractmethod
     async def due_timers(self, now: float) -> list[tuple[str, float]]:
         """(execution id, wake_at) of unfinished executions whose wake-up time has come."""
 

@@ -317,6 +317,15 @@ class MemoryEventStore(EventStore):
                 row, lease_owner=None, lease_expires_at=None
             )
 
+    async def wake(self, execution_id: str) -> bool:
+        row = self._rows.get(execution_id)
+        t = now()
+        if row is None or row.status.is_terminal or row.wake_at is None or row.wake_at <= t:
+            return False
+        self._rows[execution_id] = dataclasses.replace(row, wake_at=t)
+        self._notify(execution_id)
+        return True
+
     async def due_timers(self, now: float) -> list[tuple[str, float]]:
         return sorted(
             (r.id, r.wake_at)

@@ -428,6 +428,16 @@ def _stmt_release(announce: Sequence[sa.ColumnElement[Any]]) -> sa.Update:
     )
 
 
+def _stmt_wake(announce: Sequence[sa.ColumnElement[Any]]) -> sa.Update:
+    """Make a suspended execution due now (only if its wake-up time is later)."""
+    return (
+        sa.update(_ex)
+        .where(_ex.c.id == _p("id"), _UNFINISHED, _ex.c.wake_at > _p("t"))
+        .values(wake_at=_p("t"))
+        .returning(_ex.c.id, *announce)
+    )
+
+
 def _stmt_due() -> sa.Select[Any]:
     return (
         sa.select(_ex.c.id, _ex.c.wake_at)
@@ -1073,6 +1083,14 @@ class SQLEventStore(EventStore):
         )
         if released:  # a worker waiting for work, or a follower waiting to take over
             self._notify(execution_id)
+
+    async def wake(self, execution_id: str) -> bool:
+        wake = self._stmt("wake", lambda: _stmt_wake(self._announce()))
+        woken = await self._write(
+            lambda tx: tx.first(wake, {"id": execution_id, "t": now()}) is not None)
+        if woken:  # a worker of this process waiting for work
+            self._notify(execution_id)
+        return woken
 
     async def due_timers(self, now: float) -> list[tuple[str, float]]:
         due = self._stmt("due", _stmt_due)
