@@ -13,7 +13,9 @@ on an idle worker's connection, when nothing else waits on its event loop and no
 operation is under way (``_serve_inline``). The appends and creates that several tasks make
 in one turn of the event loop go to one worker together, as one transaction (``_dispatch``):
 a worker process running many executions pays one thread wake-up and one commit for them
-all. Statements are
+all. A batch of appends whose statements stand alone (their chains known) is sent at once
+in pipeline mode, ``BEGIN`` to ``COMMIT``, in one round trip (``_serve_pipelined``).
+Statements are
 SQLAlchemy Core compiled once for the postgresql dialect, with bound parameters; psycopg
 prepares each one on a connection after a few uses.
 
@@ -50,6 +52,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from .base import (
@@ -70,11 +73,13 @@ from .sql import (
     _BACKOFF_FIRST,
     _BACKOFF_MAX,
     Prepared,
+    Row,
     SQLEventStore,
     TransientError,
     Tx,
     _stmt_append_check,
     _stmt_append_update,
+    _stmt_lease_one,
     backoff,
     log,
     record_from_row,
@@ -102,6 +107,10 @@ _MAX_BATCH = 10
 #: how long a batch waits for a row lock before it is undone and its writes run one by one:
 #: a batch locks many rows, so it must not sit in a lock cycle until deadlock detection
 _BATCH_LOCK_TIMEOUT = "50ms"
+#: a pipelined batch's lock timeout (the simple query above cannot be pipelined)
+_LOCK_TIMEOUT_LOCAL = f"SELECT set_config('lock_timeout', '{_BATCH_LOCK_TIMEOUT}', true)".encode()
+#: how a batch begins: its transaction and lock timeout in one round trip
+_BEGIN_BATCH = f"BEGIN; SET LOCAL lock_timeout = '{_BATCH_LOCK_TIMEOUT}'".encode()
 #: server errors that say the connection is gone or the server is going away or coming back
 #: (admin shutdown, crash shutdown, cannot connect now); class 08 too: connection exception
 _TRANSIENT_STATES = frozenset({"57P01", "57P02", "57P03"})
@@ -147,6 +156,22 @@ class _Request:
         self.kind = kind
         self.loop = loop
         self.future: asyncio.Future[Any] = loop.create_future()
+
+
+class _Pipelinable:
+    """An operation that can also run as its one statement among others sent at once (a
+    pipelined batch): ``values()`` gives the statement's parameters when it is sent,
+    ``finish(row)`` the result from its row. No row: run the operation alone (it finds why).
+    """
+
+    __slots__ = ("finish", "op", "stmt", "values")
+
+    def __init__(self, op: Callable[[_Tx], Any], stmt: Prepared,
+                 values: Callable[[], Mapping[str, Any]], finish: Callable[[Row], Any]) -> None:
+        self.op, self.stmt, self.values, self.finish = op, stmt, values, finish
+
+    def __call__(self, tx: _Tx) -> Any:
+        return self.op(tx)
 
 
 class _Worker:
@@ -284,10 +309,6 @@ class PostgresEventStore(SQLEventStore):
         if self._open:
             return
         self._dialect = await asyncio.to_thread(self._migrate)
-        self._lock_timeout = self._stmt(
-            "batch_lock_timeout",
-            lambda: sa.select(sa.func.set_config("lock_timeout", _BATCH_LOCK_TIMEOUT, sa.true())),
-        )
         with self._lock:
             self._workers, self._idle, self._backlog = [], [], deque()
             self._open = True
@@ -506,8 +527,16 @@ class PostgresEventStore(SQLEventStore):
             assert row is not None
             return AppendResult(new_last, bool(row[0]))
 
-        result = await self._run(
-            op,
+        def send() -> dict[str, Any]:
+            values["t"] = now()
+            return values
+
+        def finish(row: Row) -> AppendResult:
+            appended[:] = [values["last_chain"]]
+            return AppendResult(new_last, bool(row[0]))
+
+        result: AppendResult = await self._run(
+            _Pipelinable(op, append, send, finish) if known else op,
             _STATEMENT,
             lambda: self._committed_append(
                 execution_id, expected_seq, [values[f"data_{i}"] for i in range(n)]
@@ -703,13 +732,15 @@ class PostgresEventStore(SQLEventStore):
         try:
             item = worker.inbox.get()
             while item is not _STOP:
-                if isinstance(item, list):
-                    outcomes = self._serve_batch(worker, item)
-                    for request, (ok, value) in zip(item, outcomes, strict=True):
-                        _call_soon(request.loop, _resolve, request, ok, value)
-                else:
-                    ok, value = self._serve(worker, item)
-                    _call_soon(item.loop, _resolve, item, ok, value)
+                batch = item if isinstance(item, list) else [item]
+                try:
+                    outcomes = (self._serve_batch(worker, batch) if len(batch) > 1
+                                else [self._serve(worker, item)])
+                except BaseException as exc:  # a bug: its callers hear of it, the thread goes on
+                    worker.disconnect()
+                    outcomes = [(False, exc)] * len(batch)
+                for request, (ok, value) in zip(batch, outcomes, strict=True):
+                    _call_soon(request.loop, _resolve, request, ok, value)
                 item = self._next(worker)
                 if item is None:
                     item = worker.inbox.get()
@@ -745,13 +776,14 @@ class PostgresEventStore(SQLEventStore):
     def _serve_batch(self, worker: _Worker, batch: list[_Request]) -> list[tuple[bool, Any]]:
         """Run writes in one transaction: (True, result) each, or, if any of them fails
         (a conflict, a lock waited for too long), undo them all and run each alone."""
+        if all(isinstance(request.op, _Pipelinable) for request in batch):
+            return self._serve_pipelined(worker, batch)
 
         def op(tx: _Tx) -> list[Any]:
-            tx.first(self._lock_timeout, {})
             return [request.op(tx) for request in batch]
 
         try:
-            values = _in_transaction(worker, op, self._connect(worker))
+            values = _in_transaction(worker, op, self._connect(worker), begin=_BEGIN_BATCH)
         except Exception as exc:
             if not (isinstance(exc, psycopg.Error) and _lost(worker, exc)):
                 return [self._serve(worker, request) for request in batch]
@@ -762,6 +794,60 @@ class PostgresEventStore(SQLEventStore):
         with self._lock:
             self.batch_count += 1
         return [(True, value) for value in values]
+
+    def _serve_pipelined(self, worker: _Worker, batch: list[_Request]) -> list[tuple[bool, Any]]:
+        """Send a batch of single-statement writes at once, between BEGIN and COMMIT (one
+        round trip for all, instead of one each and two more): (ok, result) each. If a
+        statement fails (a unique violation, a lock waited for too long), all are undone
+        and run one by one.
+
+        A statement whose guard did not match changed nothing: the others commit, and it
+        then runs alone to find out why (a conflict, a lost lease, a stale chain)."""
+        cursors: list[psycopg.Cursor[Any]] = []
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            self._connect(worker)
+            conn = worker.conn
+            assert conn is not None
+            with conn.pipeline():
+                conn.execute(b"BEGIN")
+                conn.execute(_LOCK_TIMEOUT_LOCAL)
+                for request in batch:
+                    pipe = request.op
+                    assert isinstance(pipe, _Pipelinable)
+                    cursor = conn.cursor(binary=True)
+                    cursor.execute(pipe.stmt.sql, pipe.stmt.bind(pipe.values()))
+                    cursors.append(cursor)
+                conn.execute(b"COMMIT")
+        except Exception as exc:
+            lost = isinstance(exc, psycopg.Error) and _lost(worker, exc)
+            if conn is None:  # no connection (as ``_serve`` says why): nothing was sent
+                error = (self._store_error(exc, lost=True) if isinstance(exc, psycopg.Error)
+                         else exc)
+                return [(False, error) for _ in batch]
+            if not lost:
+                try:
+                    conn.execute(b"ROLLBACK")
+                    return [self._serve(worker, request) for request in batch]
+                except psycopg.Error as again:
+                    exc = again
+            # The connection failed, perhaps during COMMIT: the writes' fate is unknown.
+            # Each is tried again alone (``_run``); an append that did commit is recognised.
+            worker.disconnect()
+            return [(False, self._store_error(exc, lost=True)) for _ in batch]
+        with self._lock:
+            self.batch_count += 1
+        outcomes: list[tuple[bool, Any]] = []
+        for request, cursor in zip(batch, cursors, strict=True):
+            row = cursor.fetchone()
+            if row is None:
+                outcomes.append(self._serve(worker, request))
+                continue
+            try:
+                outcomes.append((True, request.op.finish(row)))  # type: ignore[attr-defined]
+            except Exception as exc:
+                outcomes.append((False, exc))
+        return outcomes
 
     def _serve(self, worker: _Worker, request: _Request) -> tuple[bool, Any]:
         """Run one request on the worker's connection: (True, result) or (False, error)."""
@@ -823,6 +909,16 @@ class PostgresEventStore(SQLEventStore):
         values = {**row, "ev_type": first["type"], "ev_data": first["data"],
                   "encoding": first["encoding"]}
         return tx.first(create, values) is not None
+
+    def _lease(self, tx: Tx, ids: list[str], values: Mapping[str, Any]) -> list[Row]:
+        if len(ids) < 2:
+            return super()._lease(tx, ids, values)
+        # one statement for all (``id = ANY(:ids)``) instead of one per execution
+        lease = self._stmt("lease_many", lambda: _stmt_lease_one(
+            executions.c.id == sa.any_(sa.bindparam("ids", type_=ARRAY(sa.Text)))))
+        order = {id_: i for i, id_ in enumerate(ids)}
+        rows = tx.rows(lease, {**values, "ids": ids})
+        return sorted(rows, key=lambda row: order[row[0]])  # column 0 is the id
 
     def _insert_ignore(self) -> sa.Insert:
         return (
@@ -985,15 +1081,29 @@ def _lost(worker: _Worker, exc: psycopg.Error) -> bool:
     return isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None
 
 
-def _in_transaction(worker: _Worker, op: Callable[[_Tx], T], tx: _Tx) -> T:
+def _in_transaction(worker: _Worker, op: Callable[[_Tx], T], tx: _Tx, *,
+                    begin: bytes | None = None) -> T:
     """Run ``op`` in a transaction and commit it, or roll it back if ``op`` raises.
 
     The connection is in autocommit (a read is one round trip) except for this: psycopg then
     begins the transaction with the first statement. Measured, that is cheaper than
-    ``Connection.transaction()``.
+    ``Connection.transaction()``. ``begin``: statements that begin the transaction
+    themselves, sent as one simple query (one round trip for ``BEGIN`` and its settings).
     """
     conn = worker.conn
     assert conn is not None
+    if begin is not None:
+        conn.execute(begin)
+        try:
+            value = op(tx)
+            conn.execute(b"COMMIT")
+            return value
+        except BaseException:
+            try:
+                conn.execute(b"ROLLBACK")
+            except psycopg.Error:
+                worker.disconnect()
+            raise
     conn.autocommit = False
     try:
         value = op(tx)

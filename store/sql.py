@@ -243,11 +243,12 @@ _LEASE_FREE = sa.or_(
 )
 
 
-def _stmt_lease_one() -> sa.Update:
-    """Lease one candidate (still free: checked again in the statement)."""
+def _stmt_lease_one(match: sa.ColumnElement[bool] | None = None) -> sa.Update:
+    """Lease one candidate (still free: checked again in the statement); ``match``: the
+    rows to lease instead of ``id = :id`` (several at once where the dialect can)."""
     return (
         sa.update(_ex)
-        .where(_ex.c.id == _p("id"), _UNFINISHED, _LEASE_FREE)
+        .where(_ex.c.id == _p("id") if match is None else match, _UNFINISHED, _LEASE_FREE)
         .values(lease_owner=_p("worker"), lease_expires_at=_p("expires"),
                 lease_renewed_at=_p("t"), lease_token=_ex.c.lease_token + 1,
                 first_claimed_at=sa.func.coalesce(_ex.c.first_claimed_at, _p("t")))
@@ -329,6 +330,18 @@ def _stmt_log_end() -> sa.Select[Any]:
     return sa.select(_ex.c.last_seq, _ex.c.last_chain).where(_ex.c.id == _p("id"))
 
 
+def _stmt_load_with_end() -> sa.CompoundSelect[Any]:
+    """``_stmt_load``'s rows, then one row of the execution's (last_seq, NULL, NULL,
+    last_chain): the log and its end in one statement, so from one snapshot, and one
+    round trip instead of two."""
+    log = sa.select(_ev.c.seq, _ev.c.type, _ev.c.data, _ev.c.chain).where(
+        _ev.c.execution_id == _p("id"), _ev.c.seq >= _p("from"))
+    end = sa.select(_ex.c.last_seq, sa.null().cast(sa.Text), sa.null().cast(sa.LargeBinary),
+                    _ex.c.last_chain).where(_ex.c.id == _p("id"))
+    # an event's type is never NULL: that marks the end row, at or next to the last
+    return sa.union_all(log, end).order_by(sa.literal_column("seq"))
+
+
 def _stmt_chain_before() -> sa.Select[Any]:
     """The last chain value up to a seq (for a load after an event written without one)."""
     return (
@@ -343,14 +356,20 @@ def _stmt_chain_before() -> sa.Select[Any]:
 _REREADS = 10
 
 
-def read_log(tx: Tx, stmts: tuple[Prepared, Prepared, Prepared], execution_id: str,
+def read_log(tx: Tx, stmts: tuple[Prepared, Prepared, Prepared, Prepared], execution_id: str,
              after_seq: int) -> tuple[list[Row], tuple[int, str | None] | None]:
     """The log's rows from ``after_seq`` (from 1 when 0) and the row's (last_seq,
-    last_chain), read in this order; read on when an append landed in between."""
-    load, log_end, chain_before = stmts
+    last_chain), read together; read on if the log ends before the row says (a database
+    that gave the two parts different snapshots), until it ends or a tail is missing."""
+    load, log_end, chain_before, load_with_end = stmts
     start = after_seq or 1
-    rows = tx.rows(load, {"id": execution_id, "from": start})
-    end = tx.first(log_end, {"id": execution_id})
+    rows = tx.rows(load_with_end, {"id": execution_id, "from": start})
+    end: Row | None = None
+    for i in range(len(rows) - 1, -1, -1):  # the end row: last or next to it, normally
+        if rows[i][1] is None:
+            end = rows.pop(i)
+            end = (end[0], end[3])
+            break
     for _ in range(_REREADS):
         last = rows[-1][0] if rows else start - 1
         if end is None or end[0] <= last:
@@ -854,11 +873,12 @@ class SQLEventStore(EventStore):
             return chain
         raise AppendConflictError(execution_id, expected_seq, last_seq)  # raced; retry later
 
-    def _log_statements(self) -> tuple[Prepared, Prepared, Prepared]:
+    def _log_statements(self) -> tuple[Prepared, Prepared, Prepared, Prepared]:
         return (
             self._stmt("load", _stmt_load),
             self._stmt("log_end", _stmt_log_end),
             self._stmt("chain_before", _stmt_chain_before),
+            self._stmt("load_with_end", _stmt_load_with_end),
         )
 
     async def load(self, execution_id: str, after_seq: int = 0) -> list[StoredEvent]:
@@ -898,7 +918,6 @@ class SQLEventStore(EventStore):
         candidates_none = self._stmt("candidates_none", lambda: self._candidates(False))
         running = self._stmt("queue_running", _stmt_queue_running)
         started = self._stmt("queue_started", _stmt_queue_started)
-        lease = self._stmt("lease_one", _stmt_lease_one)
 
         def op(tx: Tx) -> list[ExecutionRecord]:
             t = now()
@@ -928,20 +947,30 @@ class SQLEventStore(EventStore):
                 window = limits[q].rate_seconds
                 if limits[q].rate_count is not None and window:
                     recent[q] = tx.first(started, {"queue": q, "since": t - window})[0]  # type: ignore[index]
-            claimed: list[ExecutionRecord] = []
+            chosen: list[str] = []
             for id_, queue, _priority, key, _created, first in rows:
-                if len(claimed) >= limit:
+                if len(chosen) >= limit:
                     break
                 if queue in limited and not admit_to_queue(limits[queue], queue, key, busy,
                                                            recent, starts=first is None):
                     continue
-                row = tx.first(lease, {"id": id_, "worker": worker_id, "t": t,
-                                       "expires": t + lease_seconds})
-                if row is not None:
-                    claimed.append(record_from_row(row))
-            return claimed
+                chosen.append(id_)
+            leased = self._lease(tx, chosen, {"worker": worker_id, "t": t,
+                                              "expires": t + lease_seconds})
+            return [record_from_row(row) for row in leased]
 
         return await self._write(op)
+
+    def _lease(self, tx: Tx, ids: list[str], values: Mapping[str, Any]) -> list[Row]:
+        """Lease the chosen candidates (locked by this transaction, or with writers
+        serialised: still free), in the order given: their rows after the update."""
+        lease = self._stmt("lease_one", _stmt_lease_one)
+        out: list[Row] = []
+        for id_ in ids:
+            row = tx.first(lease, {**values, "id": id_})
+            if row is not None:
+                out.append(row)
+        return out
 
     def _candidates(self, one_queue: bool | None) -> sa.Select[Any]:
         """Claimable rows (id, queue, priority, key, created_at, first claim), most urgent

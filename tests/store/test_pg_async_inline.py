@@ -12,7 +12,9 @@ import pytest
 import sqlalchemy as sa
 
 from agentainer_flow.store import (
+    AppendConflictError,
     ExecutionStatus,
+    LeaseLostError,
     NewExecution,
     StoreUnavailableError,
     create_store,
@@ -128,6 +130,37 @@ async def test_appends_of_one_loop_turn_commit_together(postgres_url: str) -> No
             )
             for eid in ids:
                 assert [s.seq for s in await store.load(eid)] == [1, 2, 3, 4, 5]
+
+
+async def test_a_failing_append_in_a_batch_fails_alone(postgres_url: str) -> None:
+    """Ten appends sent together (one pipelined transaction), one at a taken seq and one
+    under a stale lease token: those two fail with their own errors, the others commit."""
+    async with create_store(postgres_url) as store:
+        assert isinstance(store, PostgresEventStore)
+        ids = [f"f{i}" for i in range(10)]
+        for eid in ids:
+            await _create(store, eid)
+        [held] = await store.claim("w1", lease_seconds=60, limit=1)
+        ids.remove(held.id)
+        ids.append(held.id)  # the leased one last
+        async with create_store(postgres_url) as other:  # another process's append: this
+            await _append_steps(other, ids[0], 1)      # store's cache still ends at seq 1
+        batches = store.batch_count
+
+        async def one(eid: str) -> Any:
+            token = held.lease_token - 1 if eid == held.id else None
+            owner = "w1" if eid == held.id else None
+            return await store.append(eid, 2, _step(0), lease_owner=owner, lease_token=token)
+
+        results = await asyncio.gather(*(one(eid) for eid in ids), return_exceptions=True)
+        assert store.batch_count - batches == 1
+        assert isinstance(results[0], AppendConflictError)
+        assert isinstance(results[-1], LeaseLostError)
+        for eid, result in zip(ids[1:-1], results[1:-1], strict=True):
+            assert not isinstance(result, BaseException), result
+            await _check_history(store, eid, 1)
+        await _check_history(store, ids[0], 1)  # its own first append, once
+        assert [s.seq for s in await store.load(held.id)] == [1]
 
 
 async def test_an_inline_append_cut_after_its_commit_is_recognised(
