@@ -739,8 +739,7 @@ class PostgresEventStore(SQLEventStore):
                 except BaseException as exc:  # a bug: its callers hear of it, the thread goes on
                     worker.disconnect()
                     outcomes = [(False, exc)] * len(batch)
-                for request, (ok, value) in zip(batch, outcomes, strict=True):
-                    _call_soon(request.loop, _resolve, request, ok, value)
+                _resolve_all(batch, outcomes)
                 item = self._next(worker)
                 if item is None:
                     item = worker.inbox.get()
@@ -1137,6 +1136,21 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: A
 
 def _resolve(request: _Request, ok: bool, value: Any) -> None:
     settle(request.future, ok, value)
+
+
+def _resolve_all(batch: list[_Request], outcomes: list[tuple[bool, Any]]) -> None:
+    """Settle each request's future on its loop, from a worker thread: one hand-off per
+    loop (one wake-up of it), not one per request."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, bool, Any]]] = {}
+    for request, (ok, value) in zip(batch, outcomes, strict=True):
+        by_loop.setdefault(request.loop, []).append((request, ok, value))
+    for loop, settled in by_loop.items():
+        _call_soon(loop, _settle_all, settled)
+
+
+def _settle_all(settled: list[tuple[_Request, bool, Any]]) -> None:
+    for request, ok, value in settled:
+        settle(request.future, ok, value)
 
 
 def _join(threads: list[threading.Thread]) -> None:

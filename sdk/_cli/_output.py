@@ -54,6 +54,13 @@ class Output:
     def out(self, text: str = "") -> None:
         typer.echo(self.clean(text))
 
+    def progress(self, text: str) -> None:
+        """A line of a long-running command's progress (a worker's), flushed at once; a
+        plain write, without ``echo``'s terminal checks at every line."""
+        stream = sys.stdout
+        stream.write(self.clean(text) + "\n")
+        stream.flush()
+
     def info(self, text: str, *, fg: str | None = None) -> None:
         typer.secho(self.clean(text), err=True, fg=fg)
 

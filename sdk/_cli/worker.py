@@ -82,7 +82,7 @@ def worker(
                                observer=tracing_from_env()) as client:
             w = Worker(client, queues=queue or None, concurrency=concurrency,
                        poll_interval=poll_interval, once=once, grace=grace,
-                       name=worker_id or wid, report=out.out, report_error=out.error,
+                       name=worker_id or wid, report=out.progress, report_error=out.error,
                        metrics_port=metrics_port, metrics_host=metrics_host)
             loop = asyncio.get_running_loop()
 
