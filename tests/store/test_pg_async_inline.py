@@ -185,6 +185,32 @@ async def test_an_inline_append_cut_after_its_commit_is_recognised(
         await _check_history(store, "x", 5)
 
 
+@pytest.mark.parametrize("after", [True, False], ids=["after-commit", "before-commit"])
+async def test_a_pipelined_batch_cut_at_its_commit_lands_once(
+    postgres_url: str, proxy: Proxy, after: bool
+) -> None:
+    """The connection drops once the server has answered a batch sent at once (BEGIN to
+    COMMIT), or before the server got it: each append is tried again alone, and recognises
+    its own events or writes them; none is lost or doubled."""
+    async with create_store(proxy.url(postgres_url)) as store:
+        assert isinstance(store, PostgresEventStore)
+        ids = [f"p{i}" for i in range(6)]
+        for eid in ids:
+            await _create(store, eid)
+        proxy.arm(b"COMMIT", after=after)
+        with captured_logs() as logs:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(store.append(eid, 2, _step(0)) for eid in ids)), 120)
+        assert proxy.cut.is_set()
+        assert [r.last_seq for r in results] == [3] * len(ids)
+        assert len(named(logs, "store_append_resolved")) == (len(ids) if after else 0)
+        for eid in ids:
+            await _check_history(store, eid, 1)
+        await asyncio.gather(*(store.append(eid, 4, _step(1)) for eid in ids))
+        for eid in ids:
+            await _check_history(store, eid, 2)
+
+
 async def test_an_inline_create_cut_after_its_commit_exists_once(
     postgres_url: str, proxy: Proxy
 ) -> None:
