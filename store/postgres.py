@@ -10,7 +10,9 @@ async one; SQLAlchemy's async engine (greenlet adapter, pool, events) cost sever
 more. A hand-off to a waiting thread does cost wall time (two thread wake-ups, about 0.1 ms
 here), which a caller alone pays on every step: so a write runs on the caller's own thread,
 on an idle worker's connection, when nothing else waits on its event loop and no other
-operation is under way (``_serve_inline``). The appends and creates that several tasks make
+operation is under way (``_serve_inline``); a watchdog cuts such a write's connection if
+the server stops answering for ``inline_timeout`` seconds, so the loop is never held for
+long. The appends and creates that several tasks make
 in one turn of the event loop go to one worker together, as one transaction (``_dispatch``):
 a worker process running many executions pays one thread wake-up and one commit for them
 all. A batch of appends whose statements stand alone (their chains known) is sent at once
@@ -41,6 +43,7 @@ events it wrote, it succeeded (``SQLEventStore._committed_append``).
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import selectors
 import socket
@@ -104,6 +107,8 @@ _STOP = object()
 _MAX_ROWS = 100
 #: most writes committed together
 _MAX_BATCH = 10
+#: seconds a write on the caller's thread may hold its event loop (``inline_timeout``)
+_INLINE_TIMEOUT = 5.0
 #: how long a batch waits for a row lock before it is undone and its writes run one by one:
 #: a batch locks many rows, so it must not sit in a lock cycle until deadlock detection
 _BATCH_LOCK_TIMEOUT = "50ms"
@@ -300,6 +305,16 @@ class PostgresEventStore(SQLEventStore):
         self.inline = inline
         #: writes run on the caller's thread, for tests and diagnostics
         self.inline_count = 0
+        #: seconds a write run on the caller's thread may hold its event loop: a server that
+        #: stops answering without closing the connection (a network partition, a stopped
+        #: host) then has the connection cut, and the write is tried again on a worker
+        #: thread, so that the loop (its timers, its signal handlers) goes on meanwhile
+        self.inline_timeout = _INLINE_TIMEOUT
+        #: the write being run on a caller's thread: its worker and since when
+        self._inline_running: tuple[_Worker, float] | None = None
+        self._watchdog: threading.Thread | None = None
+        #: inline writes whose connection the watchdog cut, for tests and diagnostics
+        self.inline_cuts = 0
         #: whether the appends made in one turn of the event loop go to a worker together
         self.coalesce = True
         self._coalescing: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
@@ -694,11 +709,44 @@ class PostgresEventStore(SQLEventStore):
             if worker.tx is None:  # opening a connection takes a while: not on this thread
                 return None, None
             self.inline_count += 1
-            return self._serve(worker, request)
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(
+                    target=self._watch_inline, name="flow-pg-watchdog", daemon=True)
+                self._watchdog.start()
+            self._inline_running = (worker, time.monotonic())
+            try:
+                return self._serve(worker, request)
+            finally:
+                self._inline_running = None
         finally:
             with self._lock:
                 if self._open:  # else close() has told its thread to stop
                     self._idle.append(worker)
+
+    def _watch_inline(self) -> None:
+        """Cut the connection of a write that has held its caller's event loop for longer
+        than ``inline_timeout`` (``_serve_inline``): its ``recv`` then fails at once, and
+        the write goes the way of any broken connection (tried again on a worker thread,
+        recognised there if it had committed)."""
+        while self._open:
+            time.sleep(min(0.25, self.inline_timeout / 4))
+            running = self._inline_running
+            if running is None or time.monotonic() - running[1] < self.inline_timeout:
+                continue
+            worker, _ = running
+            conn = worker.conn
+            if conn is None or conn.closed or self._inline_running is not running:
+                continue
+            try:
+                # shut the socket down under psycopg (a duplicate descriptor, closed here;
+                # psycopg's own is left for it to close when it finds the connection broken)
+                with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, psycopg.Error):  # closed meanwhile
+                continue
+            self.inline_cuts += 1
+            log.warning("store_inline_write_cut", store=self.url,
+                        seconds=round(time.monotonic() - running[1], 3))
 
     async def _submit_to_worker(self, request: _Request) -> Any:
         with self._lock:

@@ -98,6 +98,7 @@ class Proxy:
         self._sockets: list[socket.socket] = []
         self._marker: bytes | None = None
         self._after = True
+        self._hang = False
         self.cut = threading.Event()
         self._closed = False
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
@@ -107,9 +108,11 @@ class Proxy:
         url = sa.make_url(postgres_url).set(host="127.0.0.1", port=self.port)
         return url.update_query_dict(query).render_as_string(hide_password=False)
 
-    def arm(self, marker: bytes, *, after: bool = True) -> None:
+    def arm(self, marker: bytes, *, after: bool = True, hang: bool = False) -> None:
+        """Cut (or, ``hang``: leave unanswered, open) the next connection sending
+        ``marker``."""
         with self._lock:
-            self._marker, self._after = marker, after
+            self._marker, self._after, self._hang = marker, after, hang
             self.cut.clear()
 
     def close(self) -> None:
@@ -175,6 +178,14 @@ class Proxy:
                         if cut is None:
                             upstream.sendall(data)
                             continue
+                        if self._hang:  # it runs, and the client never hears back
+                            upstream.sendall(data)
+                            self.cut.set()
+                            client.settimeout(20)  # then closed: a test fails, not hangs
+                            with contextlib.suppress(TimeoutError):
+                                while client.recv(65536):
+                                    pass  # until the client gives up on the connection
+                            return
                         if cut:  # let it run, and wait for the server's answer: it committed
                             upstream.sendall(data)
                             upstream.settimeout(30)

@@ -5,6 +5,7 @@ when the caller is alone, never while other work waits on the event loop, off wi
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import psycopg
@@ -209,6 +210,31 @@ async def test_a_pipelined_batch_cut_at_its_commit_lands_once(
         await asyncio.gather(*(store.append(eid, 4, _step(1)) for eid in ids))
         for eid in ids:
             await _check_history(store, eid, 2)
+
+
+async def test_an_inline_write_to_a_server_that_stops_answering_lets_the_loop_go(
+    postgres_url: str, proxy: Proxy
+) -> None:
+    """The server runs an inline append and then never answers, the connection left open
+    (a partition): after ``inline_timeout`` the watchdog cuts the connection, the loop is
+    free again, and the retry on a worker thread recognises the committed append."""
+    async with create_store(proxy.url(postgres_url)) as store:
+        assert isinstance(store, PostgresEventStore)
+        store.inline_timeout = 1.0
+        await _create(store, "warm")
+        await _create(store, "x")
+        await _append_steps(store, "x", 2)
+        before = store.inline_count
+        proxy.arm(b"WITH appended AS", hang=True)
+        started = time.monotonic()
+        with captured_logs() as logs:
+            result = await asyncio.wait_for(store.append("x", 6, _step(2)), 60)
+        took = time.monotonic() - started
+        assert proxy.cut.is_set() and store.inline_count > before
+        assert store.inline_cuts == 1 and named(logs, "store_inline_write_cut")
+        assert 1.0 <= took < 10, took
+        assert result.last_seq == 7
+        await _check_history(store, "x", 3)
 
 
 async def test_an_inline_create_cut_after_its_commit_exists_once(
