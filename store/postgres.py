@@ -850,6 +850,7 @@ class PostgresEventStore(SQLEventStore):
 
         A statement whose guard did not match changed nothing: the others commit, and it
         then runs alone to find out why (a conflict, a lost lease, a stale chain)."""
+        pipes: list[_Pipelinable] = []
         cursors: list[psycopg.Cursor[Any]] = []
         conn: psycopg.Connection[Any] | None = None
         try:
@@ -864,6 +865,7 @@ class PostgresEventStore(SQLEventStore):
                     assert isinstance(pipe, _Pipelinable)
                     cursor = conn.cursor(binary=True)
                     cursor.execute(pipe.stmt.sql, pipe.stmt.bind(pipe.values()))
+                    pipes.append(pipe)
                     cursors.append(cursor)
                 conn.execute(b"COMMIT")
         except Exception as exc:
@@ -885,13 +887,13 @@ class PostgresEventStore(SQLEventStore):
         with self._lock:
             self.batch_count += 1
         outcomes: list[tuple[bool, Any]] = []
-        for request, cursor in zip(batch, cursors, strict=True):
+        for request, pipe, cursor in zip(batch, pipes, cursors, strict=True):
             row = cursor.fetchone()
             if row is None:
                 outcomes.append(self._serve(worker, request))
                 continue
             try:
-                outcomes.append((True, request.op.finish(row)))  # type: ignore[attr-defined]
+                outcomes.append((True, pipe.finish(row)))
             except Exception as exc:
                 outcomes.append((False, exc))
         return outcomes
@@ -1129,42 +1131,27 @@ def _lost(worker: _Worker, exc: psycopg.Error) -> bool:
 
 
 def _in_transaction(worker: _Worker, op: Callable[[_Tx], T], tx: _Tx, *,
-                    begin: bytes | None = None) -> T:
+                    begin: bytes = b"BEGIN") -> T:
     """Run ``op`` in a transaction and commit it, or roll it back if ``op`` raises.
 
-    The connection is in autocommit (a read is one round trip) except for this: psycopg then
-    begins the transaction with the first statement. Measured, that is cheaper than
-    ``Connection.transaction()``. ``begin``: statements that begin the transaction
-    themselves, sent as one simple query (one round trip for ``BEGIN`` and its settings).
+    The connection stays in autocommit (a read is one round trip); the transaction is begun
+    and ended by statements of its own. ``begin`` may carry settings for it in the same
+    simple query (one round trip for ``BEGIN`` and a lock timeout). Measured, this is
+    cheaper than ``Connection.transaction()``.
     """
     conn = worker.conn
     assert conn is not None
-    if begin is not None:
-        conn.execute(begin)
-        try:
-            value = op(tx)
-            conn.execute(b"COMMIT")
-            return value
-        except BaseException:
-            try:
-                conn.execute(b"ROLLBACK")
-            except psycopg.Error:
-                worker.disconnect()
-            raise
-    conn.autocommit = False
+    conn.execute(begin)
     try:
         value = op(tx)
-        conn.commit()
+        conn.execute(b"COMMIT")
         return value
     except BaseException:
         try:
-            conn.rollback()
+            conn.execute(b"ROLLBACK")
         except psycopg.Error:
             worker.disconnect()
         raise
-    finally:
-        if worker.conn is not None:
-            conn.autocommit = True
 
 
 def _loop_idle(loop: asyncio.AbstractEventLoop) -> bool:
