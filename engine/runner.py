@@ -43,6 +43,7 @@ from agentainer_flow.store.events import (
 
 from . import values
 from .commands import StepRuntime, declared_patches
+from .eager import eager
 from .errors import (
     EngineSignal,
     ExecutionBlockedError,
@@ -252,7 +253,8 @@ class Runner:
             # the commit is not cancellable: a store may commit an append whose caller was
             # cancelled, and durable_seq must say what the store holds, or the next append
             # conflicts with our own events. A cancelled flush waits for it, then raises.
-            commit = asyncio.ensure_future(self._commit(batch, status, error, wake_at))
+            # started at once: a commit that needs no wait costs no task and no loop turn
+            commit = eager(self._commit(batch, status, error, wake_at))
             cancelled = False
             with self.clock.busy():  # real work: virtual time does not skip meanwhile
                 while not commit.done():
@@ -724,7 +726,7 @@ class Runner:
                                     final=True)
                 continue
             task = asyncio.ensure_future(self._observed_attempt(step, instance, attempt))
-            task.add_done_callback(self._wakeup)
+            task.add_done_callback(self._attempt_ended)
             self._tasks[task] = (step.name, instance, attempt)
         self._starting.clear()
 
@@ -757,7 +759,10 @@ class Runner:
         obs = self.engine.observer
         if obs is NOOP:
             self._new_attempts.discard(key)
-            return await self._run_instance(step, instance, attempt)
+            try:
+                return await self._run_instance(step, instance, attempt)
+            finally:
+                self._ending()
         ref = AttemptRef(self.execution_id, self.spec.name, *key)
         resumed = key not in self._new_attempts
         self._new_attempts.discard(key)
@@ -774,6 +779,7 @@ class Runner:
         finally:
             obs.step_attempt_finished(ref, outcome=outcome, error_type=error_type,
                                       seconds=time.perf_counter() - t0)
+            self._ending()
 
     async def _run_instance(self, step: StepSpec, instance: int, attempt: int) -> tuple[str, Any]:
         """Run one attempt; returns ("ok", tree), ("error", exception) or ("blocked",
@@ -838,6 +844,22 @@ class Runner:
                 body.cancel()
                 await asyncio.gather(body, return_exceptions=True)
             self._bodies.pop(body, None)
+
+    def _ending(self) -> None:
+        """The calling attempt's coroutine returns (or raises): wake the scheduler now,
+        not from the task's done callback, which would cost a turn of the loop more per
+        step and, queued meanwhile, keep the loop from looking idle to the store (which
+        then hands the next commit to a thread). The task is done before the scheduler
+        runs, in a later turn."""
+        task = asyncio.current_task()
+        if task is not None:
+            task.remove_done_callback(self._attempt_ended)
+        self._wakeup()
+
+    def _attempt_ended(self, task: asyncio.Task[Any]) -> None:
+        """An attempt's task is done without having said so (``_ending``): cancelled
+        before it started, its coroutine never ran."""
+        self._wakeup()
 
     def _wakeup(self, *_: object) -> None:
         """Wake the scheduler loop (an instance finished, a cancel or a fatal error)."""
