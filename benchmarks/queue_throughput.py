@@ -18,9 +18,12 @@ Every part runs on a scratch database of its own (created here, dropped at the e
   throughput  N 5-step chains (``_queue_bench_workflows.Chain5``) started with
               ``run_workflow(wf, ExecutionMode.ASYNC, queue="bench")``, run by 1, 2 and 4
               ``flow worker`` processes (``--concurrency C --poll-interval 0.05``).
-              ``--enqueue first`` (default): all N are enqueued, then the workers are
-              started; ``live``: the workers are started and idle, then the N are enqueued
-              while they run. workflows/s = N / (last ``finished_at`` - first
+              ``--enqueue first`` (default): all N are enqueued on a queue no worker
+              serves, the workers are started, and once every one of them is ready (idle,
+              its imports done) the N are moved to theirs in one statement: all workers
+              start together, none competes with another's start-up; ``live``: the
+              workers are started and idle, then the N are enqueued while they run.
+              workflows/s = N / (last ``finished_at`` - first
               ``first_claimed_at``), from the executions' rows.
   latency     one idle worker; one workflow at a time: the time from just before
               ``run_workflow(queue=...)`` to the first step's ``StepStarted`` timestamp.
@@ -74,6 +77,7 @@ MODULE = HERE / "_queue_bench_workflows.py"
 WORKFLOW = "queue_bench_chain5"
 WORKFLOW_CLASS: Any = Chain5
 QUEUE = "bench"
+HOLD = "bench-hold"  # no worker serves it: ``--enqueue first`` fills it, then moves all
 DEFAULT_ADMIN = os.environ.get("FLOW_BENCH_POSTGRES_URL",
                                "postgresql://postgres@127.0.0.1:5432/postgres")
 _CLEARED = ("FLOW_HOME", "FLOW_RUNTIME", "FLOW_STORE", "FLOW_TEST_KILL_AT")
@@ -474,18 +478,28 @@ async def shapes(url: str, commits_per_s: float, quick: bool) -> dict[str, Any]:
 
 # -- 3. throughput ---------------------------------------------------------------------------
 
-async def enqueue(client: WorkflowClient, n: int, in_flight: int = 50) -> tuple[float, float]:
-    """Start ``n`` executions on the queue, ``in_flight`` at a time: (seconds, CPU seconds of
-    this process)."""
+async def enqueue(client: WorkflowClient, n: int, in_flight: int = 50,
+                  queue: str = QUEUE) -> tuple[float, float]:
+    """Start ``n`` executions on ``queue``, ``in_flight`` at a time: (seconds, CPU seconds
+    of this process)."""
     gate = asyncio.Semaphore(in_flight)
 
     async def one() -> None:
         async with gate:
-            await client.run_workflow(WORKFLOW_CLASS(), ExecutionMode.ASYNC, queue=QUEUE)
+            await client.run_workflow(WORKFLOW_CLASS(), ExecutionMode.ASYNC, queue=queue)
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(one() for _ in range(n)))
     return time.perf_counter() - t0, time.process_time() - cpu0
+
+
+def release_held(url: str) -> None:
+    """Move the executions waiting on ``HOLD`` to the workers' queue, and wake them (a
+    NOTIFY naming one of them, as a new execution's insert does)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE flow_executions SET queue = %s WHERE queue = %s", (QUEUE, HOLD))
+        conn.execute("SELECT pg_notify('flow_events', id) FROM flow_executions "
+                     "WHERE queue = %s LIMIT 1", (QUEUE,))
 
 
 async def throughput(url: str, n: int, count: int, concurrency: int, poll: float,
@@ -494,7 +508,7 @@ async def throughput(url: str, n: int, count: int, concurrency: int, poll: float
     async with client_on(url) as client:
         enqueue_s = enqueue_cpu = 0.0
         if mode == "first":
-            enqueue_s, enqueue_cpu = await enqueue(client, n)
+            enqueue_s, enqueue_cpu = await enqueue(client, n, queue=HOLD)
             await asyncio.sleep(1.1)  # backends report their counters at most once a second
         before = server_counters(url)
         with workers(url, count, concurrency, poll) as procs:
@@ -506,6 +520,8 @@ async def throughput(url: str, n: int, count: int, concurrency: int, poll: float
             sampler = WaitSampler(url) if waits else None
             if mode == "live":
                 enqueue_s, enqueue_cpu = await enqueue(client, n)
+            else:
+                release_held(url)
             deadline = time.monotonic() + max(120.0, n / 10)
             while sum(p.completed for p in procs) < n:
                 if time.monotonic() > deadline:
