@@ -291,20 +291,24 @@ class Engine:
 
     def launch(self, execution_id: str, *, secrets: Mapping[str, str] | None = None,
                workflow: object | None = None, leased: ExecutionRecord | None = None,
-               takeover: bool = False) -> asyncio.Task[Outcome]:
+               takeover: bool = False,
+               history: list[StoredEvent] | None = None) -> asyncio.Task[Outcome]:
         """Run (or keep running) the execution as a task of this process.
 
         The run first takes the execution's lease (``leased``: already taken, e.g. by a
         worker's claim). While another live process holds it, the run follows that process
         to the execution's outcome and takes over only if the lease expires or its holder
-        dies; ``takeover`` takes it at once (the other holder is fenced out).
+        dies; ``takeover`` takes it at once (the other holder is fenced out). ``history``:
+        with ``leased``, the execution's history as loaded after that lease was taken (a
+        worker loads what it claims in one read), instead of loading it here.
         """
         task = self.tasks.get(execution_id)
         if task is not None:
             return task
         self._stopped.pop(execution_id, None)
         task = asyncio.ensure_future(self._run(execution_id, secrets=secrets, workflow=workflow,
-                                               leased=leased, takeover=takeover))
+                                               leased=leased, takeover=takeover,
+                                               history=history if leased else None))
         self.tasks[execution_id] = task
         task.add_done_callback(lambda t: self._forget(execution_id, t))
         return task
@@ -336,7 +340,8 @@ class Engine:
 
     async def _run(self, execution_id: str, *, secrets: Mapping[str, str] | None,
                    workflow: object | None, leased: ExecutionRecord | None = None,
-                   takeover: bool = False) -> Outcome:
+                   takeover: bool = False,
+                   history: list[StoredEvent] | None = None) -> Outcome:
         fresh = self._fresh.pop(execution_id, None)
         if fresh is not None:
             record, history = fresh
@@ -345,8 +350,9 @@ class Engine:
             if isinstance(got, Outcome):
                 return got
             record = got
-            with self.observer.time_store("load"):
-                history = await self.store.load(execution_id)
+            if not history:
+                with self.observer.time_store("load"):
+                    history = await self.store.load(execution_id)
         runner: Runner | None = None
         try:
             started = history[0].event

@@ -31,6 +31,7 @@ from agentainer_flow.store import (
     ExecutionRecord,
     FlowError,
     HistoryCorruptedError,
+    StoredEvent,
     StoreError,
     WorkerInfo,
 )
@@ -50,6 +51,8 @@ GC_INTERVAL = 60.0
 #: seconds between a worker's heartbeats; ``flow workers`` calls one silent for three of
 #: them lost
 HEARTBEAT_INTERVAL = 5.0
+#: histories at most this long are read together for a claim's executions (``_preload``)
+PRELOAD_EVENTS = 64
 
 Report = Callable[[str], None]
 
@@ -232,6 +235,7 @@ class Worker:
                                         lease_seconds=self.client.engine.lease_seconds,
                                         limit=free + extra, queues=self.queues)
         started = 0
+        starting: list[ExecutionRecord] = []
         for record in records:
             # skipped ones are left alone; children are claimed like any execution (their
             # parents let go of them while they wait, see ``Engine.ensure_child``)
@@ -249,23 +253,44 @@ class Worker:
                 await store.release(self.worker_id, record.id)
                 continue
             self._say(f"{record.id} {record.workflow_name}: claimed ({record.status.value})")
+            starting.append(record)
+            started += 1
+        # The short histories of what was claimed, read together (``load_many``) rather
+        # than by each run: not of an execution whose previous run here is still ending,
+        # nor long ones (each run loads its own). The runs are registered first, so that a
+        # stop meanwhile hands every claimed execution back.
+        ids = [r.id for r in starting
+               if r.last_seq <= PRELOAD_EVENTS and r.id not in self.running]
+        preload = asyncio.ensure_future(self._preload(ids)) if len(ids) > 1 else None
+        for record in starting:
             # claimed again while its run here ends (it let go of the lease a moment ago, to
             # be woken at once): the new run starts once that one is over
             previous = self.running.get(record.id)
-            self.running[record.id] = asyncio.ensure_future(self._process(record, previous))
+            self.running[record.id] = asyncio.ensure_future(
+                self._process(record, previous, preload))
             # the engine renews the lease from here on, and its runner carries the token
-            started += 1
         return started
 
+    async def _preload(self, ids: list[str]) -> dict[str, list[StoredEvent]]:
+        try:
+            return await self.client.store.load_many(ids)
+        except Exception as exc:  # each run then loads its own, and says what went wrong
+            log.warning("worker_preload_failed", error=str(exc))
+            return {}
+
     async def _process(self, record: ExecutionRecord,
-                       previous: asyncio.Task[None] | None = None) -> None:
+                       previous: asyncio.Task[None] | None = None,
+                       preload: asyncio.Future[dict[str, list[StoredEvent]]] | None = None,
+                       ) -> None:
         eid = record.id
         me = asyncio.current_task()
         ended = False
         try:
+            history = None if preload is None else (await asyncio.shield(preload)).get(eid)
             if previous is not None:
                 await asyncio.wait({previous})
-            outcome = await asyncio.shield(self.client.engine.launch(eid, leased=record))
+            outcome = await asyncio.shield(
+                self.client.engine.launch(eid, leased=record, history=history))
             ended = True  # the terminal append released the lease
             detail = f": {outcome.error}" if outcome.error else ""
             self.done += 1

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Self
 from .errors import (
     AmbiguousExecutionIdError,
     ExecutionNotFoundError,
+    HistoryCorruptedError,
     StoreNotFoundError,
 )
 from .events import Event, ExecutionStarted
@@ -398,6 +399,23 @@ class EventStore(ABC):
         that does not decode, a checksum that does not match, or a tail the execution's row
         says exists but is gone: a damaged history is never handed out to be replayed.
         """
+
+    async def load_many(self, execution_ids: Sequence[str]) -> dict[str, list[StoredEvent]]:
+        """The whole histories of several executions, each verified as ``load`` does: for
+        a worker that has just claimed them, one read instead of one each (Postgres).
+
+        A history that fails verification, or an execution that does not exist, is left
+        out: ``load`` it to get the error.
+        """
+        out: dict[str, list[StoredEvent]] = {}
+        for execution_id in dict.fromkeys(execution_ids):
+            try:
+                events = await self.load(execution_id)
+            except HistoryCorruptedError:
+                continue
+            if events:
+                out[execution_id] = events
+        return out
 
     @abstractmethod
     async def audit(self, execution_id: str) -> list[AuditedEvent]:

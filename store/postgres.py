@@ -64,11 +64,12 @@ from .base import (
     AppendResult,
     ExecutionRecord,
     ExecutionStatus,
+    StoredEvent,
     StoreNotFoundError,
     now,
 )
-from .chain import chain_all
-from .errors import AppendConflictError, StoreError, StoreUnavailableError
+from .chain import chain_all, verified
+from .errors import AppendConflictError, HistoryCorruptedError, StoreError, StoreUnavailableError
 from .events import ENCODING, Event, encode_event, event_type_name
 from .schema import events as events_table
 from .schema import executions, migrate, queues, watches
@@ -959,6 +960,31 @@ class PostgresEventStore(SQLEventStore):
                   "encoding": first["encoding"]}
         return tx.first(create, values) is not None
 
+    async def load_many(self, execution_ids: Sequence[str]) -> dict[str, list[StoredEvent]]:
+        # One statement, one snapshot, for all: every event of the executions, and each
+        # one's end row (as ``_stmt_load_with_end``), sorted by execution, then seq.
+        ids = list(dict.fromkeys(execution_ids))
+        if len(ids) < 2:
+            return await super().load_many(ids)
+        stmt = self._stmt("load_many", _stmt_load_many)
+
+        def op(tx: Tx) -> list[Row]:
+            return tx.rows(stmt, {"ids": ids})
+
+        rows = await self._read(op)
+        out: dict[str, list[StoredEvent]] = {}
+        for execution_id, rows_of, end in _split_logs(rows):
+            try:
+                events, last = verified(execution_id, 0, rows_of, end)
+            except HistoryCorruptedError:
+                continue  # its own ``load`` says what is wrong
+            if not events:
+                continue
+            if last is not None:
+                self._chains.put_if_newer(execution_id, *last)
+            out[execution_id] = events
+        return out
+
     def _lease(self, tx: Tx, ids: list[str], values: Mapping[str, Any]) -> list[Row]:
         if len(ids) < 2:
             return super()._lease(tx, ids, values)
@@ -1152,6 +1178,44 @@ def _in_transaction(worker: _Worker, op: Callable[[_Tx], T], tx: _Tx, *,
         except psycopg.Error:
             worker.disconnect()
         raise
+
+
+def _stmt_load_many() -> sa.CompoundSelect[Any]:
+    """Every event of the executions ``ids`` (execution, seq, type, data, chain), and one
+    row per execution with its (last_seq, last_chain) and a NULL type: after its events,
+    or next to the last one when a write lands at the same seq (``_split_logs``)."""
+    ids = sa.any_(sa.bindparam("ids", type_=ARRAY(sa.Text)))
+    log = sa.select(events_table.c.execution_id, events_table.c.seq, events_table.c.type,
+                    events_table.c.data, events_table.c.chain).where(
+        events_table.c.execution_id == ids)
+    end = sa.select(executions.c.id, executions.c.last_seq, sa.null().cast(sa.Text),
+                    sa.null().cast(sa.LargeBinary), executions.c.last_chain).where(
+        executions.c.id == ids)
+    return sa.union_all(log, end).order_by(sa.literal_column("execution_id"),
+                                           sa.literal_column("seq"))
+
+
+def _split_logs(
+    rows: Sequence[Row],
+) -> list[tuple[str, list[Row], tuple[int, str | None] | None]]:
+    """``_stmt_load_many``'s rows as (execution id, its log's rows, its end): the rows of
+    ``read_log`` for each."""
+    out: list[tuple[str, list[Row], tuple[int, str | None] | None]] = []
+    current: str | None = None
+    log: list[Row] = []
+    end: tuple[int, str | None] | None = None
+    for execution_id, seq, type_name, data, chain in rows:
+        if execution_id != current:
+            if current is not None:
+                out.append((current, log, end))
+            current, log, end = execution_id, [], None
+        if type_name is None:
+            end = (seq, chain)
+        else:
+            log.append((seq, type_name, data, chain))
+    if current is not None:
+        out.append((current, log, end))
+    return out
 
 
 def _loop_idle(loop: asyncio.AbstractEventLoop) -> bool:

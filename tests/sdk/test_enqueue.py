@@ -9,6 +9,7 @@ of that process must run what it claimed, under the lease (fencing token) it too
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Any
 
 import pytest
@@ -116,3 +117,54 @@ async def test_a_queued_start_that_finds_an_execution_running_here_leaves_it_alo
         assert first.id in client.engine.tasks  # still running here, with its secrets
         gate.set()
         assert await first.get_result() == "x" * len("abc-secret")
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite", pytest.param("postgres",
+                                                               marks=pytest.mark.postgres)])
+async def test_a_worker_reads_what_it_claims_together(
+        store_kind: str, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The histories of a claim's executions come from one ``load_many``, not one load
+    each; a run whose history was left out (damaged, too long) loads its own."""
+    url = str(request.getfixturevalue(f"{store_kind}_url"))
+    monkeypatch.setenv("FLOW_SECRETS_KEY", Fernet.generate_key().decode())
+    async with WorkflowClient(url, "mock") as client:
+        started = await asyncio.gather(*(
+            client.run_workflow(Probe(n), ExecutionMode.ASYNC, queue="batch",
+                                secrets={"token": "t"}) for n in range(40)))
+        store: Any = client.store
+        together: list[list[str]] = []
+        alone: list[str] = []
+        inside = contextvars.ContextVar("inside", default=False)
+        load_many, load = store.load_many, store.load
+        left_out = started[0].id  # as if its history were damaged: its run loads it
+
+        async def loading_many(ids: list[str]) -> Any:
+            together.append(list(ids))
+            token = inside.set(True)
+            try:
+                got = await load_many(ids)
+            finally:
+                inside.reset(token)
+            got.pop(left_out, None)
+            return got
+
+        async def loading(execution_id: str, after_seq: int = 0) -> Any:
+            if not inside.get():  # the SQLite store's load_many loads each: not alone
+                alone.append(execution_id)
+            return await load(execution_id, after_seq)
+
+        monkeypatch.setattr(store, "load_many", loading_many)
+        monkeypatch.setattr(store, "load", loading)
+        worker = Worker(client, queues=["batch"], concurrency=20, once=True,
+                        poll_interval=0.02)
+        await asyncio.wait_for(worker.run(), 120)
+        monkeypatch.undo()
+        results = [await e.get_result() for e in started]
+
+    assert results == [n + 1 for n in range(40)]
+    read_together = {eid for ids in together for eid in ids}
+    assert len(read_together) >= 30, together  # claims of up to 20, a few alone
+    assert left_out in read_together and alone.count(left_out) == 1  # then its run loaded it
+    for e in started:  # each history read once, but the one left out
+        assert (e.id in read_together) + alone.count(e.id) == 1 + (e.id == left_out), e.id

@@ -310,6 +310,30 @@ async def test_damage_is_detected_and_never_replayed(url: str, db: sa.Engine,
     assert entries[0]["type"] == "workflow_started" and entries[0]["problem"] is None
 
 
+@pytest.mark.parametrize("how", [delete_an_event_in_the_middle, change_a_payload_byte,
+                                 delete_the_tail, cut_the_tail_and_move_the_row_back],
+                         ids=lambda d: d.__name__)
+async def test_load_many_reads_each_history_as_load_and_leaves_out_a_damaged_one(
+        url: str, db: sa.Engine, how: Damage) -> None:
+    """What a worker reads for a claim's executions (``load_many``): each history as
+    ``load`` gives it, a damaged one left out, for its own run's ``load`` to refuse."""
+    good = await unfinished(url)
+    RUNS.clear()
+    bad = await unfinished(url)
+    RUNS.clear()
+    done = await completed(url)
+    damage(db, bad, how)
+    async with create_store(url) as store:
+        histories = await store.load_many([good, bad, done, "no-such-execution", good])
+        assert set(histories) == {good, done}
+        for eid in (good, done):
+            assert histories[eid] == await store.load(eid)
+        assert await store.load_many([]) == {}
+        assert await store.load_many([good]) == {good: await store.load(good)}
+        with pytest.raises(HistoryCorruptedError):
+            await store.load(bad)
+
+
 async def test_a_cut_tail_of_a_finished_execution(url: str, db: sa.Engine) -> None:
     eid = await completed(url)
     rows = rows_of(db, eid)
