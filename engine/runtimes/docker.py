@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import io
 import os
 import re
 import tarfile
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -514,8 +516,8 @@ class DockerRuntime(AgentRuntime):
 
     async def follow_logs(self, agent_id: str,
                           cursor: str = "") -> AsyncIterator[tuple[str, str]]:
-        """The container's output as Docker streams it; the cursor is the last line's
-        timestamp. The stream is read in a thread of its own (it blocks for the container's
+        """The container's output as Docker streams it; the cursor names the last lines
+        given (``_LogPosition``). The stream is read in a thread of its own (it blocks for the container's
         whole life), never in the pool the other calls share."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[bytes, str] | None] = asyncio.Queue()
@@ -546,11 +548,11 @@ class DockerRuntime(AgentRuntime):
 
     def _pump_logs(self, agent_id: str, cursor: str, streams: list[Any],
                    put: Callable[[tuple[bytes, str] | None], None]) -> None:
-        after = _nanos(cursor)
+        position = _LogPosition(cursor)
         container = self._get(agent_id)
         if container is None:
             return
-        since = None if after is None else after // 1_000_000_000
+        since = None if position.floor is None else position.floor // 1_000_000_000
         stream = container.logs(stdout=True, stderr=True, stream=True, follow=True,
                                 timestamps=True, since=since)
         streams.append(stream)
@@ -560,9 +562,9 @@ class DockerRuntime(AgentRuntime):
             lines = pending.split(b"\n")
             pending = lines.pop()
             if lines:
-                _give(lines, after, put)
+                position.give(lines, put)
         if pending:
-            _give([pending], after, put)
+            position.give([pending], put)
 
     async def list_agents(self) -> list[AgentEntry]:
         """The containers that carry an execution label (running or not)."""
@@ -604,21 +606,54 @@ def _nanos(stamp: str) -> int | None:
     return seconds * 1_000_000_000 + int((m.group(2) or "0").ljust(9, "0"))
 
 
-def _give(lines: list[bytes], after: int | None,
-          put: Callable[[tuple[bytes, str] | None], None]) -> None:
-    """Hand on timestamped log lines past ``after``, without their timestamps."""
-    out = []
-    last = ""
-    for line in lines:
-        stamp, _, text = line.partition(b" ")
-        stamp_text = stamp.decode("ascii", "replace")
-        when = _nanos(stamp_text)
-        if after is not None and when is not None and when <= after:
-            continue  # given before the engine that recorded it died
-        out.append(text)
-        last = stamp_text if when is not None else last
-    if out:
-        put((b"\n".join(out) + b"\n", last))
+class _LogPosition:
+    """Where a reader of a container's log is: the cursor ``follow_logs`` gives and takes.
+
+    Docker stamps each line as it reads it from the container's stdout or stderr, and the
+    two pipes are read apart: a stderr line can reach the stream after a stdout line
+    stamped later than it. A cursor that were only the last line's stamp would then skip
+    that line on resume. So the cursor names the last ``KEEP`` lines given, by stamp and
+    digest; a resumed reader skips the lines stamped before the oldest of them and those
+    lines themselves, and gives the rest. (An older cursor, one stamp, still works as it
+    did: everything stamped after it.)
+    """
+
+    KEEP = 16
+    _PREFIX = "v2:"
+
+    def __init__(self, cursor: str) -> None:
+        self._recent: deque[tuple[int, str]] = deque(maxlen=self.KEEP)
+        self._seen: set[tuple[int, str]] = set()
+        #: lines stamped before this were given before (None: give every line)
+        self.floor: int | None = None
+        if cursor.startswith(self._PREFIX):
+            for part in cursor[len(self._PREFIX):].split(","):
+                when, _, digest = part.partition(".")
+                if when.isdigit() and digest:
+                    self._seen.add((int(when), digest))
+            self._recent.extend(sorted(self._seen))
+            self.floor = min((w for w, _ in self._seen), default=None)
+        else:
+            after = _nanos(cursor)
+            self.floor = None if after is None else after + 1
+
+    def give(self, lines: list[bytes], put: Callable[[tuple[bytes, str] | None], None]) -> None:
+        """Hand on the lines not given before, without their stamps, with the new cursor."""
+        out = []
+        for line in lines:
+            stamp, _, text = line.partition(b" ")
+            when = _nanos(stamp.decode("ascii", "replace"))
+            if when is None:  # not a stamped line: nothing to place it by
+                out.append(text)
+                continue
+            key = (when, hashlib.blake2b(line, digest_size=6).hexdigest())
+            if (self.floor is not None and when < self.floor) or key in self._seen:
+                continue  # given before the engine that recorded it died
+            self._recent.append(key)
+            out.append(text)
+        if out:
+            cursor = self._PREFIX + ",".join(f"{w}.{d}" for w, d in self._recent)
+            put((b"\n".join(out) + b"\n", cursor if self._recent else ""))
 
 
 class _Chunks(io.RawIOBase):

@@ -327,3 +327,33 @@ async def test_cancel_stops_and_removes_the_running_container(
             await asyncio.wait_for(execution.get_result(), 60)
         assert time.monotonic() - started < 30  # stopped, not waited out (120 s)
     assert docker_engine.client.containers.list(all=True, filters={"label": label}) == []
+
+
+def test_a_log_cursor_keeps_a_line_that_reached_the_stream_after_a_later_stamped_one() -> None:
+    """Docker reads stdout and stderr apart: ``warn3`` (stderr) can arrive after
+    ``line3`` (stdout) with an earlier stamp. A reader stopped at ``line3`` must still
+    give ``warn3`` on resume, and nothing twice. No Docker needed: the stamps are made."""
+    from agentainer_flow.engine.runtimes.docker import _LogPosition
+
+    def stamped(ns: int, text: str) -> bytes:
+        whole = ns // 1_000_000_000
+        return f"2026-12-03T10:00:{whole:02d}.{ns % 1_000_000_000:09d}Z {text}".encode()
+
+    stream = [stamped(1_000_000_100, "line1"), stamped(1_000_000_050, "warn1"),
+              stamped(2_000_000_300, "line2"), stamped(2_000_000_200, "warn2"),
+              stamped(3_000_000_300, "line3"), stamped(3_000_000_200, "warn3"),
+              stamped(4_000_000_000, "line4")]
+    got: list[tuple[bytes, str] | None] = []
+    first = _LogPosition("")
+    first.give(stream[:5], got.append)  # the engine died after line3
+    assert got[-1] is not None
+    given, cursor = got[-1]
+    assert given.split() == [b"line1", b"warn1", b"line2", b"warn2", b"line3"]
+    # a resumed reader gets the stream again from the second of the oldest line named
+    again: list[tuple[bytes, str] | None] = []
+    _LogPosition(cursor).give(stream, again.append)
+    assert again[-1] is not None and again[-1][0].split() == [b"warn3", b"line4"]
+    # the cursor of an older version (one stamp) still resumes after that stamp
+    old: list[tuple[bytes, str] | None] = []
+    _LogPosition("2026-12-03T10:00:02.000000300Z").give(stream, old.append)
+    assert old[-1] is not None and old[-1][0].split() == [b"line3", b"warn3", b"line4"]
