@@ -600,6 +600,21 @@ async def latency(url: str, samples: int, concurrency: int, poll: float) -> dict
 
 # -- main ------------------------------------------------------------------------------------
 
+def python_probe() -> float:
+    """Seconds for 5 million additions in a Python loop, best of 3: how fast this machine's
+    CPU is just now. Seen here between about 0.45 and 0.55 s on the same machine kind, and
+    the costs per workflow moved by up to 2x from one hour to the next while it barely
+    moved: what it does not catch (memory, system calls, the host's other guests) moves
+    more. Compare runs by their ratios and CPU per workflow, taken together."""
+    best = float("inf")
+    for _ in range(3):
+        t0, total = time.perf_counter(), 0
+        for i in range(5_000_000):
+            total += i
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def _revision() -> str:
     """The commit of the engine this runs (and whether its tree is modified), or where the
     engine was imported from when it is not this checkout (``PYTHONPATH=export``)."""
@@ -661,6 +676,7 @@ async def main() -> int:
                     "loadavg_at_start": os.getloadavg()},
         "revision": _revision(),
         "time": time.strftime("%Y-%m-%d %H:%M"),
+        "python_loop_probe_s": python_probe(),
     }
     dbs = Databases(args.admin_url)
     try:
@@ -668,7 +684,8 @@ async def main() -> int:
             result["machine"]["postgres"] = conn.execute("SHOW server_version").fetchone()[0]
         say(f"{result['time']}, {result['machine']['cpus']} CPUs, Python "
             f"{result['machine']['python']}, Postgres {result['machine']['postgres']}, "
-            f"revision {result['revision']}, load {os.getloadavg()[0]:.2f}")
+            f"revision {result['revision']}, load {os.getloadavg()[0]:.2f}, Python probe "
+            f"{result['python_loop_probe_s']:.3f} s")
         commits_per_s = None
         if "baseline" in parts or "shapes" in parts:
             bare = bare_commit(dbs.create())
