@@ -517,8 +517,8 @@ class DockerRuntime(AgentRuntime):
     async def follow_logs(self, agent_id: str,
                           cursor: str = "") -> AsyncIterator[tuple[str, str]]:
         """The container's output as Docker streams it; the cursor names the last lines
-        given (``_LogPosition``). The stream is read in a thread of its own (it blocks for the container's
-        whole life), never in the pool the other calls share."""
+        given (``_LogPosition``). The stream is read in a thread of its own (it blocks for
+        the container's whole life), never in the pool the other calls share."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[bytes, str] | None] = asyncio.Queue()
         streams: list[Any] = []
