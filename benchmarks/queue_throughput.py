@@ -69,6 +69,7 @@ from store_append import _create, _steps
 from agentainer_flow import ExecutionMode, WorkflowClient
 from agentainer_flow.store import ExecutionStatus, create_store
 from agentainer_flow.store.events import StepStarted
+from agentainer_flow.store.postgres import CHANNEL
 
 HERE = Path(__file__).resolve().parent
 #: the file the workers import (``--module`` may name another that defines ``Chain5``)
@@ -498,8 +499,8 @@ def release_held(url: str) -> None:
     NOTIFY naming one of them, as a new execution's insert does)."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("UPDATE flow_executions SET queue = %s WHERE queue = %s", (QUEUE, HOLD))
-        conn.execute("SELECT pg_notify('flow_events', id) FROM flow_executions "
-                     "WHERE queue = %s LIMIT 1", (QUEUE,))
+        conn.execute("SELECT pg_notify(%s, id) FROM flow_executions WHERE queue = %s LIMIT 1",
+                     (CHANNEL, QUEUE))
 
 
 async def throughput(url: str, n: int, count: int, concurrency: int, poll: float,

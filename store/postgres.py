@@ -1202,19 +1202,19 @@ def _split_logs(
     ``read_log`` for each."""
     out: list[tuple[str, list[Row], tuple[int, str | None] | None]] = []
     current: str | None = None
-    log: list[Row] = []
+    entries: list[Row] = []
     end: tuple[int, str | None] | None = None
     for execution_id, seq, type_name, data, chain in rows:
         if execution_id != current:
             if current is not None:
-                out.append((current, log, end))
-            current, log, end = execution_id, [], None
+                out.append((current, entries, end))
+            current, entries, end = execution_id, [], None
         if type_name is None:
             end = (seq, chain)
         else:
-            log.append((seq, type_name, data, chain))
+            entries.append((seq, type_name, data, chain))
     if current is not None:
-        out.append((current, log, end))
+        out.append((current, entries, end))
     return out
 
 
