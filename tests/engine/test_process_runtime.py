@@ -438,7 +438,9 @@ async def test_stop(rt: ProcessRuntime) -> None:
 
 async def test_stop_escalates_to_sigkill(rt: ProcessRuntime) -> None:
     await rt.launch(spec("stubborn", sh("trap '' TERM; echo ready; sleep 30")))
-    await until(lambda: "ready" in (rt.root / "stubborn" / "stdout.log").read_text())
+    # The supervisor creates the log after launch returns: wait for it too.
+    log = rt.root / "stubborn" / "stdout.log"
+    await until(lambda: log.exists() and "ready" in log.read_text())
     started = time.monotonic()
     await rt.stop("stubborn")
     assert time.monotonic() - started < 5
