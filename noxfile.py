@@ -44,6 +44,7 @@ def chaos(session: nox.Session) -> None:
 
 @nox.session
 def soak(session: nox.Session) -> None:
-    """The long profiles: 1,000 executions sleeping the full minute."""
+    """The long profiles: 1,000 executions sleeping the full minute; each race 20 times."""
     session.install("-e", ".[dev]")
-    session.run("pytest", "-q", "-s", "tests/e2e/test_suspend.py", env={"FLOW_SOAK": "1"})
+    session.run("pytest", "-q", "-s", "tests/e2e/test_suspend.py", "tests/e2e/test_races.py",
+                env={"FLOW_SOAK": "1"})
