@@ -162,6 +162,7 @@ class Engine:
         self.owner_id = owner_id or make_owner_id()
         self.lease_seconds = lease_seconds or lease_seconds_from_env()
         self._renewer: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self.runtime = runtime
         self.clock = clock or Clock()
         self.context_factory = context_factory or _identity
@@ -432,6 +433,24 @@ class Engine:
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.ensure_future(self._renew_leases())
+        if self.store.url != "memory://" and (self._watcher is None or self._watcher.done()):
+            self._watcher = asyncio.ensure_future(self._watch_runs())
+
+    async def _watch_runs(self, interval: float = 1.0) -> None:
+        """Every ``interval``, look at the store row of each run that has gone on for at
+        least that long: a cancel requested by another process (``flow cancel``) or a
+        lease taken over is noticed while nothing is appended, e.g. during a long agent
+        run (appends also tell). One task for the whole engine: a run that ends within the
+        second costs nothing here, where a watcher of its own cost it a task and two turns
+        of the event loop."""
+        seen: dict[str, Runner] = {}
+        while self.runners:
+            await asyncio.sleep(interval)
+            current = {eid: r for eid, r in self.runners.items() if not r.finished}
+            due = [r for eid, r in current.items() if seen.get(eid) is r]
+            seen = current
+            if due:
+                await asyncio.gather(*(r.look_at_row() for r in due))
 
     async def _renew_leases(self) -> None:
         """Renew the leases of every execution this engine runs, a third of a lease apart.
@@ -679,10 +698,11 @@ class Engine:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        renewer, self._renewer = self._renewer, None
-        if renewer is not None:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+        for background in (self._renewer, self._watcher):
+            if background is not None:
+                background.cancel()
+                await asyncio.gather(background, return_exceptions=True)
+        self._renewer = self._watcher = None
         fresh, self._fresh = list(self._fresh), {}
         for execution_id in fresh:  # created and leased here, never run: free them
             try:

@@ -411,10 +411,6 @@ class Runner:
             asyncio.ensure_future(self.clock.sleep_until(self.deadline))
             if self.deadline is not None else None
         )
-        watcher = (
-            asyncio.ensure_future(self._watch_cancel())
-            if self.store.url != "memory://" else None
-        )
         try:
             await self._replay_in_flight()
             while True:
@@ -469,26 +465,23 @@ class Runner:
         finally:
             if deadline_task is not None:
                 deadline_task.cancel()
-            if watcher is not None:
-                watcher.cancel()
-            await asyncio.shield(self._cleaned_up())
+            if self._cleanups:  # (a shielded wait costs a task and four callbacks)
+                await asyncio.shield(self._cleaned_up())
 
-    async def _watch_cancel(self, interval: float = 1.0) -> None:
+    async def look_at_row(self) -> None:
         """Notice a cancel requested by another process (``flow cancel``), or a lease taken
-        over, while nothing is appended, e.g. during a long agent run; appends also tell."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                record = await self.store.get_execution(self.execution_id)
-            except StoreError as exc:  # a passing store outage: the next append will tell
-                self._log.warning("cancel_watch_failed", error=str(exc))
-                continue
-            if record is None:
-                continue
-            if self.lease_token is not None and record.lease_token != self.lease_token:
-                self.lease_lost(f"{record.lease_owner or 'another process'} acquired its lease")
-            elif record.cancel_requested and not self.h.cancel_requested:
-                self.request_cancel("requested")
+        over, from the execution's row (``Engine._watch_runs`` calls this every second)."""
+        try:
+            record = await self.store.get_execution(self.execution_id)
+        except StoreError as exc:  # a passing store outage: the next append will tell
+            self._log.warning("cancel_watch_failed", error=str(exc))
+            return
+        if record is None or self.finished:
+            return
+        if self.lease_token is not None and record.lease_token != self.lease_token:
+            self.lease_lost(f"{record.lease_owner or 'another process'} acquired its lease")
+        elif record.cancel_requested and not self.h.cancel_requested:
+            self.request_cancel("requested")
 
     async def _suspend(self, blocked: ExecutionBlockedError) -> None:
         """Record what was done and mark the execution blocked; it resumes from here."""

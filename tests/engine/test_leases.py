@@ -76,3 +76,52 @@ async def test_renewals_keep_a_long_run_and_a_second_resume_follows_it(tmp_path:
         record = await a.describe(execution.id)
     assert BODIES == ["long"]  # the follower never ran the body
     assert record.lease_token == 1  # nobody took it over
+
+
+@workflow(name="lease_waits")
+class Waits:
+    @step()
+    async def wait(self, ctx: Context) -> str:
+        await asyncio.sleep(30)  # nothing is appended meanwhile: only the row can tell
+        return "waited"
+
+
+@workflow(name="lease_quick")
+class Quick:
+    @step()
+    async def one(self, ctx: Context) -> int:
+        return 1
+
+
+async def test_one_watcher_finds_cancels_asked_elsewhere_and_spares_short_runs(
+        tmp_path: Path) -> None:
+    """A cancel asked through the store (another process's ``flow cancel``) reaches runs
+    that append nothing, from one watcher task for the whole engine; runs that end within
+    the second never have their row read."""
+    url = f"sqlite:///{tmp_path / 'flow.db'}"
+    async with WorkflowClient(store=url, runtime=runtime(0.0)) as client, \
+            WorkflowClient(store=url, runtime=runtime(0.0)) as other:
+        reads: list[str] = []
+        get_execution = client.store.get_execution
+
+        async def counted(execution_id: str) -> object:
+            reads.append(execution_id)
+            return await get_execution(execution_id)
+
+        client.store.get_execution = counted  # type: ignore[method-assign]
+        quick = [await client.run_workflow(Quick()) for _ in range(20)]
+        assert not [eid for eid in reads if eid in {q.id for q in quick}]
+        waiting = [await client.run_workflow(Waits(), mode=ExecutionMode.ASYNC)
+                   for _ in range(6)]
+        await asyncio.sleep(0.3)
+        for execution in waiting[:3]:
+            assert await other.store.request_cancel(execution.id)
+        watchers = [t for t in asyncio.all_tasks()
+                    if getattr(t.get_coro(), "__qualname__", "") == "Engine._watch_runs"]
+        assert len(watchers) == 1
+        for execution in waiting[:3]:
+            await asyncio.wait_for(execution.wait(), 5)  # noticed within about 2 s
+            assert (await execution.status()) is ExecutionStatus.CANCELLED
+        for execution in waiting[3:]:
+            assert not (await execution.status()).is_terminal  # left alone
+            await execution.cancel()
