@@ -13,6 +13,7 @@ loop; this does it for the calls that ask for it, on 3.11 too.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Coroutine, Generator
 from typing import Any, TypeVar
 
@@ -21,12 +22,17 @@ __all__ = ["eager"]
 T = TypeVar("T")
 
 
-def eager(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+def eager(coro: Coroutine[Any, Any, T],
+          context: contextvars.Context | None = None) -> asyncio.Future[T]:
     """Start ``coro`` now. If it ends without waiting, a future already done with its
-    result (or exception); else a task that goes on with it from where it stopped."""
+    result (or exception); else a task that goes on with it from where it stopped.
+
+    With ``context`` the coroutine runs in it throughout, as in a task created with it
+    (what it sets in context variables stays its own); without, its first step runs in
+    the caller's context and the rest in a copy."""
     loop = asyncio.get_running_loop()
     try:
-        yielded = coro.send(None)
+        yielded = coro.send(None) if context is None else context.run(coro.send, None)
     except StopIteration as stop:
         done: asyncio.Future[T] = loop.create_future()
         done.set_result(stop.value)
@@ -41,7 +47,7 @@ def eager(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         done = loop.create_future()
         done.set_exception(exc)
         return done
-    return asyncio.ensure_future(_Resumed(coro, yielded))
+    return loop.create_task(_Resumed(coro, yielded), context=context)
 
 
 class _Resumed(Coroutine[Any, Any, T]):

@@ -174,13 +174,15 @@ class Runner:
         self._pending: list[Event] = []
         self._after_flush: list[Callable[[], Awaitable[None]]] = []
         self._cleanups: set[asyncio.Task[None]] = set()
-        #: sleeping instances: the task awaiting ``ctx.sleep`` -> when it fires (or
-        #: awaiting a child workflow -> when to look at it again)
-        self._sleeping: dict[asyncio.Task[Any], float] = {}
-        #: instances waiting for a child workflow: the task -> the child's id
-        self._awaited: dict[asyncio.Task[Any], str] = {}
-        #: the body of an attempt with a deadline runs as its own task: it -> the attempt's
-        self._bodies: dict[asyncio.Task[Any], asyncio.Task[Any]] = {}
+        #: sleeping instances: the attempt (see ``_attempt_task``) awaiting ``ctx.sleep``
+        #: -> when it fires (or awaiting a child workflow -> when to look at it again)
+        self._sleeping: dict[_Attempt, float] = {}
+        #: instances waiting for a child workflow: the attempt -> the child's id
+        self._awaited: dict[_Attempt, str] = {}
+        #: the body of an attempt with a deadline runs as its own task: it -> the attempt
+        self._bodies: dict[asyncio.Task[Any], _Attempt] = {}
+        #: while ``_launch_started`` runs an attempt's first step: what stands for its task
+        self._first_step: _FirstStep | None = None
         self._suspended = False
         self._flush_lock = asyncio.Lock()
         self._status: ExecutionStatus | None = (
@@ -188,7 +190,9 @@ class Runner:
         )
         self._fatal: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._tasks: dict[asyncio.Task[tuple[str, Any]], tuple[str, int, int]] = {}
+        #: the attempts started: their task, or a done future for one that ended in its
+        #: first step -> (step, instance, attempt)
+        self._tasks: dict[asyncio.Future[tuple[str, Any]], tuple[str, int, int]] = {}
         self._remaining: dict[str, int] = {}
         self._ready: list[str] = []
         self._open: list[str] = []  # steps with instances to run, in start order
@@ -713,15 +717,39 @@ class Runner:
             self._caught_up.set()
 
     def _launch_started(self) -> None:
-        for step, instance, attempt in self._starting:
+        """Start the attempts queued by ``_start_task``.
+
+        Each attempt's first step runs here and now, in a context of its own as in a task
+        (``eager``): an attempt that ends without waiting (a step that only computes) costs
+        no task and no turn of the event loop. One that waits goes on in a task; what its
+        first step noted under a stand-in (a sleep, a child awaited) moves to that task.
+        """
+        starting, self._starting = self._starting, []
+        for step, instance, attempt in starting:
             if self._stopping and not step.always_run:  # stopped while being flushed
                 self._fail_instance(step, instance, attempt, "cancelled", "ExecutionStopped",
                                     final=True)
                 continue
-            task = asyncio.ensure_future(self._observed_attempt(step, instance, attempt))
-            task.add_done_callback(self._attempt_ended)
+            first = self._first_step = _FirstStep()
+            try:
+                task = eager(self._observed_attempt(step, instance, attempt),
+                             contextvars.copy_context())
+            finally:
+                self._first_step = None
+            if isinstance(task, asyncio.Task):
+                task.add_done_callback(self._attempt_ended)
+                self._adopt(first, task)
             self._tasks[task] = (step.name, instance, attempt)
-        self._starting.clear()
+
+    def _adopt(self, first: _FirstStep, task: asyncio.Task[Any]) -> None:
+        """What an attempt's first step noted under its stand-in ``first`` is its task's."""
+        if first in self._sleeping:
+            self._sleeping[task] = self._sleeping.pop(first)
+        if first in self._awaited:
+            self._awaited[task] = self._awaited.pop(first)
+        for body, attempt in self._bodies.items():
+            if attempt is first:
+                self._bodies[body] = task
 
     def arguments(self, step: StepSpec, instance: int) -> tuple[dict[str, Any], Any]:
         """The keyword arguments of a step instance's call, and its item (dynamic steps):
@@ -815,8 +843,8 @@ class Runner:
             return ("error", exc)
 
     async def _with_deadline(self, coro: Any, deadline: float, step: StepSpec) -> Any:
+        attempt = self._attempt_task()
         body = asyncio.ensure_future(coro)
-        attempt = asyncio.current_task()
         if attempt is not None:  # its sleeps and child waits are the attempt's
             self._bodies[body] = attempt
         timer = asyncio.ensure_future(self.clock.sleep_until(deadline))
@@ -845,7 +873,7 @@ class Runner:
         then hands the next commit to a thread). The task is done before the scheduler
         runs, in a later turn."""
         task = asyncio.current_task()
-        if task is not None:
+        if task is not None and self._first_step is None:  # (in a first step: no task yet)
             task.remove_done_callback(self._attempt_ended)
         self._wakeup()
 
@@ -860,8 +888,11 @@ class Runner:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _attempt_task(self) -> asyncio.Task[Any] | None:
-        """The task of the attempt the caller runs in (its own, or its body's)."""
+    def _attempt_task(self) -> _Attempt | None:
+        """The task of the attempt the caller runs in (its own, or its body's), or the
+        stand-in of an attempt whose first step ``_launch_started`` is running."""
+        if self._first_step is not None:
+            return self._first_step
         task = asyncio.current_task()
         return None if task is None else self._bodies.get(task, task)
 
@@ -1078,6 +1109,17 @@ class Runner:
         self.finished = True
         self._log.info("execution_finished", status=status.value)
         return Outcome.from_event(self.execution_id, ev)
+
+
+class _FirstStep:
+    """Stands for an attempt's task while its first step runs outside any task
+    (``Runner._launch_started``)."""
+
+    __slots__ = ()
+
+
+#: how the runner knows an attempt: its task, or the stand-in of its first step
+_Attempt = asyncio.Future[Any] | _FirstStep
 
 
 def _open_children(h: ExecutionState) -> list[str]:

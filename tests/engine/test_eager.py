@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agentainer_flow import WorkflowClient, step, workflow
 from agentainer_flow.engine.eager import eager
 
 
@@ -122,3 +126,76 @@ async def test_a_caller_cancelled_while_shielding_the_task_leaves_it_running() -
     assert not fut.done()
     gate.set_result(None)
     assert await fut == "committed"
+
+
+async def test_a_context_given_holds_what_the_coroutine_sets_before_and_after_a_wait() -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="caller")
+
+    async def sets() -> str:
+        var.set("first step")
+        await asyncio.sleep(0)
+        seen = var.get()
+        var.set("later")
+        return seen
+
+    context = contextvars.copy_context()
+    fut = eager(sets(), context)
+    assert var.get() == "caller"  # the first step's set stayed in its own context
+    assert await fut == "first step"
+    assert var.get() == "caller" and context[var] == "later"
+
+
+# -- the runner starts each attempt eagerly ------------------------------------------------
+
+STEP_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("step_var", default="unset")
+SEEN: list[str] = []
+
+
+@workflow(name="eager_chain")
+class EagerChain:
+    """Ten steps that only compute, then one that waits, with context variables set."""
+
+    @step()
+    async def s0(self, ctx: Any) -> int:
+        SEEN.append(STEP_VAR.get())
+        STEP_VAR.set("s0")  # an attempt's context is its own, as a task's would be
+        return 0
+
+    @step(depends_on=["s0"])
+    async def s1(self, ctx: Any, s0_result: int) -> int:
+        SEEN.append(STEP_VAR.get())
+        return s0_result + 1
+
+    @step(depends_on=["s1"], timeout=30)
+    async def waits(self, ctx: Any, s1_result: int) -> int:
+        STEP_VAR.set("waits")
+        await asyncio.sleep(0.01)
+        SEEN.append(STEP_VAR.get())
+        return s1_result + 1
+
+
+async def test_steps_that_do_not_wait_run_without_a_task_of_their_own(tmp_path: Path) -> None:
+    SEEN.clear()
+    created: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        inner = getattr(coro, "_coro", coro)  # what eager() resumes in a task
+        created.append(getattr(inner, "__qualname__", type(inner).__name__))
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async with WorkflowClient(store=f"sqlite:///{tmp_path / 'flow.db'}",
+                              runtime="mock") as client:
+        loop.set_task_factory(factory)
+        try:
+            execution = await client.run_workflow(EagerChain())
+        finally:
+            loop.set_task_factory(None)
+        assert await execution.get_result() == 2
+    assert SEEN == ["unset", "unset", "waits"]
+    assert STEP_VAR.get() == "unset"
+    # the run's own task, and one for the attempt of the step that waits (its timeout
+    # gives its body a task and a timer too); none for s0 and s1
+    attempts = [name for name in created if name == "Runner._observed_attempt"]
+    assert len(attempts) == 1, created
+    assert "EagerChain.waits" in created
