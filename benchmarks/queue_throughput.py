@@ -15,6 +15,9 @@ Every part runs on a scratch database of its own (created here, dropped at the e
               1,000 trivial steps, 10-step chains and 5-step chains one after another, and
               5-step chains 100 in flight in one process (no queue); each as a fraction of
               the bare commit rate.
+  interleaved the sequential shapes again, each in rounds between slices of bare commits:
+              a ratio of two rates taken at the same moments, which the machine's drift
+              moves much less.
   throughput  N 5-step chains (``_queue_bench_workflows.Chain5``) started with
               ``run_workflow(wf, ExecutionMode.ASYNC, queue="bench")``, run by 1, 2 and 4
               ``flow worker`` processes (``--concurrency C --poll-interval 0.05``).
@@ -63,7 +66,7 @@ from typing import Any
 import psycopg
 from _queue_bench_workflows import Chain5  # the workers import the same file
 from psycopg import sql
-from run import Bench, chain10  # also sets structlog to errors only, as in run.py
+from run import Bench, chain10, chain_class  # also sets structlog to errors only, as run.py
 from store_append import _create, _steps
 
 from agentainer_flow import ExecutionMode, WorkflowClient
@@ -477,6 +480,58 @@ async def shapes(url: str, commits_per_s: float, quick: bool) -> dict[str, Any]:
     return out
 
 
+def _bare_slice(conn: psycopg.Connection[Any], n: int) -> float:
+    """Seconds for ``n`` bare commits (``bare_commit``'s INSERT + COMMIT) on ``conn``."""
+    t0 = time.perf_counter()
+    for i in range(n):
+        conn.execute("INSERT INTO bare VALUES (%s, %s)", (i, b"x" * 200))
+        conn.commit()
+    return time.perf_counter() - t0
+
+
+async def interleaved(url: str, quick: bool) -> dict[str, Any]:
+    """The sequential shapes against bare commits measured in slices between theirs.
+
+    The machine's speed drifts within a minute (the bare commit moved from 0.78 to 1.23 ms
+    between runs a minute apart, and a shape's rate by as much on the same code), so a
+    ratio taken against one bare measurement made a minute before swings with the drift.
+    Here each shape runs in rounds, each round a slice of 250 bare commits on a connection
+    of this process and then a slice of the shape: both see the same moments. The ratio is
+    the shape's commits per second (nominal: one a step, plus the start) over the bare
+    commits per second, each from its own slices' summed time.
+    """
+    rounds = 4 if quick else 8
+    chain = chain_class(200, "bench_chain_200")
+    out: dict[str, Any] = {}
+    with psycopg.connect(url) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS bare (a integer, b bytea)")
+        conn.commit()
+        async with WorkflowClient(store=url, runtime="mock") as client:
+            for label, make, commits, per_round in (
+                    ("chain of 200 trivial steps", chain, 200, 1),
+                    ("10-step chains one after another", chain10, 11, 25),
+                    ("5-step chains one after another", Chain5, 6, 40)):
+                for _ in range(3):  # warm up: statements prepared, caches filled
+                    await client.run_workflow(make())
+                bare_s = shape_s = 0.0
+                for _ in range(rounds):
+                    bare_s += _bare_slice(conn, 250)
+                    t0 = time.perf_counter()
+                    for _ in range(per_round):
+                        await client.run_workflow(make())
+                    shape_s += time.perf_counter() - t0
+                bare_per_s = rounds * 250 / bare_s
+                wf_per_s = rounds * per_round / shape_s
+                ratio = wf_per_s * commits / bare_per_s
+                out[label] = {"per_s": wf_per_s, "commits_each": commits,
+                              "bare_commit_ms": 1e3 / bare_per_s, "of_bare": ratio}
+                unit = "steps/s" if commits == 200 else "wf/s   "
+                rate = wf_per_s * 200 if commits == 200 else wf_per_s
+                say(f"  {label:<46}{rate:8,.0f} {unit}  bare {1e3 / bare_per_s:.3f} ms "
+                    f"= {ratio:.0%} of bare commits")
+    return out
+
+
 # -- 3. throughput ---------------------------------------------------------------------------
 
 async def enqueue(client: WorkflowClient, n: int, in_flight: int = 50,
@@ -653,7 +708,7 @@ async def main() -> int:
     parser.add_argument("--poll-interval", type=float, default=0.05)
     parser.add_argument("--samples", type=int, default=50, help="pickup latency samples")
     parser.add_argument("--enqueue", choices=("first", "live"), default="first")
-    parser.add_argument("--parts", default="baseline,shapes,throughput,latency")
+    parser.add_argument("--parts", default="baseline,shapes,interleaved,throughput,latency")
     parser.add_argument("--quick", action="store_true", help="smaller shapes runs")
     parser.add_argument("--admin-url", default=DEFAULT_ADMIN,
                         help="a Postgres URL whose user may create databases")
@@ -700,6 +755,9 @@ async def main() -> int:
             assert commits_per_s is not None
             say("shapes on Postgres:")
             result["shapes"] = await shapes(dbs.create(), commits_per_s, args.quick)
+        if "interleaved" in parts:
+            say("sequential shapes, each in rounds between slices of bare commits:")
+            result["interleaved"] = await interleaved(dbs.create(), args.quick)
         if "throughput" in parts:
             say(f"throughput: {args.workflows} 5-step chains, enqueue {args.enqueue}, "
                 f"--concurrency {args.concurrency} --poll-interval {args.poll_interval}")
