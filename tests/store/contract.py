@@ -393,12 +393,13 @@ async def the_end_of_an_execution_releases_its_lease(store: EventStore) -> None:
 @case
 async def expired_lease_is_reclaimable_and_fences_the_old_worker(store: EventStore) -> None:
     await new(store, "e1")
-    [claimed] = await store.claim("w1", lease_seconds=0.05)
+    # a lease long enough for the two calls below on a slow, busy machine (0.05 s was not)
+    [claimed] = await store.claim("w1", lease_seconds=1.0)
     assert claimed.id == "e1"
     result = await store.append("e1", 2, steps("a"), lease_owner="w1")
     assert result.last_seq == 3
     assert await store.claim("w2", lease_seconds=30) == []  # w1's lease is live
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(max(0.0, claimed.lease_expires_at - time.time()) + 0.05)  # type: ignore[operator]
     # expired: w1 may no longer append, and nothing is written
     with pytest.raises(LeaseLostError):
         await store.append("e1", 4, steps("b"), lease_owner="w1")
