@@ -449,8 +449,11 @@ class Engine:
             current = {eid: r for eid, r in self.runners.items() if not r.finished}
             due = [r for eid, r in current.items() if seen.get(eid) is r]
             seen = current
-            if due:
-                await asyncio.gather(*(r.look_at_row() for r in due))
+            if due:  # one run's unexpected error must not end the others' watching
+                for failed in await asyncio.gather(*(r.look_at_row() for r in due),
+                                                   return_exceptions=True):
+                    if isinstance(failed, Exception):
+                        log.warning("run_watch_failed", error=repr(failed))
 
     async def _renew_leases(self) -> None:
         """Renew the leases of every execution this engine runs, a third of a lease apart.
