@@ -25,9 +25,7 @@ import os
 import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from typing import Any, Self
-
-import httpx
+from typing import TYPE_CHECKING, Any, Self
 
 from agentainer_flow.engine import values
 from agentainer_flow.engine.durations import Duration, parse_duration
@@ -46,6 +44,9 @@ from ._client import ExecutionMode, ForkOrigin, WorkflowMetrics
 from ._events import ExecutionEvent
 from ._queues import Queue
 from ._summary import AgentSummary, StepSummary
+
+if TYPE_CHECKING:  # imported where a request is made: `flow` starts without it (~0.1 s)
+    import httpx
 
 __all__ = [
     "API_TOKEN_ENV",
@@ -159,6 +160,8 @@ class RemoteWorkflowClient:
 
     # lifecycle --------------------------------------------------------------------------
     def _new_http(self, *, keep_alive: bool) -> httpx.AsyncClient:
+        import httpx
+
         from agentainer_flow import __version__
 
         limits = httpx.Limits() if keep_alive else httpx.Limits(max_keepalive_connections=0)
@@ -197,6 +200,8 @@ class RemoteWorkflowClient:
     # requests ---------------------------------------------------------------------------
     async def _call(self, method: str, path: str, *, json: Any = None,
                     params: Any = None, timeout: float | None = None) -> Any:
+        import httpx
+
         try:
             response = await self._http().request(
                 method, path, json=json, params=params,
@@ -213,6 +218,8 @@ class RemoteWorkflowClient:
                       last_id: str | None = None) -> AsyncGenerator[tuple[str, str], None]:
         """``(id, data)`` of a stream's messages; reconnects after a cut with
         ``Last-Event-ID``, until the stream's ``end``."""
+        import httpx
+
         backoff = _BACKOFF_FIRST
         progress_at = time.monotonic()
         while True:

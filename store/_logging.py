@@ -23,8 +23,6 @@ import logging
 from collections.abc import MutableMapping
 from typing import Any
 
-import structlog
-
 __all__ = ["ROOT_LOGGER", "FlowLogger", "get_logger"]
 
 #: The standard library logger every library logger is a child of.
@@ -48,7 +46,17 @@ def _render(_: Any, __: str, event: MutableMapping[str, Any]) -> Any:
     return (f"{text} {fields}" if fields else text,), kwargs
 
 
-_STDLIB_PROCESSORS: list[Any] = [structlog.stdlib.filter_by_level, _render]
+_STDLIB_PROCESSORS: list[Any] = []
+
+
+def _structlog() -> Any:
+    """structlog, imported at the first entry: importing this library (``flow --help``)
+    does not pay for it (a tenth of a second, most of it the ``rich`` it pulls in)."""
+    import structlog
+
+    if not _STDLIB_PROCESSORS:
+        _STDLIB_PROCESSORS[:] = [structlog.stdlib.filter_by_level, _render]
+    return structlog
 
 
 class FlowLogger:
@@ -70,6 +78,7 @@ class FlowLogger:
         return FlowLogger(self._name, {**self._context, **fields})
 
     def _target(self) -> Any:
+        structlog = _structlog()
         if structlog.is_configured():
             return structlog.get_logger(self._name, **self._context)
         return structlog.stdlib.BoundLogger(

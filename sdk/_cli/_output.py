@@ -14,7 +14,6 @@ import sys
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
-import structlog
 import typer
 
 from agentainer_flow.engine import values
@@ -133,6 +132,7 @@ def configure_logging(verbose: int, quiet_level: int) -> None:
         # values the tree pass cannot see (objects rendered with str()) are redacted here
         return out.clean(line) if isinstance(line, str) else line
 
+    structlog = _structlog()
     renderer: Any = (structlog.dev.ConsoleRenderer() if sys.stderr.isatty()
                      else structlog.processors.JSONRenderer(default=str))
     structlog.configure(
@@ -143,6 +143,26 @@ def configure_logging(verbose: int, quiet_level: int) -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def _structlog() -> Any:
+    """structlog, imported without ``rich`` where this process has imported neither yet.
+
+    structlog's console renderer formats tracebacks with ``rich`` when it can import it,
+    and importing it (with ``pygments``) took a tenth of a second of every start of
+    ``flow``, for the rare logged exception; without it they are printed as Python prints
+    them. A process that imported either first (an application running the CLI in-process,
+    the tests) keeps what it has.
+    """
+    if "structlog" not in sys.modules and "rich" not in sys.modules:
+        sys.modules["rich"] = None  # type: ignore[assignment]  # ImportError for structlog
+        try:
+            import structlog
+        finally:
+            del sys.modules["rich"]
+    import structlog
+
+    return structlog
 
 
 def ts(t: float | None, *, ms: bool = False) -> str:
