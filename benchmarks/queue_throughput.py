@@ -17,7 +17,9 @@ Every part runs on a scratch database of its own (created here, dropped at the e
               the bare commit rate.
   interleaved the sequential shapes again, each in rounds between slices of bare commits:
               a ratio of two rates taken at the same moments, which the machine's drift
-              moves much less.
+              moves much less. For the small workflows, each round also replays the
+              statements one of them ran, without the engine: the store's SQL alone as a
+              fraction of bare commits, and the engine's Python per workflow beside it.
   throughput  N 5-step chains (``_queue_bench_workflows.Chain5``) started with
               ``run_workflow(wf, ExecutionMode.ASYNC, queue="bench")``, run by 1, 2 and 4
               ``flow worker`` processes (``--concurrency C --poll-interval 0.05``).
@@ -71,6 +73,7 @@ from store_append import _create, _steps
 
 from agentainer_flow import ExecutionMode, WorkflowClient
 from agentainer_flow.store import ExecutionStatus, create_store
+from agentainer_flow.store import sql as store_sql
 from agentainer_flow.store.events import StepStarted
 from agentainer_flow.store.postgres import CHANNEL
 
@@ -489,6 +492,45 @@ def _bare_slice(conn: psycopg.Connection[Any], n: int) -> float:
     return time.perf_counter() - t0
 
 
+@contextmanager
+def _statements() -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    """The statements (SQL and bound parameters) the store runs meanwhile, in order."""
+    seen: list[tuple[str, dict[str, Any]]] = []
+    rows = store_sql.Tx.rows
+
+    def recorded(tx: store_sql.Tx, stmt: store_sql.Prepared, values: Any) -> Any:
+        seen.append((stmt.sql, dict(stmt.bind(values))))
+        return rows(tx, stmt, values)
+
+    store_sql.Tx.rows = recorded  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        store_sql.Tx.rows = rows  # type: ignore[method-assign]
+
+
+def _replay(cur: psycopg.Cursor[Any], statements: list[tuple[str, dict[str, Any]]],
+            n: int) -> float:
+    """Seconds to run ``statements`` (one workflow's, as recorded) ``n`` times, each time for
+    a new execution id and with its times moved to now: the same SQL without the engine."""
+    old_id = statements[0][1]["id"]
+    t_rec = statements[0][1]["created_at"]
+    elapsed = 0.0
+    for _ in range(n):
+        new_id, shift = str(uuid.uuid4()), time.time() - t_rec
+        batch = [(text, {k: new_id if v == old_id else
+                         v + shift if isinstance(v, float) and abs(v - t_rec) < 3600 else v
+                         for k, v in params.items()})
+                 for text, params in statements]
+        t0 = time.perf_counter()
+        for text, params in batch:
+            cur.execute(text, params)
+            if not cur.fetchall():
+                raise RuntimeError("a replayed statement matched no row: its guard failed")
+        elapsed += time.perf_counter() - t0
+    return elapsed
+
+
 async def interleaved(url: str, quick: bool) -> dict[str, Any]:
     """The sequential shapes against bare commits measured in slices between theirs.
 
@@ -499,13 +541,19 @@ async def interleaved(url: str, quick: bool) -> dict[str, Any]:
     of this process and then a slice of the shape: both see the same moments. The ratio is
     the shape's commits per second (nominal: one a step, plus the start) over the bare
     commits per second, each from its own slices' summed time.
+
+    Each round of the small workflows also replays, on a connection of its own, the very
+    statements one such workflow ran (recorded in the warm-up), for new executions: the
+    store's SQL alone, without the engine. Its ratio is the ceiling the engine's Python
+    takes the shape down from; the difference per workflow is that Python.
     """
     rounds = 4 if quick else 8
     chain = chain_class(200, "bench_chain_200")
     out: dict[str, Any] = {}
-    with psycopg.connect(url) as conn:
+    with psycopg.connect(url) as conn, psycopg.connect(url, autocommit=True) as replay_conn:
         conn.execute("CREATE TABLE IF NOT EXISTS bare (a integer, b bytea)")
         conn.commit()
+        replay_cur = replay_conn.cursor(binary=True)  # as the store's
         async with WorkflowClient(store=url, runtime="mock") as client:
             for label, make, commits, per_round in (
                     ("chain of 200 trivial steps", chain, 200, 1),
@@ -513,22 +561,38 @@ async def interleaved(url: str, quick: bool) -> dict[str, Any]:
                     ("5-step chains one after another", Chain5, 6, 40)):
                 for _ in range(3):  # warm up: statements prepared, caches filled
                     await client.run_workflow(make())
-                bare_s = shape_s = 0.0
+                with _statements() as recorded:
+                    await client.run_workflow(make())
+                replay = recorded if commits != 200 and len(recorded) == commits else None
+                if replay is not None:
+                    _replay(replay_cur, replay, 5)  # prepared there too
+                bare_s = shape_s = replay_s = 0.0
                 for _ in range(rounds):
                     bare_s += _bare_slice(conn, 250)
                     t0 = time.perf_counter()
                     for _ in range(per_round):
                         await client.run_workflow(make())
                     shape_s += time.perf_counter() - t0
+                    if replay is not None:
+                        replay_s += _replay(replay_cur, replay, per_round)
                 bare_per_s = rounds * 250 / bare_s
                 wf_per_s = rounds * per_round / shape_s
                 ratio = wf_per_s * commits / bare_per_s
                 out[label] = {"per_s": wf_per_s, "commits_each": commits,
+                              "statements_each": len(recorded),
                               "bare_commit_ms": 1e3 / bare_per_s, "of_bare": ratio}
                 unit = "steps/s" if commits == 200 else "wf/s   "
                 rate = wf_per_s * 200 if commits == 200 else wf_per_s
                 say(f"  {label:<46}{rate:8,.0f} {unit}  bare {1e3 / bare_per_s:.3f} ms "
                     f"= {ratio:.0%} of bare commits")
+                if replay is not None:
+                    n = rounds * per_round
+                    sql_ratio = commits * n / replay_s / bare_per_s
+                    python_ms = (shape_s - replay_s) / n * 1e3
+                    out[label].update({"sql_alone_of_bare": sql_ratio,
+                                       "engine_python_ms_per_wf": python_ms})
+                    say(f"    its statements replayed without the engine: {sql_ratio:.0%} of "
+                        f"bare commits; the engine adds {python_ms:.2f} ms a workflow")
     return out
 
 
