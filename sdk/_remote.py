@@ -396,6 +396,7 @@ class RemoteWorkflowClient:
         updated_after: float | None = None,
         id_prefix: str | None = None,
         limit: int | None = 100,
+        created_before: float | None = None,
     ) -> list[ExecutionRecord]:
         """Executions matching every filter given, newest first (``limit=None``: all)."""
         body: dict[str, Any] = {
@@ -403,7 +404,7 @@ class RemoteWorkflowClient:
             "statuses": [ExecutionStatus(s).value for s in statuses] if statuses else None,
             "tags": dict(tags) if tags else None, "parent_id": parent_id,
             "id_prefix": id_prefix, "created_after": _iso(created_after),
-            "updated_after": _iso(updated_after)}
+            "created_before": _iso(created_before), "updated_after": _iso(updated_after)}
         found: list[ExecutionRecord] = []
         cursor = None
         while limit is None or len(found) < limit:

@@ -341,9 +341,17 @@ class EventStore(ABC):
         updated_after: float | None = None,
         limit: int | None = 100,
         id_prefix: str | None = None,
+        created_before: float | None = None,
+        before: tuple[float, str] | None = None,
     ) -> list[ExecutionRecord]:
         """Executions matching every filter given, newest first (``id_prefix``: those whose
-        id starts with it, case-sensitively)."""
+        id starts with it, case-sensitively; ``created_before``: created strictly before).
+
+        ``before`` pages through them: the ``(created_at, id)`` of the last execution of the
+        previous page, after which this one goes on (in the same order, so a page costs
+        its own length whatever the number of executions, and none is skipped or repeated
+        when executions are created meanwhile).
+        """
 
     async def resolve_execution_id(self, prefix: str) -> str:
         """The id of the one execution whose id is ``prefix`` or starts with it, so people

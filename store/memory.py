@@ -95,6 +95,8 @@ class MemoryEventStore(EventStore):
         updated_after: float | None = None,
         limit: int | None = 100,
         id_prefix: str | None = None,
+        created_before: float | None = None,
+        before: tuple[float, str] | None = None,
     ) -> list[ExecutionRecord]:
         rows = [
             r
@@ -106,6 +108,8 @@ class MemoryEventStore(EventStore):
             and (parent_id is None or r.parent_id == parent_id)
             and (created_after is None or r.created_at >= created_after)
             and (updated_after is None or r.updated_at >= updated_after)
+            and (created_before is None or r.created_at < created_before)
+            and (before is None or (r.created_at, r.id) < before)
         ]
         rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)
         return rows if limit is None else rows[:limit]

@@ -678,6 +678,8 @@ class SQLEventStore(EventStore):
         updated_after: float | None = None,
         limit: int | None = 100,
         id_prefix: str | None = None,
+        created_before: float | None = None,
+        before: tuple[float, str] | None = None,
     ) -> list[ExecutionRecord]:
         query = sa.select(*_ex.c)
         if workflow_name is not None:
@@ -695,6 +697,13 @@ class SQLEventStore(EventStore):
             query = query.where(_ex.c.created_at >= created_after)
         if updated_after is not None:
             query = query.where(_ex.c.updated_at >= updated_after)
+        if created_before is not None:
+            query = query.where(_ex.c.created_at < created_before)
+        if before is not None:
+            created, last_id = before
+            query = query.where(sa.or_(
+                _ex.c.created_at < created,
+                sa.and_(_ex.c.created_at == created, _ex.c.id < last_id)))
         query = query.order_by(_ex.c.created_at.desc(), _ex.c.id.desc())
         if limit is not None:
             query = query.limit(limit)

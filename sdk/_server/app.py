@@ -579,25 +579,31 @@ def _next_cursor(record: ExecutionRecord) -> str:
 async def _search(client: WorkflowClient, body: SearchBody) -> ExecutionPage:
     """One page of executions, newest first.
 
-    The store filters what it can; the time bound ``created_before`` and the cursor are
-    applied here (the store lists newest first, with no upper bound yet).
+    The store filters and pages (the cursor is where the previous page ended): a page reads
+    about its own length of rows, however many executions there are. Times are compared as
+    shown, to the microsecond: the store's bounds are a microsecond loose, and the exact
+    ones applied here, reading on while they leave the page short.
     """
     after = _cursor(body.cursor)
     since, before = _utc(body.created_after), _utc(body.created_before)
-    bounded = after is not None or before is not None
-    rows = await client.store.list_executions(
-        workflow_name=body.workflow,
-        statuses=[ExecutionStatus(s) for s in body.statuses] if body.statuses else None,
-        tags=body.tags, parent_id=body.parent_id, created_after=_loose(since),
-        updated_after=_loose(_utc(body.updated_after)), id_prefix=body.id_prefix or None,
-        limit=None if bounded or since is not None else body.limit + 1)
-    # times as shown (to the microsecond): an execution is "created at" what the API says
-    if since is not None:
-        rows = [r for r in rows if _shown(r.created_at) >= since]
-    if before is not None:
-        rows = [r for r in rows if _shown(r.created_at) < before]
-    if after is not None:
-        rows = [r for r in rows if (r.created_at, r.id) < after]
+    until = to_unix(before)
+    want = body.limit + 1  # one more: whether there is a next page
+    rows: list[ExecutionRecord] = []
+    while True:
+        batch = await client.store.list_executions(
+            workflow_name=body.workflow,
+            statuses=[ExecutionStatus(s) for s in body.statuses] if body.statuses else None,
+            tags=body.tags, parent_id=body.parent_id, created_after=_loose(since),
+            updated_after=_loose(_utc(body.updated_after)), id_prefix=body.id_prefix or None,
+            created_before=None if until is None else until + 1e-6, before=after,
+            limit=want)
+        # times as shown (to the microsecond): an execution is "created at" what the API says
+        rows += [r for r in batch
+                 if (since is None or _shown(r.created_at) >= since)
+                 and (before is None or _shown(r.created_at) < before)]
+        if len(batch) < want or len(rows) >= want:
+            break
+        after = (batch[-1].created_at, batch[-1].id)
     page = rows[:body.limit]
     more = len(rows) > body.limit
     return ExecutionPage(items=[execution_out(r) for r in page],

@@ -7,8 +7,10 @@ Each case takes an opened, empty ``store``; ``test_contract.py`` runs every case
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from unittest import mock
 
 import pytest
 
@@ -73,6 +75,15 @@ async def new(
         ),
         ExecutionStarted(workflow_name=workflow, tags=tags or {}, parent_id=parent, input={"x": 1}),
     )
+
+
+@contextlib.contextmanager
+def _clock_at(t: float) -> Iterator[None]:
+    """The stores' clock (``store.base.now``, as each backend imported it) stopped at ``t``."""
+    from agentainer_flow.store import memory, sql
+
+    with mock.patch.object(memory, "now", lambda: t), mock.patch.object(sql, "now", lambda: t):
+        yield
 
 
 def steps(name: str, result: object = None) -> list[Event]:
@@ -325,6 +336,36 @@ async def list_filters_newest_first(store: EventStore) -> None:
     since = (await get(store, "c2")).updated_at
     assert set(ids(await store.list_executions(updated_after=since))) == {"c2", "c3"}
     assert (await store.list_executions(workflow_name="child"))[0] == await get(store, "c3")
+
+
+@case
+async def list_pages_by_where_the_last_page_ended(store: EventStore) -> None:
+    # 7 executions, 3 of them created at the same moment (as a burst can be): pages of 2
+    # by (created_at, id) give each one once, newest first, whatever is created meanwhile
+    for i in range(4):
+        await new(store, f"e{i}", workflow="paged")
+        await asyncio.sleep(0.002)
+    records = await store.list_executions(workflow_name="paged", limit=None)
+    with _clock_at(records[1].created_at):  # created at the very time e2 was
+        for suffix in ("z", "x", "y"):
+            await new(store, f"same-{suffix}", workflow="paged")
+    expected = [r.id for r in await store.list_executions(workflow_name="paged", limit=None)]
+    assert len(expected) == 7 and set(expected[1:5]) == {"e2", "same-x", "same-y", "same-z"}
+    paged: list[str] = []
+    before: tuple[float, str] | None = None
+    while True:
+        page = await store.list_executions(workflow_name="paged", limit=2, before=before)
+        paged += [r.id for r in page]
+        if len(page) < 2:
+            break
+        before = (page[-1].created_at, page[-1].id)
+        if len(paged) == 2:  # one created now is newer than every page: not in later ones
+            await new(store, "late", workflow="paged")
+    assert paged == expected
+    boundary = records[1].created_at  # e2, and the three made at its time
+    assert [r.id for r in await store.list_executions(
+        workflow_name="paged", created_before=boundary, limit=None)] == ["e1", "e0"]
+    assert await store.list_executions(workflow_name="paged", created_before=0.0) == []
 
 
 @case
