@@ -59,7 +59,7 @@ from .leases import holder_is_dead, lease_seconds_from_env, make_owner_id
 from .observe import Observer, combine, default_observer
 from .runner import Runner, child_check_back_from_env
 from .runtimes.base import AgentRuntime, store_label
-from .secrets import Redactor, encrypt_secrets, resolve_secrets
+from .secrets import Redactor, encrypt_secrets, redact_known, resolve_secrets
 from .spec import (
     ARGS_ATTR,
     StepNotFoundError,
@@ -683,8 +683,13 @@ class Engine:
                 await self.store.wait_for_change(execution_id, 1.0, watch=watch)
 
     async def cancel(self, execution_id: str, reason: str = "") -> bool:
-        """Ask the execution to stop: running agents are stopped, ``always_run`` steps run."""
-        ok = await self.store.request_cancel(execution_id)
+        """Ask the execution to stop: running agents are stopped, ``always_run`` steps run.
+
+        ``reason`` goes with the request to whichever process runs it (secret values this
+        process holds are redacted from it first: it is stored in the execution's row).
+        """
+        reason = redact_known(reason)
+        ok = await self.store.request_cancel(execution_id, reason)
         runner = self.runners.get(execution_id)
         if runner is not None:
             runner.request_cancel(reason)

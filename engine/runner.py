@@ -15,6 +15,7 @@ flight, re-run before anything new is recorded. Code that diverged stops the run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import re
@@ -200,7 +201,8 @@ class Runner:
         self._new_attempts: set[CommandKey] = set()  # started by this run (not resumed)
         # a cancel requested while no run held the execution (e.g. let go, asleep)
         self._cancel_wanted = record.cancel_requested
-        self._cancel_reason = "requested" if record.cancel_requested else ""
+        self._cancel_reason = ((record.cancel_reason or "requested") if record.cancel_requested
+                               else "")
         self._short_id = _NAME_SAFE.sub("-", self.execution_id)[:40]
         self._log = log.bind(execution_id=self.execution_id, workflow=spec.name)
         #: the patch ids this code names (``ctx.patched``), declared by its new executions
@@ -312,8 +314,15 @@ class Runner:
             raise _Aborted() from exc
         self.durable_seq = result.last_seq
         self._status = None
-        if result.cancel_requested and not self.h.cancel_requested:
-            self.request_cancel("requested")
+        if result.cancel_requested and not self.h.cancel_requested and not self._cancel_wanted:
+            # asked by another process (else request_cancel has the reason already): its
+            # reason is in the row, read once
+            reason = "requested"
+            with contextlib.suppress(StoreError):
+                record = await self.store.get_execution(self.execution_id)
+                if record is not None and record.cancel_reason:
+                    reason = record.cancel_reason
+            self.request_cancel(reason)
 
     def _must_flush(self) -> bool:
         """Whether the scheduler must make its buffered events durable before it moves on.
@@ -485,7 +494,7 @@ class Runner:
         if self.lease_token is not None and record.lease_token != self.lease_token:
             self.lease_lost(f"{record.lease_owner or 'another process'} acquired its lease")
         elif record.cancel_requested and not self.h.cancel_requested:
-            self.request_cancel("requested")
+            self.request_cancel(record.cancel_reason or "requested")
 
     async def _suspend(self, blocked: ExecutionBlockedError) -> None:
         """Record what was done and mark the execution blocked; it resumes from here."""

@@ -674,7 +674,7 @@ def _record(data: Mapping[str, Any]) -> ExecutionRecord:
         tags=dict(data.get("tags") or {}), idempotency_key=data.get("idempotency_key"),
         parent_id=data.get("parent_id"), last_seq=int(data.get("events") or 0),
         cancel_requested=bool(data.get("cancel_requested")),
-        lease_owner=data.get("lease_owner"),
+        cancel_reason=data.get("cancel_reason"), lease_owner=data.get("lease_owner"),
         lease_expires_at=_unix(data.get("lease_expires_at")), error=data.get("error"),
         queue=data.get("queue"), priority=int(data.get("priority") or 0))
 

@@ -210,6 +210,8 @@ class ExecutionRecord:
     priority: int = 0
     concurrency_key: str | None = None
     first_claimed_at: float | None = None
+    #: the reason given with the first cancel asked for (``request_cancel``), if any
+    cancel_reason: str | None = None
 
     def lease_live(self, t: float) -> bool:
         """Whether someone holds an unexpired lease on it at time ``t``."""
@@ -372,8 +374,12 @@ class EventStore(ABC):
         return found[0].id
 
     @abstractmethod
-    async def request_cancel(self, execution_id: str) -> bool:
-        """Flag the execution for cancellation; ``False`` if it already finished."""
+    async def request_cancel(self, execution_id: str, reason: str = "") -> bool:
+        """Flag the execution for cancellation; ``False`` if it already finished.
+
+        ``reason`` is kept with the flag (the first one given, if asked again), so that the
+        process that runs the execution records it in ``CancelRequested``.
+        """
 
     # the log ----------------------------------------------------------------------------
     @abstractmethod

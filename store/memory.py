@@ -114,12 +114,13 @@ class MemoryEventStore(EventStore):
         rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)
         return rows if limit is None else rows[:limit]
 
-    async def request_cancel(self, execution_id: str) -> bool:
+    async def request_cancel(self, execution_id: str, reason: str = "") -> bool:
         row = self._rows.get(execution_id)
         if row is None or row.status.is_terminal:
             return False
         self._rows[execution_id] = dataclasses.replace(
-            row, cancel_requested=True, updated_at=now()
+            row, cancel_requested=True, updated_at=now(),
+            cancel_reason=row.cancel_reason if row.cancel_requested else (reason or None),
         )
         self._notify(execution_id)
         return True

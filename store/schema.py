@@ -68,6 +68,8 @@ executions = sa.Table(
     sa.Column("priority", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Column("concurrency_key", sa.Text, nullable=True),
     sa.Column("first_claimed_at", _Time, nullable=True),
+    # version 6: why a cancel was asked for, for the process that runs the execution
+    sa.Column("cancel_reason", sa.Text, nullable=True),
     sa.UniqueConstraint("idempotency_key", name="uq_flow_executions_idempotency_key"),
 )
 
@@ -257,6 +259,15 @@ def _v5_tokens(conn: sa.Connection) -> None:
     tokens.create(conn, checkfirst=True)
 
 
+def _v6_cancel_reason(conn: sa.Connection) -> None:
+    """Version 6 (expand only): the reason given with a cancel, so that a worker that
+    notices the cancel in the row records the caller's reason, not a generic one. A
+    version-5 process leaves it empty; a version-6 one then records ``requested``."""
+    have = {c["name"] for c in sa.inspect(conn).get_columns(executions.name)}
+    if "cancel_reason" not in have:
+        conn.execute(sa.text(f"ALTER TABLE {executions.name} ADD COLUMN cancel_reason TEXT"))
+
+
 #: (version, step) in ascending order; each step runs inside the migrating transaction.
 #: A new database is created at the latest version directly (``metadata.create_all``).
 MIGRATIONS: list[tuple[int, Migration]] = [
@@ -265,6 +276,7 @@ MIGRATIONS: list[tuple[int, Migration]] = [
     (3, _v3_queues),
     (4, _v4_watches),
     (5, _v5_tokens),
+    (6, _v6_cancel_reason),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -192,6 +192,7 @@ def record_from_row(row: Row | sa.Row[Any]) -> ExecutionRecord:
         priority,
         concurrency_key,
         first_claimed_at,
+        cancel_reason,
     ) = values
     if isinstance(tags, str | bytes):  # SQLite keeps JSON as text; psycopg decodes JSONB
         tags = msgspec.json.decode(tags)
@@ -220,6 +221,7 @@ def record_from_row(row: Row | sa.Row[Any]) -> ExecutionRecord:
         priority=priority or 0,
         concurrency_key=concurrency_key,
         first_claimed_at=_float(first_claimed_at),
+        cancel_reason=cancel_reason,
     )
 
 
@@ -399,7 +401,10 @@ def _stmt_cancel(announce: Sequence[sa.ColumnElement[Any]]) -> sa.Update:
     return (
         sa.update(_ex)
         .where(_ex.c.id == _p("id"), _UNFINISHED)
-        .values(cancel_requested=sa.true(), updated_at=_p("t"))
+        .values(cancel_requested=sa.true(), updated_at=_p("t"),
+                # the first reason stays: the run may already have recorded it
+                cancel_reason=sa.case((_ex.c.cancel_requested, _ex.c.cancel_reason),
+                                      else_=_p("reason", type_=sa.Text)))
         .returning(_ex.c.id, *announce)
     )
 
@@ -625,6 +630,7 @@ class SQLEventStore(EventStore):
             "priority": new.priority,
             "concurrency_key": new.concurrency_key,
             "first_claimed_at": None,
+            "cancel_reason": None,
         }
         first = {
             "execution_id": new.id,
@@ -717,11 +723,12 @@ class SQLEventStore(EventStore):
 
         return await self._read_core(op)
 
-    async def request_cancel(self, execution_id: str) -> bool:
+    async def request_cancel(self, execution_id: str, reason: str = "") -> bool:
         cancel = self._stmt("cancel", lambda: _stmt_cancel(self._announce()))
 
         def op(tx: Tx) -> bool:
-            return tx.first(cancel, {"id": execution_id, "t": now()}) is not None
+            values = {"id": execution_id, "t": now(), "reason": reason or None}
+            return tx.first(cancel, values) is not None
 
         flagged = await self._write(op)
         if flagged:

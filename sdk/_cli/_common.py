@@ -391,7 +391,7 @@ def record_dict(r: ExecutionRecord) -> dict[str, Any]:
         "updated_at": iso(r.updated_at), "finished_at": iso(r.finished_at),
         "duration": r.duration, "tags": r.tags, "error": r.error, "parent_id": r.parent_id,
         "idempotency_key": r.idempotency_key, "cancel_requested": r.cancel_requested,
-        "lease_owner": r.lease_owner, "events": r.last_seq,
+        "cancel_reason": r.cancel_reason, "lease_owner": r.lease_owner, "events": r.last_seq,
     }
 
 

@@ -494,8 +494,9 @@ async def _show_status(client: AnyClient, eid: str, *, as_json: bool,
     rows = [
         ("execution", r.id),
         ("workflow", f"{r.workflow_name} (version {r.workflow_version})"),
-        ("status", status_text(r) + (" (cancel requested)" if r.cancel_requested
-                                     and not r.status.is_terminal else "")),
+        ("status", status_text(r) + (
+            f" (cancel requested{': ' + r.cancel_reason if r.cancel_reason else ''})"
+            if r.cancel_requested and not r.status.is_terminal else "")),
         ("created", ts(r.created_at)),
         ("updated", ts(r.updated_at)),
         ("finished", ts(r.finished_at)),
@@ -746,13 +747,15 @@ def cancel(
     api_token: ApiTokenOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = 0,
+    reason: Annotated[str, typer.Option(
+        "--reason", help="Why: recorded in its history, wherever it runs.")] = "",
 ) -> None:
     """Ask an execution to stop (its agents are stopped, always_run steps still run)."""
 
     async def body() -> int:
         async with connect(ctx, store, api_url, api_token) as client:
             eid = await resolve_id(client, execution_id)
-            ok = await client.cancel(eid)
+            ok = await client.cancel(eid, reason)
             record = await client.describe(eid)
         if as_json:
             out.json({"execution_id": record.id, "cancel_requested": ok,

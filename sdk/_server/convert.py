@@ -165,6 +165,7 @@ def execution_out(record: ExecutionRecord,
         finished_at=to_datetime(record.finished_at), duration=record.duration,
         tags=record.tags, idempotency_key=record.idempotency_key, parent_id=record.parent_id,
         queue=record.queue, priority=record.priority, cancel_requested=record.cancel_requested,
+        cancel_reason=record.cancel_reason,
         events=record.last_seq, error=record.error, lease_owner=record.lease_owner,
         lease_expires_at=to_datetime(record.lease_expires_at),
         waiting_for_secret=blocked_on(record))

@@ -276,6 +276,7 @@ class ExecutionOut(BaseModel):
     queue: str | None = None
     priority: int = 0
     cancel_requested: bool = False
+    cancel_reason: str | None = Field(default=None, description="Given with the cancel.")
     events: int = Field(description="The seq of its last event.")
     error: str | None = None
     lease_owner: str | None = None

@@ -216,11 +216,16 @@ def test_replay_with_changed_code_diverges(flow: Flow, ok_id: str, tmp_path: Pat
 # cancel ---------------------------------------------------------------------------------
 def test_cancel_a_pending_execution(flow: Flow) -> None:
     eid = flow("run", f"{WF}:OkWorkflow", "--no-wait").out.strip()
-    r = flow("cancel", eid)
+    r = flow("cancel", eid, "--reason", "wrong input file")
     assert r.code == 0, r
     assert "cancel requested" in r.out
+    assert flow("status", eid, "--json").json()["cancel_reason"] == "wrong input file"
+    assert "(cancel requested: wrong input file)" in flow("status", eid).out
     worker = flow("worker", "--once")
     assert f"{eid} cli_ok: cancelled" in worker.out, worker
+    # the worker, another process, recorded the reason given here
+    status = flow("status", eid, "--json").json()
+    assert status["status"] == "cancelled" and status["error"] == "cancelled: wrong input file"
 
 
 # secrets --------------------------------------------------------------------------------

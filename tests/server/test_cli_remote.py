@@ -236,11 +236,14 @@ def test_cancel_and_watch_through_a_server(sqlite_stack: Stack) -> None:
     no_token_in(sqlite_stack, refused)
     assert wait_for(sqlite_stack, eid, "running") == "running"  # untouched
 
-    cancelled = flow("cancel", eid, "--json", *api(sqlite_stack, "write"))
+    cancelled = flow("cancel", eid, "--json", "--reason", "too slow",
+                     *api(sqlite_stack, "write"))
     assert cancelled.code == 0, cancelled
     assert cancelled.json()["cancel_requested"] is True
     watched = flow("status", eid, "--watch", *api(sqlite_stack))
     assert watched.code == 1, watched  # it ended, not completed
+    ended = flow("status", eid, "--json", *api(sqlite_stack)).json()
+    assert ended["error"] == "cancelled: too slow" and ended["cancel_reason"] == "too slow"
     assert "cancelled" in watched.out.splitlines()[-1] or "cancelled" in watched.out
     again = flow("cancel", eid, *api(sqlite_stack, "write"))
     assert again.code == 0 and "nothing to cancel" in again.out, again

@@ -372,11 +372,13 @@ async def list_pages_by_where_the_last_page_ended(store: EventStore) -> None:
 async def request_cancel_flags_unfinished_only(store: EventStore) -> None:
     await new(store, "e1")
     assert not (await store.append("e1", 2, steps("a"))).cancel_requested
-    assert await store.request_cancel("e1")
-    assert (await get(store, "e1")).cancel_requested
+    assert await store.request_cancel("e1", "over budget: 'x' \u00e9")
+    flagged = await get(store, "e1")
+    assert flagged.cancel_requested and flagged.cancel_reason == "over budget: 'x' \u00e9"
     result = await store.append("e1", 4, [CancelRequested(reason="user")])
     assert result.cancel_requested
-    assert await store.request_cancel("e1")  # asking twice is fine
+    assert await store.request_cancel("e1", "again")  # asking twice is fine
+    assert (await get(store, "e1")).cancel_reason == "over budget: 'x' \u00e9"  # the first
     await store.append("e1", 5, [ExecutionCompleted()], status=ExecutionStatus.CANCELLED)
     assert not await store.request_cancel("e1")
     assert not await store.request_cancel("nope")
@@ -384,6 +386,9 @@ async def request_cancel_flags_unfinished_only(store: EventStore) -> None:
     await store.append("e2", 2, [ExecutionCompleted()], status=ExecutionStatus.COMPLETED)
     assert not await store.request_cancel("e2")
     assert not (await get(store, "e2")).cancel_requested
+    await new(store, "e3")
+    assert await store.request_cancel("e3")  # no reason given: none kept
+    assert (await get(store, "e3")).cancel_reason is None
 
 
 # workers --------------------------------------------------------------------------------
