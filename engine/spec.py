@@ -367,8 +367,24 @@ def register(spec: WorkflowSpec) -> None:
     (name, version) wins. A name's *current* version, the one new executions started by
     name get, is the highest (``version_key`` order), not the one defined last: which
     module happens to be imported last must not decide what new executions run.
+
+    Another class taking over a (name, version) is logged as a warning: its executions,
+    in flight or not, now run the new class's code (two modules that define one workflow
+    name by mistake; a module imported twice under two names).
     """
-    _registry.setdefault(spec.name, {})[spec.version] = spec
+    versions = _registry.setdefault(spec.name, {})
+    previous = versions.get(spec.version)
+    if previous is not None and _where(previous.cls) != _where(spec.cls):
+        from agentainer_flow.store._logging import get_logger
+
+        get_logger("agentainer_flow.engine").warning(
+            "workflow_redefined", workflow=spec.name, version=spec.version,
+            previous=_where(previous.cls), now=_where(spec.cls))
+    versions[spec.version] = spec
+
+
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _class_members_in_order(cls: type) -> list[tuple[str, Any]]:

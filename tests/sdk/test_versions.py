@@ -392,3 +392,32 @@ def test_the_code_of_an_old_version_is_found_in_the_file_it_was_started_from(
     with pytest.raises(WorkflowVersionNotRegisteredError, match="execution e3 was started"):
         ensure_registered(unknown, exact_version=True)
     assert ensure_registered(unknown).version == "2"  # for reading: the current code
+
+
+def test_another_class_taking_a_registered_name_and_version_is_a_warning() -> None:
+    from structlog.testing import capture_logs
+
+    def define() -> type:
+        @workflow(name="versions_taken_over", version="1")
+        class Taken:
+            @step()
+            async def s(self, ctx: Context) -> int:
+                return 1
+
+        return Taken
+
+    with capture_logs() as logs:
+        define()
+        define()  # the same class defined again (a test, a reload): nothing to say
+
+        @workflow(name="versions_taken_over", version="1")
+        class Other:
+            @step()
+            async def s(self, ctx: Context) -> int:
+                return 2
+
+    warned = [e for e in logs if e["event"] == "workflow_redefined"]
+    assert len(warned) == 1 and warned[0]["log_level"] == "warning"
+    assert warned[0]["previous"].endswith("define.<locals>.Taken")
+    assert warned[0]["now"].endswith("Other")
+    assert get_workflow_spec("versions_taken_over").cls is Other  # the latest wins, as before
