@@ -278,6 +278,14 @@ class Engine:
             self.observer.execution_started(record.id, spec.name, queue=queue or DEFAULT_QUEUE)
         return record, created
 
+    def forget_start(self, execution_id: str) -> None:
+        """Drop what ``start`` kept to run a new execution here (its workflow object, its
+        secrets, its first events), unless it runs here already: it is to run elsewhere."""
+        if execution_id in self.tasks:
+            return
+        for kept in (self._fresh, self._objects, self._secrets):
+            kept.pop(execution_id, None)
+
     async def _check_same_start(self, record: ExecutionRecord, key: str,
                                 started: ExecutionStarted) -> None:
         """An idempotency key names one run: the same workflow with the same arguments."""

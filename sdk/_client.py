@@ -270,11 +270,7 @@ class WorkflowClient:
         execution this engine already runs (a worker of this process claimed it while
         it was being recorded) keeps what its run uses.
         """
-        engine = self.engine
-        if execution_id in engine.tasks:
-            return
-        for kept in (engine._fresh, engine._objects, engine._secrets):
-            kept.pop(execution_id, None)
+        self.engine.forget_start(execution_id)
 
     async def _queue_for(self, queue: str | Queue,
                          tags: Mapping[str, str] | None) -> tuple[str | None, str | None]:
