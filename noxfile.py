@@ -9,9 +9,10 @@ nox.options.reuse_existing_virtualenvs = True
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole test suite (needs PostgreSQL at 127.0.0.1:5432 or skips those tests)."""
+    """The whole test suite as CI runs it (``scripts/test.py``: two workers, then the
+    Postgres outage tests alone); needs PostgreSQL at 127.0.0.1:5432 or skips those tests."""
     session.install("-e", ".[dev]")
-    session.run("pytest", *session.posargs)
+    session.run("python", "scripts/test.py", *session.posargs)
 
 
 @nox.session
