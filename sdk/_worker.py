@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 
+from agentainer_flow.engine._testhooks import reach
 from agentainer_flow.engine.errors import (
     ExecutionBlockedError,
     ExecutionSuspended,
@@ -234,6 +235,8 @@ class Worker:
             records = await store.claim(self.worker_id,
                                         lease_seconds=self.client.engine.lease_seconds,
                                         limit=free + extra, queues=self.queues)
+        if records:
+            reach("worker.claimed")  # a crash here: the leases expire, others claim them
         started = 0
         starting: list[ExecutionRecord] = []
         for record in records:
@@ -287,6 +290,7 @@ class Worker:
         ended = False
         try:
             history = None if preload is None else (await asyncio.shield(preload)).get(eid)
+            reach("worker.run_starting")  # claimed and read back, nothing run yet
             if previous is not None:
                 await asyncio.wait({previous})
             outcome = await asyncio.shield(

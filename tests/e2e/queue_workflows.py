@@ -35,3 +35,27 @@ class TwoStage:
     async def second(self, ctx: Context, first: int) -> int:
         BODIES.append("second")
         return first + 1
+
+
+@workflow(name="counted_job")
+class Counted:
+    """Two steps that each append a line to ``path`` when their body runs: a body run twice
+    shows as a line twice, whichever process ran it."""
+
+    def __init__(self, n: int, path: str) -> None:
+        self.n = n
+        self.path = path
+
+    def _ran(self, what: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{self.n}:{what}\n")
+
+    @step()
+    async def a(self, ctx: Context) -> int:
+        self._ran("a")
+        return self.n
+
+    @step(depends_on=["a"])
+    async def b(self, ctx: Context, a: int) -> int:
+        self._ran("b")
+        return a * 10

@@ -1,0 +1,74 @@
+"""A worker SIGKILLed between its claim and the runs it starts (``FLOW_TEST_KILL_AT``): right
+after the claim returns, and after the claimed histories are read back but before any run
+starts. Its leases expire, another worker claims the executions, and each completes with
+its step bodies run once, with a history that has no gap and no duplicate."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agentainer_flow import ExecutionMode, WorkflowClient
+from tests.e2e.queue_workflows import Counted
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX processes only")
+
+MODULE = Path(__file__).resolve().parent / "queue_workflows.py"
+_CLEARED = ("FLOW_HOME", "FLOW_RUNTIME", "FLOW_STORE", "FLOW_TEST_KILL_AT",
+            "FLOW_LEASE_SECONDS")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'flow.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def worker(url: str, name: str, **env: str) -> subprocess.Popen[str]:
+    environ = {k: v for k, v in os.environ.items() if k not in _CLEARED}
+    return subprocess.Popen(
+        [sys.executable, "-m", "agentainer_flow._cli", "worker", "-m", str(MODULE),
+         "--store", url, "--id", name, "--queue", "kills", "--concurrency", "4",
+         "--poll-interval", "0.1", "--grace", "0"],
+        env={**environ, **env}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("point", ["worker.claimed", "worker.run_starting"])
+async def test_a_worker_killed_between_claim_and_run_loses_and_repeats_nothing(
+        store_url: str, tmp_path: Path, point: str) -> None:
+    bodies = tmp_path / "bodies.log"
+    async with WorkflowClient(store=store_url) as client:
+        executions = [await client.run_workflow(Counted(i, str(bodies)), ExecutionMode.ASYNC,
+                                                queue="kills") for i in range(6)]
+        doomed = worker(store_url, "doomed", FLOW_TEST_KILL_AT=point, FLOW_LEASE_SECONDS="1")
+        _, err = doomed.communicate(timeout=60)
+        assert doomed.returncode == -signal.SIGKILL, err
+        assert not bodies.exists()  # killed before any step body ran
+        claimed = [e for e in executions if (await e.describe()).lease_owner is not None]
+        assert claimed, "the killed worker claimed nothing"
+        rescuer = worker(store_url, "rescuer")
+        try:
+            results = [await asyncio.wait_for(e.get_result(), 60) for e in executions]
+        finally:
+            rescuer.send_signal(signal.SIGTERM)
+            _, err = rescuer.communicate(timeout=60)
+        assert rescuer.returncode == 0, err
+        histories = [await client.store.load(e.id) for e in executions]
+        records = [await e.describe() for e in executions]
+    assert results == [i * 10 for i in range(6)]
+    ran = bodies.read_text().split()
+    assert sorted(ran) == sorted(
+        f"{i}:{s}" for i in range(6) for s in "ab")  # every body once
+    for history in histories:
+        assert [stored.seq for stored in history] == list(range(1, len(history) + 1))
+    assert all(r.lease_owner is None for r in records)
+    print(f"\n{point}: {len(claimed)} claimed executions taken over, "
+          f"{len(ran) - len(set(ran))} step bodies re-run")
