@@ -7,6 +7,7 @@ second or so of interpreter start-up and imports, so independent calls run concu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from agentainer_flow.store import create_store
+from agentainer_flow.store.events import AgentDeployRequested
 
 from .flowcli import WF, Flow, Result, id_of
 
@@ -266,10 +270,10 @@ def test_worker_stops_cleanly_on_sigterm(flow: Flow, tmp_path: Path) -> None:
         eid = flow("run", f"{WF}:SlowWorkflow", "--config", _write(flow, "slow.json", 4),
                    "--no-wait").out.strip()
         deadline = time.monotonic() + 20
-        while f"{eid} cli_slow: claimed" not in log.read_text():
+        while not _deploying(flow.store, eid):  # its agent launched (or launching)
             assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
             time.sleep(0.05)
-        time.sleep(1.0)  # let it launch the agent
+        time.sleep(0.5)  # and running: handed back, it is adopted, not launched again
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
     finally:
@@ -314,6 +318,18 @@ def test_a_missing_secret_blocks_and_resume_carries_on(flow: Flow, tmp_path: Pat
     assert "s3cr3t-value-123" not in resumed.out + resumed.err
 
 
+def _deploying(store_url: str, execution_id: str) -> bool:
+    """Whether the execution's history holds an agent deployment (read from the store)."""
+
+    async def look() -> bool:
+        store = create_store(store_url)
+        async with store:
+            history = await store.load(execution_id)
+        return any(isinstance(s.event, AgentDeployRequested) for s in history)
+
+    return asyncio.run(look())
+
+
 def test_sigterm_lets_running_executions_finish_within_the_grace(flow: Flow,
                                                                   tmp_path: Path) -> None:
     """The first SIGTERM stops claiming and lets the running execution finish (its agent
@@ -328,7 +344,9 @@ def test_sigterm_lets_running_executions_finish_within_the_grace(flow: Flow,
         eid = flow("run", f"{WF}:SlowWorkflow", "--config", _write(flow, "slow2.json", 2),
                    "--no-wait").out.strip()
         deadline = time.monotonic() + 20
-        while f"{eid} cli_slow: claimed" not in log.read_text():
+        # its step attempt is running once its agent's deployment is durable (a claim
+        # alone is not: a worker stopped before the attempt starts hands the execution back)
+        while not _deploying(flow.store, eid):
             assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
