@@ -8,6 +8,7 @@ starting fresh and resuming after a crash are the same code path.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -59,7 +60,14 @@ from .leases import holder_is_dead, lease_seconds_from_env, make_owner_id
 from .observe import Observer, combine, default_observer
 from .runner import Runner, child_check_back_from_env
 from .runtimes.base import AgentRuntime, store_label
-from .secrets import Redactor, encrypt_secrets, redact_known, resolve_secrets
+from .secrets import (
+    KEY_ENV,
+    Redactor,
+    decrypt_secrets,
+    encrypt_secrets,
+    redact_known,
+    resolve_secrets,
+)
 from .spec import (
     ARGS_ATTR,
     StepNotFoundError,
@@ -693,10 +701,11 @@ class Engine:
     async def cancel(self, execution_id: str, reason: str = "") -> bool:
         """Ask the execution to stop: running agents are stopped, ``always_run`` steps run.
 
-        ``reason`` goes with the request to whichever process runs it (secret values this
-        process holds are redacted from it first: it is stored in the execution's row).
+        ``reason`` goes with the request to whichever process runs it. It is stored in the
+        execution's row, so the values of every secret this process can know of are
+        redacted from it first (``_redact_reason``).
         """
-        reason = redact_known(reason)
+        reason = await self._redact_reason(execution_id, reason)
         ok = await self.store.request_cancel(execution_id, reason)
         runner = self.runners.get(execution_id)
         if runner is not None:
@@ -704,6 +713,26 @@ class Engine:
         elif ok:  # suspended (asleep, waiting for a child): claimed again now, to stop
             await self._wake(execution_id)
         return ok
+
+    async def _redact_reason(self, execution_id: str, reason: str) -> str:
+        """A cancel reason without the secret values this process can know of: those it
+        holds, those in ``FLOW_SECRET_<NAME>`` variables, and the execution's own secrets
+        kept encrypted in its row (readable where ``FLOW_SECRETS_KEY`` is set). A process
+        that knows none of them (another machine, no key) cannot find them."""
+        reason = redact_known(reason)
+        if not reason:
+            return reason
+        known = {name[len("FLOW_SECRET_"):].lower(): value
+                 for name, value in os.environ.items()
+                 if name.startswith("FLOW_SECRET_") and value}
+        if os.environ.get(KEY_ENV):
+            try:
+                record = await self.store.get_execution(execution_id)
+                if record is not None:
+                    known.update(decrypt_secrets(record.secrets))
+            except (StoreError, ConfigurationError):
+                pass  # the request still goes through, redacted with what is known
+        return Redactor({k: v for k, v in known.items() if v}).text(reason) if known else reason
 
     async def shutdown(self) -> None:
         """Stop running executions in this process; they stay resumable (their leases are

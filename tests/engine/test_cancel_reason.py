@@ -71,3 +71,46 @@ async def test_a_secret_this_process_holds_is_not_stored_in_a_reason(tmp_path: P
     assert "sk-live-abcdef123456" not in (record.cancel_reason or "")
     assert "sk-live-abcdef123456" not in str(events) + (record.error or "")
     assert "[secret:api_key]" in (record.cancel_reason or "")
+
+
+async def test_a_client_without_the_secret_redacts_it_with_the_stored_secrets(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client that cancels does not hold the execution's secret; with the key the
+    execution's secrets are kept under (``FLOW_SECRETS_KEY``), it reads them from the row
+    and redacts the reason before storing it."""
+    from cryptography.fernet import Fernet
+
+    monkeypatch.setenv("FLOW_SECRETS_KEY", Fernet.generate_key().decode())
+    url = f"sqlite:///{tmp_path / 'flow.db'}"
+    secret = "tok-9f8e7d6c5b4a"
+    async with WorkflowClient(store=url, runtime=_runtime()) as runs:
+        execution = await runs.run_workflow(Idle(), mode=ExecutionMode.ASYNC,
+                                            secrets={"api_key": secret})
+        await asyncio.sleep(0.3)
+        record = await runs.describe(execution.id)
+        assert record.secrets and secret.encode() not in record.secrets
+    # the process that held the secret is gone; another client asks for the cancel
+    del runs
+    import gc
+
+    gc.collect()  # the first client's redactors no longer live in this process
+    from agentainer_flow.engine.secrets import redact_known
+
+    assert redact_known(secret) == secret, "the secret must not be known in this process"
+    async with WorkflowClient(store=url, runtime="mock") as elsewhere:
+        assert await elsewhere.cancel(execution.id, reason=f"rotated {secret} today")
+        record = await elsewhere.describe(execution.id)
+    assert record.cancel_reason == "rotated [secret:api_key] today"
+
+
+async def test_a_secret_in_a_flow_secret_variable_is_redacted_from_a_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOW_SECRET_DEPLOY_TOKEN", "dt-0123456789ab")
+    url = f"sqlite:///{tmp_path / 'flow.db'}"
+    async with WorkflowClient(store=url, runtime=_runtime()) as runs:
+        execution = await runs.run_workflow(Idle(), mode=ExecutionMode.ASYNC)
+        await asyncio.sleep(0.2)
+        assert await runs.cancel(execution.id, reason="token dt-0123456789ab expired")
+        await asyncio.wait_for(execution.wait(), 10)
+        record = await runs.describe(execution.id)
+    assert record.cancel_reason == "token [secret:deploy_token] expired"
