@@ -716,20 +716,7 @@ def _router() -> APIRouter:
         """Executions matching every filter of the body, newest first."""
         return await _search(await state.ready(), body)
 
-    @r.get("/executions/{execution_id}", response_model=ExecutionOut, tags=["executions"],
-           dependencies=[Read])
-    async def get_execution(execution_id: str, state: StateDep,
-                            wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description=(
-                                "Seconds to wait for the execution to end first."))] = 0,
-                            ) -> ExecutionOut:
-        """One execution: status, result or error, and a summary of its steps."""
-        client = await state.ready()
-        await _record(client, execution_id)
-        if wait:
-            await _wait_end(client, execution_id, wait)
-        return await _detail(client, execution_id)
-
-    @r.get("/executions/{execution_id}/history", response_model=History,
+    @r.get("/executions/{execution_id:path}/history", response_model=History,
            tags=["executions"], dependencies=[Read])
     async def get_history(execution_id: str, state: StateDep) -> History:
         """Every event of the execution, in order."""
@@ -738,7 +725,7 @@ def _router() -> APIRouter:
         return History(execution_id=execution_id,
                        events=[event_out(s) for s in await client.store.load(execution_id)])
 
-    @r.get("/executions/{execution_id}/steps", response_model=Steps, tags=["executions"],
+    @r.get("/executions/{execution_id:path}/steps", response_model=Steps, tags=["executions"],
            dependencies=[Read])
     async def get_steps(execution_id: str, state: StateDep) -> Steps:
         """One row per step instance, as ``flow status`` and ``flow history`` show it:
@@ -754,7 +741,7 @@ def _router() -> APIRouter:
         return Steps(execution_id=execution_id,
                      steps=[_step_row(s.to_dict()) for s in step_summaries(history)])
 
-    @r.get("/executions/{execution_id}/audit", response_model=Audit, tags=["executions"],
+    @r.get("/executions/{execution_id:path}/audit", response_model=Audit, tags=["executions"],
            dependencies=[Read])
     async def get_audit(execution_id: str, state: StateDep) -> Audit:
         """Every stored event that can be read, with the damage marked where it is (a
@@ -768,7 +755,7 @@ def _router() -> APIRouter:
                        else event_out(StoredEvent(execution_id, e.seq, e.event)))
             for e in await client.store.audit(execution_id)])
 
-    @r.get("/executions/{execution_id}/state", response_model=State, tags=["executions"],
+    @r.get("/executions/{execution_id:path}/state", response_model=State, tags=["executions"],
            dependencies=[Read])
     async def get_state(execution_id: str, state: StateDep) -> State:
         """The workflow state after every write recorded so far."""
@@ -787,7 +774,7 @@ def _router() -> APIRouter:
         return State(execution_id=execution_id, state={k: plain(v) for k, v in trees.items()},
                      state_tree=trees)
 
-    @r.get("/executions/{execution_id}/logs", tags=["executions"], dependencies=[Read],
+    @r.get("/executions/{execution_id:path}/logs", tags=["executions"], dependencies=[Read],
            response_model=Logs, responses=_STREAM)
     async def get_logs(execution_id: str, state: StateDep,
                        follow: Annotated[bool, Query(description=(
@@ -802,7 +789,7 @@ def _router() -> APIRouter:
                                                   _seq(last_event_id)))
         return Logs(execution_id=execution_id, lines=await client.get_logs(execution_id))
 
-    @r.get("/executions/{execution_id}/events", tags=["streams"], dependencies=[Read],
+    @r.get("/executions/{execution_id:path}/events", tags=["streams"], dependencies=[Read],
            response_class=StreamingResponse, responses=_STREAM)
     async def stream_execution(execution_id: str, state: StateDep,
                                last_event_id: Annotated[str, Header(pattern=SEQ_PATTERN)] = "",
@@ -868,7 +855,7 @@ def _router() -> APIRouter:
                                    queue=body.queue or DEFAULT_QUEUE)
         return forked.id
 
-    @r.post("/executions/{execution_id}/cancel", response_model=Cancelled,
+    @r.post("/executions/{execution_id:path}/cancel", response_model=Cancelled,
             tags=["operate"], dependencies=[Write])
     async def cancel(execution_id: str, state: StateDep,
                      body: CancelBody | None = None) -> Cancelled:
@@ -877,7 +864,7 @@ def _router() -> APIRouter:
         ok = await cancel_one(client, execution_id, body.reason if body else "")
         return Cancelled(execution_id=execution_id, cancelled=ok)
 
-    @r.post("/executions/{execution_id}/resume", status_code=202,
+    @r.post("/executions/{execution_id:path}/resume", status_code=202,
             response_model=ExecutionOut, tags=["operate"], dependencies=[Write])
     async def resume(execution_id: str, state: StateDep,
                      body: ResumeBody | None = None) -> JSONResponse:
@@ -891,11 +878,11 @@ def _router() -> APIRouter:
             await resume_one(state, execution_id, secrets, body.takeover)
             out = await _detail(client, execution_id)
         except FlowError as exc:
-            return problem_from_error(exc, instance=f"/v1/executions/{execution_id}/resume",
+            return problem_from_error(exc, instance=f"{_location(execution_id)}/resume",
                                       redactor=redactor)
         return JSONResponse(redactor.tree(out.model_dump(mode="json")), status_code=202)
 
-    @r.post("/executions/{execution_id}/retry", status_code=201,
+    @r.post("/executions/{execution_id:path}/retry", status_code=201,
             response_model=ExecutionOut, tags=["operate"], dependencies=[Write])
     async def retry(execution_id: str, state: StateDep,
                     body: RetryBody | None = None) -> JSONResponse:
@@ -908,7 +895,7 @@ def _router() -> APIRouter:
             new_id = await retry_one(state, execution_id, body)
             out = await _detail(client, new_id)
         except FlowError as exc:
-            return problem_from_error(exc, instance=f"/v1/executions/{execution_id}/retry",
+            return problem_from_error(exc, instance=f"{_location(execution_id)}/retry",
                                       redactor=redactor)
         return JSONResponse(redactor.tree(out.model_dump(mode="json")), status_code=201,
                             headers={"Location": _location(out.id)})
@@ -929,6 +916,22 @@ def _router() -> APIRouter:
                 results.append(BulkResult(id=execution_id, ok=got is not False,
                                           execution_id=got if isinstance(got, str) else None))
         return BulkResults(results=results)
+
+    # Registered after the routes with a suffix (/history, /cancel...): an id may hold "/"
+    # (the client sends %2F, which reaches routing decoded), so the id is a path, and a
+    # path ending in a known suffix is that suffix's route.
+    @r.get("/executions/{execution_id:path}", response_model=ExecutionOut, tags=["executions"],
+           dependencies=[Read])
+    async def get_execution(execution_id: str, state: StateDep,
+                            wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description=(
+                                "Seconds to wait for the execution to end first."))] = 0,
+                            ) -> ExecutionOut:
+        """One execution: status, result or error, and a summary of its steps."""
+        client = await state.ready()
+        await _record(client, execution_id)
+        if wait:
+            await _wait_end(client, execution_id, wait)
+        return await _detail(client, execution_id)
 
     @r.post("/executions/cancel", response_model=BulkResults, tags=["operate"],
             dependencies=[Write])

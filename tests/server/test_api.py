@@ -8,6 +8,7 @@ import asyncio
 import time
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -29,7 +30,8 @@ def start(stack: Stack, body: dict[str, Any]) -> dict[str, Any]:
     with stack.http("write") as http:
         response = http.post("/v1/executions", json=body)
     assert response.status_code == 201, response.text
-    assert response.headers["location"] == f"/v1/executions/{response.json()['id']}"
+    location = f"/v1/executions/{quote(response.json()['id'], safe='')}"
+    assert response.headers["location"] == location
     started: dict[str, Any] = response.json()
     return started
 
@@ -236,5 +238,38 @@ def test_errors_of_the_client(sqlite_stack: Stack) -> None:
         with pytest.raises(RemoteError) as forbidden:
             await reader.run_workflow(MonitoredWorkflow())
         assert forbidden.value.status == 403
+
+    asyncio.run(run())
+
+
+def test_an_id_with_slashes_and_other_url_characters_is_reachable(sqlite_stack: Stack) -> None:
+    """Ids are the caller's choice: one holding "/" (sent as %2F, which routing sees
+    decoded), "?", "#", "%" or a space reaches its own execution on every route."""
+    eid = f"team/{uuid.uuid4().hex[:8]}/a b?x#y%2Fz"
+    started = start(sqlite_stack, {"workflow": "data_workflow", "mode": "sync",
+                                   "execution_id": eid, "kwargs": {"fail": False}})
+    assert started["id"] == eid and started["status"] == "completed"
+    with sqlite_stack.http("read") as http:
+        for suffix in ("", "/history", "/steps", "/state", "/audit"):
+            response = http.get(f"/v1/executions/{quote(eid, safe='')}{suffix}")
+            assert response.status_code == 200, (suffix, response.text)
+        assert http.get(f"/v1/executions/{quote(eid, safe='')}").json()["id"] == eid
+
+    async def run() -> None:
+        remote = RemoteWorkflowClient(sqlite_stack.url, sqlite_stack.token("admin"))
+        try:
+            execution = remote.get_execution(eid)
+            assert await execution.get_result() == started["result"]
+            with sqlite_stack.http("read") as http:
+                recorded = http.get(f"/v1/executions/{quote(eid, safe='')}/history").json()
+            assert len(await remote.get_history(eid)) == len(recorded["events"])
+            assert (await remote.describe(eid)).id == eid
+            streamed = [ev async for ev in execution.stream_events()]
+            assert len(streamed) == len(recorded["events"])
+            assert await remote.cancel(eid) is False  # finished: nothing to cancel
+            with pytest.raises(ExecutionNotFoundError):
+                await remote.describe(eid.rsplit("/", 1)[0])
+        finally:
+            await remote.close()
 
     asyncio.run(run())
