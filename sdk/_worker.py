@@ -255,6 +255,14 @@ class Worker:
                 self.skipped.add(record.id)
                 await store.release(self.worker_id, record.id)
                 continue
+            holder = record.taken_over_from
+            if holder is not None and holder != self.worker_id:
+                # its holder stopped renewing (died, or stalled past its lease)
+                self.client.engine.observer.lease_taken_over(
+                    record.id, record.workflow_name, previous_holder=holder)
+                log.info("execution_taken_over", execution_id=record.id,
+                         previous_holder=holder)
+                self._say(f"{record.id} {record.workflow_name}: taken over from {holder}")
             self._say(f"{record.id} {record.workflow_name}: claimed ({record.status.value})")
             starting.append(record)
             started += 1

@@ -212,6 +212,9 @@ class ExecutionRecord:
     first_claimed_at: float | None = None
     #: the reason given with the first cancel asked for (``request_cancel``), if any
     cancel_reason: str | None = None
+    #: only in what ``claim`` returns: the holder whose expired lease this claim took
+    #: over (a dead or stalled process), ``None`` when nobody held it (not a column)
+    taken_over_from: str | None = None
 
     def lease_live(self, t: float) -> bool:
         """Whether someone holds an unexpired lease on it at time ``t``."""

@@ -237,7 +237,7 @@ class MemoryEventStore(EventStore):
                 first_claimed_at=row.first_claimed_at or t,
             )
             self._rows[row.id] = new
-            claimed.append(new)
+            claimed.append(dataclasses.replace(new, taken_over_from=row.lease_owner))
         return claimed
 
     async def next_wake(self) -> float | None:

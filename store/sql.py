@@ -16,6 +16,7 @@ as one statement, the guarded update below with the insert in one data-modifying
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from abc import abstractmethod
@@ -953,6 +954,7 @@ class SQLEventStore(EventStore):
                     rows += (tx.rows(candidates_none, {"t": t, "limit": room}) if q is None
                              else tx.rows(candidates_one, {"t": t, "limit": room, "queue": q}))
             rows.sort(key=lambda r: (-(r[2] or 0), r[4], r[0]))
+            held_by = {r[0]: r[6] for r in rows}  # an expired lease's holder: taken over
             busy: dict[tuple[str, str | None], int] = {}
             recent: dict[str, int] = {}
             for q in limited:
@@ -964,7 +966,7 @@ class SQLEventStore(EventStore):
                 if limits[q].rate_count is not None and window:
                     recent[q] = tx.first(started, {"queue": q, "since": t - window})[0]  # type: ignore[index]
             chosen: list[str] = []
-            for id_, queue, _priority, key, _created, first in rows:
+            for id_, queue, _priority, key, _created, first, _holder in rows:
                 if len(chosen) >= limit:
                     break
                 if queue in limited and not admit_to_queue(limits[queue], queue, key, busy,
@@ -973,7 +975,8 @@ class SQLEventStore(EventStore):
                 chosen.append(id_)
             leased = self._lease(tx, chosen, {"worker": worker_id, "t": t,
                                               "expires": t + lease_seconds})
-            return [record_from_row(row) for row in leased]
+            return [dataclasses.replace(record, taken_over_from=held_by.get(record.id))
+                    for record in map(record_from_row, leased)]
 
         return await self._write(op)
 
@@ -989,12 +992,12 @@ class SQLEventStore(EventStore):
         return out
 
     def _candidates(self, one_queue: bool | None) -> sa.Select[Any]:
-        """Claimable rows (id, queue, priority, key, created_at, first claim), most urgent
-        first: of
+        """Claimable rows (id, queue, priority, key, created_at, first claim, the holder of
+        an expired lease), most urgent first: of
         every queue (``None``), of one (``True``), of none (``False``). Postgres skips
         rows another claimer has locked."""
         stmt = sa.select(_ex.c.id, _ex.c.queue, _ex.c.priority, _ex.c.concurrency_key,
-                         _ex.c.created_at, _ex.c.first_claimed_at).where(
+                         _ex.c.created_at, _ex.c.first_claimed_at, _ex.c.lease_owner).where(
             _UNFINISHED,
             _ex.c.status != ExecutionStatus.BLOCKED.value,
             sa.or_(_ex.c.wake_at.is_(None), _ex.c.wake_at <= _p("t")),

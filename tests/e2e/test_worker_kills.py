@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agentainer_flow import ExecutionMode, WorkflowClient
@@ -31,14 +33,20 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("postgres_url"))
 
 
-def worker(url: str, name: str, **env: str) -> subprocess.Popen[str]:
+def worker(url: str, name: str, *args: str, **env: str) -> subprocess.Popen[str]:
     environ = {k: v for k, v in os.environ.items() if k not in _CLEARED}
     return subprocess.Popen(
         [sys.executable, "-m", "agentainer_flow._cli", "worker", "-m", str(MODULE),
          "--store", url, "--id", name, "--queue", "kills", "--concurrency", "4",
-         "--poll-interval", "0.1", "--grace", "0"],
+         "--poll-interval", "0.1", "--grace", "0", *args],
         env={**environ, **env}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.mark.parametrize("point", ["worker.claimed", "worker.run_starting"])
@@ -52,15 +60,26 @@ async def test_a_worker_killed_between_claim_and_run_loses_and_repeats_nothing(
         _, err = doomed.communicate(timeout=60)
         assert doomed.returncode == -signal.SIGKILL, err
         assert not bodies.exists()  # killed before any step body ran
+        holders = {(await e.describe()).lease_owner for e in executions} - {None}
         claimed = [e for e in executions if (await e.describe()).lease_owner is not None]
         assert claimed, "the killed worker claimed nothing"
-        rescuer = worker(store_url, "rescuer")
+        port = _free_port()
+        rescuer = worker(store_url, "rescuer", "--metrics-port", str(port))
         try:
             results = [await asyncio.wait_for(e.get_result(), 60) for e in executions]
+            async with httpx.AsyncClient() as http:
+                metrics = (await http.get(f"http://127.0.0.1:{port}/metrics", timeout=30)).text
         finally:
             rescuer.send_signal(signal.SIGTERM)
-            _, err = rescuer.communicate(timeout=60)
+            out, err = rescuer.communicate(timeout=60)
         assert rescuer.returncode == 0, err
+        # each claim of an expired lease is a takeover, said and counted (the metric)
+        [doomed_id] = holders
+        took = [line for line in (out + err).splitlines() if "taken over from" in line]
+        assert len(took) == len(claimed) and all(doomed_id in line for line in took), out + err
+        counted = [line for line in metrics.splitlines()
+                   if line.startswith("flow_lease_takeovers_total{")]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in counted) == len(claimed), metrics
         histories = [await client.store.load(e.id) for e in executions]
         records = [await e.describe() for e in executions]
     assert results == [i * 10 for i in range(6)]

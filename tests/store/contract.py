@@ -405,6 +405,7 @@ async def claim_leases_due_unfinished_executions(store: EventStore) -> None:
     assert [r.id for r in first] == ["old", "mid"]
     for r in first:
         assert r.lease_owner == "w1"
+        assert r.taken_over_from is None  # nobody held them
         assert r.lease_expires_at is not None and r.lease_expires_at >= t + 29
         assert (await get(store, r.id)).lease_owner == "w1"
     second = await store.claim("w2", lease_seconds=30, limit=10)
@@ -452,6 +453,8 @@ async def expired_lease_is_reclaimable_and_fences_the_old_worker(store: EventSto
     assert (await get(store, "e1")).last_seq == 3
     [reclaimed] = await store.claim("w2", lease_seconds=30)
     assert reclaimed.id == "e1" and reclaimed.lease_owner == "w2"
+    assert reclaimed.taken_over_from == "w1"  # what a worker counts as a takeover
+    assert (await get(store, "e1")).taken_over_from is None  # not a column
     assert await store.renew_lease("w1", ["e1"], 30) == []  # taken over: not w1's any more
     with pytest.raises(LeaseLostError):
         await store.append("e1", 4, steps("b"), lease_owner="w1")
