@@ -207,15 +207,17 @@ class MemoryEventStore(EventStore):
         busy: dict[tuple[str, str | None], int] = {}
         recent: dict[str, int] = {}
         for r in rows:
-            if r.queue is not None and r.lease_live(t):
-                busy[(r.queue, None)] = busy.get((r.queue, None), 0) + 1
+            if r.lease_live(t):
+                name = r.queue or DEFAULT_QUEUE
+                busy[(name, None)] = busy.get((name, None), 0) + 1
                 if r.concurrency_key is not None:
-                    key = (r.queue, r.concurrency_key)
-                    busy[key] = busy.get(key, 0) + 1
+                    pair = (name, r.concurrency_key)
+                    busy[pair] = busy.get(pair, 0) + 1
         for name, config in self._queues.items():
             if config.rate_count is not None and config.rate_seconds:
                 since = t - config.rate_seconds
-                recent[name] = sum(1 for r in self._rows.values() if r.queue == name
+                recent[name] = sum(1 for r in self._rows.values()
+                                   if (r.queue or DEFAULT_QUEUE) == name
                                    and r.first_claimed_at is not None
                                    and r.first_claimed_at > since)
         claimed: list[ExecutionRecord] = []
@@ -226,15 +228,18 @@ class MemoryEventStore(EventStore):
                 continue
             if row.lease_live(t) or (row.wake_at is not None and row.wake_at > t):
                 continue
-            limits = self._queues.get(row.queue or "")
+            name = row.queue or DEFAULT_QUEUE
+            limits = self._queues.get(name)
+            key = row.concurrency_key
+            if key is None and limits is not None and limits.key_tag is not None:
+                key = row.tags.get(limits.key_tag)  # queued before the queue had its key
             if limits is not None and not admit_to_queue(
-                    limits, row.queue or "", row.concurrency_key, busy, recent,
-                    starts=row.first_claimed_at is None):
+                    limits, name, key, busy, recent, starts=row.first_claimed_at is None):
                 continue
             new = dataclasses.replace(
                 row, lease_owner=worker_id, lease_expires_at=t + lease_seconds,
                 lease_token=row.lease_token + 1, lease_renewed_at=t,
-                first_claimed_at=row.first_claimed_at or t,
+                first_claimed_at=row.first_claimed_at or t, concurrency_key=key,
             )
             self._rows[row.id] = new
             claimed.append(dataclasses.replace(new, taken_over_from=row.lease_owner))
@@ -258,6 +263,12 @@ class MemoryEventStore(EventStore):
 
     async def set_queue(self, config: QueueConfig) -> None:
         self._queues[config.name] = config
+        if config.key_tag is not None:  # its executions without a key take their tag's
+            for row in list(self._rows.values()):
+                if ((row.queue or DEFAULT_QUEUE) == config.name and row.concurrency_key is None
+                        and not row.status.is_terminal and config.key_tag in row.tags):
+                    self._rows[row.id] = dataclasses.replace(
+                        row, concurrency_key=row.tags[config.key_tag])
 
     async def list_queues(self) -> list[QueueStats]:
         t = now()

@@ -1005,6 +1005,9 @@ class PostgresEventStore(SQLEventStore):
     def _is_unique_violation(self, exc: BaseException) -> bool:
         return getattr(exc, "sqlstate", None) == "23505"
 
+    def _tag_value(self, tag: str) -> sa.ColumnElement[Any]:
+        return executions.c.tags.op("->>")(sa.literal(tag, sa.Text))
+
     def _skip_locked(self, stmt: sa.Select[Any]) -> sa.Select[Any]:
         # lock the candidates, skipping rows another claimer holds
         return stmt.with_for_update(skip_locked=True)

@@ -21,6 +21,7 @@ import random
 import time
 from abc import abstractmethod
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 import msgspec
@@ -265,20 +266,48 @@ def _stmt_next_wake() -> sa.Select[Any]:
         _ex.c.status != ExecutionStatus.BLOCKED.value)
 
 
-def _stmt_queue_running() -> sa.Select[Any]:
+def _in_queue(default: bool) -> sa.ColumnElement[bool]:
+    """Rows of the queue named ``:queue``, or of the default one (stored as NULL)."""
+    return _ex.c.queue.is_(None) if default else _ex.c.queue == _p("queue")
+
+
+def _stmt_queue_running(default: bool = False) -> sa.Select[Any]:
     """A queue's executions held by a live lease, by concurrency key."""
     return (
         sa.select(_ex.c.concurrency_key, sa.func.count())
-        .where(_UNFINISHED, _ex.c.queue == _p("queue"), _ex.c.lease_owner.is_not(None),
+        .where(_UNFINISHED, _in_queue(default), _ex.c.lease_owner.is_not(None),
                _ex.c.lease_expires_at >= _p("t"))
         .group_by(_ex.c.concurrency_key)
     )
 
 
-def _stmt_queue_started() -> sa.Select[Any]:
+def _stmt_queue_started(default: bool = False) -> sa.Select[Any]:
     """How many of a queue's executions were first claimed since ``since``."""
-    return sa.select(sa.func.count()).where(_ex.c.queue == _p("queue"),
+    return sa.select(sa.func.count()).where(_in_queue(default),
                                             _ex.c.first_claimed_at > _p("since"))
+
+
+def _stmt_set_concurrency_key() -> sa.Update:
+    """The concurrency key of an execution queued before its queue had one (read from
+    its tag by ``claim``), so that it counts against its key while it runs."""
+    return sa.update(_ex).where(_ex.c.id == _p("id"), _ex.c.concurrency_key.is_(None)).values(
+        concurrency_key=_p("key"))
+
+
+def _stmt_backfill_keys(default: bool, tag: sa.ColumnElement[Any]) -> sa.Update:
+    """A queue given a per-key limit: its unfinished executions without a key take the
+    value of its tag (``tag``, from ``_tag_value``) (``set_queue``)."""
+    return (sa.update(_ex)
+            .where(_UNFINISHED, _in_queue(default), _ex.c.concurrency_key.is_(None))
+            .values(concurrency_key=tag))
+
+
+def _tag(tags: Any, name: str) -> str | None:
+    """The value of tag ``name`` from a row's tags (a dict, or JSON text on SQLite)."""
+    if isinstance(tags, str | bytes):
+        tags = msgspec.json.decode(tags)
+    value = tags.get(name) if isinstance(tags, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _stmt_queue_load() -> sa.Select[Any]:
@@ -933,18 +962,33 @@ class SQLEventStore(EventStore):
         candidates_all = self._stmt("candidates_all", lambda: self._candidates(None))
         candidates_one = self._stmt("candidates_one", lambda: self._candidates(True))
         candidates_none = self._stmt("candidates_none", lambda: self._candidates(False))
-        running = self._stmt("queue_running", _stmt_queue_running)
-        started = self._stmt("queue_started", _stmt_queue_started)
+        running = {d: self._stmt(("queue_running", d), partial(_stmt_queue_running, d))
+                   for d in (False, True)}
+        started = {d: self._stmt(("queue_started", d), partial(_stmt_queue_started, d))
+                   for d in (False, True)}
+        set_key = self._stmt("set_concurrency_key", _stmt_set_concurrency_key)
 
         def op(tx: Tx) -> list[ExecutionRecord]:
             t = now()
             # the limits of the queues served, their rows locked: claimers of a limited
             # queue take turns, so the counts below stay true until this commits
             limits = {row[0]: _queue_config(row) for row in tx.rows(lock_limits, {})
-                      if serve is None or row[0] in serve}
+                      if serve is None or (None if row[0] == DEFAULT_QUEUE else row[0]) in serve}
             limited = {q for q, c in limits.items()
                        if c.concurrency is not None or c.rate_count is not None
                        or c.key_concurrency is not None}
+            busy: dict[tuple[str, str | None], int] = {}
+            recent: dict[str, int] = {}
+            for q in limited:
+                default = q == DEFAULT_QUEUE
+                for key, count in tx.rows(running[default], {"t": t, "queue": q}):
+                    busy[(q, None)] = busy.get((q, None), 0) + count
+                    if key is not None:
+                        busy[(q, key)] = count
+                window = limits[q].rate_seconds
+                if limits[q].rate_count is not None and window:
+                    found = tx.first(started[default], {"queue": q, "since": t - window})
+                    recent[q] = int(found[0]) if found else 0
             room = limit + (50 if limited else 0)  # some candidates may be over a limit
             rows: list[Row] = []
             if serve is None:
@@ -954,31 +998,118 @@ class SQLEventStore(EventStore):
                     rows += (tx.rows(candidates_none, {"t": t, "limit": room}) if q is None
                              else tx.rows(candidates_one, {"t": t, "limit": room, "queue": q}))
             rows.sort(key=lambda r: (-(r[2] or 0), r[4], r[0]))
-            held_by = {r[0]: r[6] for r in rows}  # an expired lease's holder: taken over
-            busy: dict[tuple[str, str | None], int] = {}
-            recent: dict[str, int] = {}
-            for q in limited:
-                for key, count in tx.rows(running, {"t": t, "queue": q}):
-                    busy[(q, None)] = busy.get((q, None), 0) + count
-                    if key is not None:
-                        busy[(q, key)] = count
-                window = limits[q].rate_seconds
-                if limits[q].rate_count is not None and window:
-                    recent[q] = tx.first(started, {"queue": q, "since": t - window})[0]  # type: ignore[index]
             chosen: list[str] = []
-            for id_, queue, _priority, key, _created, first, _holder in rows:
-                if len(chosen) >= limit:
-                    break
-                if queue in limited and not admit_to_queue(limits[queue], queue, key, busy,
-                                                           recent, starts=first is None):
-                    continue
-                chosen.append(id_)
+            keys: dict[str, str] = {}  # a key read from the tags, for a row without one
+            held_by: dict[str, str | None] = {}  # an expired lease's holder: taken over
+            seen: set[str] = set()
+
+            def choose(rows: list[Row]) -> bool:
+                """Admit rows in order until ``limit``; whether a limit turned one away."""
+                turned_away = False
+                for id_, queue, _priority, key, _created, first, holder, tags in rows:
+                    if len(chosen) >= limit:
+                        break
+                    if id_ in seen:
+                        continue
+                    seen.add(id_)
+                    name = queue or DEFAULT_QUEUE
+                    if name in limited:
+                        config = limits[name]
+                        if key is None and config.key_tag is not None:
+                            # queued before the queue had its key: the key is its tag's
+                            key = _tag(tags, config.key_tag)
+                            if key is not None:
+                                keys[id_] = key
+                        if not admit_to_queue(config, name, key, busy, recent,
+                                              starts=first is None):
+                            turned_away = True
+                            continue
+                    chosen.append(id_)
+                    held_by[id_] = holder
+                return turned_away
+
+            turned_away, looks = choose(rows), 0
+            while turned_away and len(chosen) < limit and len(rows) >= room and looks < 8:
+                # the most urgent candidates are over their queues' limits and may hide
+                # others behind them (a limited queue's backlog, one tenant's): look again
+                # without the queues and keys that are full now
+                looks += 1
+                shape, values = self._past_full(serve, limits, limited, busy, recent)
+                past = self._stmt(("candidates_past_full", shape),
+                                  partial(self._candidates_past_full, shape))
+                room = limit - len(chosen) + 50
+                rows = tx.rows(past, {**values, "t": t, "limit": room})
+                turned_away = choose(rows)
             leased = self._lease(tx, chosen, {"worker": worker_id, "t": t,
                                               "expires": t + lease_seconds})
-            return [dataclasses.replace(record, taken_over_from=held_by.get(record.id))
+            for id_, key in keys.items():
+                if id_ in chosen:
+                    tx.execute(set_key, {"id": id_, "key": key})
+            return [dataclasses.replace(record, taken_over_from=held_by.get(record.id),
+                                        concurrency_key=record.concurrency_key
+                                        or keys.get(record.id))
                     for record in map(record_from_row, leased)]
 
         return await self._write(op)
+
+    def _past_full(
+        self, serve: list[str | None] | None, limits: dict[str, QueueConfig],
+        limited: set[str], busy: dict[tuple[str, str | None], int], recent: dict[str, int],
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """What a second look at the candidates leaves out (``claim``): the shape of the
+        statement (for ``_candidates_past_full``) and its values."""
+        values: dict[str, Any] = {}
+        served: list[bool] = []  # per served queue: whether it is the default one
+        for i, q in enumerate(serve or ()):
+            served.append(q is None)
+            values[f"sq{i}"] = q
+        # per limited queue: (default, whole queue full, new ones held back, key tag, keys)
+        excluded: list[tuple[bool, bool, bool, str | None, int]] = []
+        for i, q in enumerate(sorted(limited)):
+            config = limits[q]
+            values[f"fq{i}"] = q
+            whole = config.concurrency is not None and busy.get((q, None), 0) >= config.concurrency
+            new = config.rate_count is not None and recent.get(q, 0) >= config.rate_count
+            full: list[str] = []
+            if config.key_concurrency is not None and config.key_tag is not None:
+                full = sorted(k for (name, k), n in busy.items()
+                              if name == q and k is not None and n >= config.key_concurrency)
+            for j, k in enumerate(full):
+                values[f"fk{i}_{j}"] = k
+            excluded.append((q == DEFAULT_QUEUE, whole, new, config.key_tag if full else None,
+                             len(full)))
+        return (None if serve is None else tuple(served), tuple(excluded)), values
+
+    def _candidates_past_full(self, shape: tuple[Any, ...]) -> sa.Select[Any]:
+        """The candidates of ``_candidates`` from the served queues, without the queues at
+        their concurrency limit, the new executions of queues at their rate limit, and the
+        executions whose concurrency key is at its limit (the key read from the tag where
+        the row has none)."""
+        served, excluded = shape
+
+        def in_queue(name: str, default: bool) -> sa.ColumnElement[bool]:
+            # never NULL, so that NOT of it is never NULL either
+            if default:
+                return _ex.c.queue.is_(None)
+            return sa.and_(_ex.c.queue.is_not(None), _ex.c.queue == _p(name))
+
+        stmt = self._candidates_select()
+        if served is not None:
+            stmt = stmt.where(sa.or_(*(in_queue(f"sq{i}", d) for i, d in enumerate(served))))
+        for i, (default, whole, new, tag, n) in enumerate(excluded):
+            queue = in_queue(f"fq{i}", default)
+            if whole:
+                stmt = stmt.where(sa.not_(queue))
+                continue
+            if new:
+                stmt = stmt.where(sa.not_(sa.and_(queue, _ex.c.first_claimed_at.is_(None))))
+            if n:
+                key = sa.func.coalesce(_ex.c.concurrency_key, self._tag_value(tag))
+                stmt = stmt.where(sa.not_(sa.and_(
+                    queue, key.is_not(None), key.in_([_p(f"fk{i}_{j}") for j in range(n)]))))
+        stmt = stmt.order_by(_ex.c.priority.desc(), _ex.c.created_at, _ex.c.id).limit(
+            _p("limit"))
+        return self._skip_locked(stmt)
 
     def _lease(self, tx: Tx, ids: list[str], values: Mapping[str, Any]) -> list[Row]:
         """Lease the chosen candidates (locked by this transaction, or with writers
@@ -991,18 +1122,28 @@ class SQLEventStore(EventStore):
                 out.append(row)
         return out
 
-    def _candidates(self, one_queue: bool | None) -> sa.Select[Any]:
+    def _tag_value(self, tag: str) -> sa.ColumnElement[Any]:
+        """The value of tag ``tag`` of an execution, as text (``NULL`` without it)."""
+        path = '$."' + tag.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return sa.func.json_extract(_ex.c.tags, sa.literal(path, sa.Text))
+
+    def _candidates_select(self) -> sa.Select[Any]:
         """Claimable rows (id, queue, priority, key, created_at, first claim, the holder of
-        an expired lease), most urgent first: of
-        every queue (``None``), of one (``True``), of none (``False``). Postgres skips
-        rows another claimer has locked."""
-        stmt = sa.select(_ex.c.id, _ex.c.queue, _ex.c.priority, _ex.c.concurrency_key,
-                         _ex.c.created_at, _ex.c.first_claimed_at, _ex.c.lease_owner).where(
+        an expired lease, tags), in no order."""
+        return sa.select(_ex.c.id, _ex.c.queue, _ex.c.priority, _ex.c.concurrency_key,
+                         _ex.c.created_at, _ex.c.first_claimed_at, _ex.c.lease_owner,
+                         _ex.c.tags).where(
             _UNFINISHED,
             _ex.c.status != ExecutionStatus.BLOCKED.value,
             sa.or_(_ex.c.wake_at.is_(None), _ex.c.wake_at <= _p("t")),
             _LEASE_FREE,
         )
+
+    def _candidates(self, one_queue: bool | None) -> sa.Select[Any]:
+        """Claimable rows (``_candidates_select``), most urgent first: of every queue
+        (``None``), of one (``True``), of none (``False``). Postgres skips rows another
+        claimer has locked."""
+        stmt = self._candidates_select()
         if one_queue is True:
             stmt = stmt.where(_ex.c.queue == _p("queue"))
         elif one_queue is False:
@@ -1070,7 +1211,16 @@ class SQLEventStore(EventStore):
                   "rate_count": config.rate_count, "rate_seconds": config.rate_seconds,
                   "key_tag": config.key_tag, "key_concurrency": config.key_concurrency,
                   "updated_at": now()}
-        await self._write(lambda tx: tx.execute(upsert, values))
+        default, tag = config.name == DEFAULT_QUEUE, config.key_tag
+
+        def op(tx: Tx) -> None:
+            tx.execute(upsert, values)
+            if tag is not None:
+                backfill = self._stmt(("backfill_keys", default, tag), partial(
+                    _stmt_backfill_keys, default, self._tag_value(tag)))
+                tx.execute(backfill, {"queue": config.name})
+
+        await self._write(op)
 
     async def list_queues(self) -> list[QueueStats]:
         configs = self._stmt("queue_configs", lambda: sa.select(*_q.c).order_by(_q.c.name))

@@ -719,6 +719,58 @@ async def queue_load_counts_blocked_executions_apart(store: EventStore) -> None:
 
 
 @case
+async def a_per_key_limit_holds_for_executions_queued_before_it(store: EventStore) -> None:
+    """Queued while the queue had no per-key limit (no key recorded): the limit, set
+    afterwards, still holds for them: their key is their tag's value."""
+    for i, tenant in enumerate(["a", "a", "a", "b"]):
+        await new(store, f"early{i}", queue="late-keys", tags={"tenant": tenant})
+    running = await store.claim("w0", lease_seconds=30, limit=1, queues=["late-keys"])
+    assert [r.id for r in running] == ["early0"]  # started before any limit existed
+    await store.set_queue(QueueConfig(name="late-keys", key_tag="tenant", key_concurrency=1))
+    assert (await get(store, "early0")).concurrency_key == "a"  # counted from now on
+    got = await store.claim("w1", lease_seconds=30, limit=10, queues=["late-keys"])
+    assert [(r.id, r.concurrency_key) for r in got] == [("early3", "b")]
+    # queued after the limit by a client that did not know of it: keyed at the claim
+    await new(store, "unkeyed", queue="late-keys", tags={"tenant": "c"})
+    got = await store.claim("w2", lease_seconds=30, limit=10, queues=["late-keys"])
+    assert [(r.id, r.concurrency_key) for r in got] == [("unkeyed", "c")]
+    assert (await get(store, "unkeyed")).concurrency_key == "c"
+    assert await store.claim("w3", lease_seconds=30, limit=10) == []
+
+
+@case
+async def limits_on_the_default_queue_hold(store: EventStore) -> None:
+    await store.set_queue(QueueConfig(name="default", concurrency=1))
+    for i in range(3):
+        await new(store, f"d{i}")
+    first = await store.claim("w1", lease_seconds=30, limit=10)
+    assert [r.id for r in first] == ["d0"]
+    assert await store.claim("w2", lease_seconds=30, limit=10, queues=["default"]) == []
+    await store.release("w1", "d0")
+    assert [r.id for r in await store.claim("w2", lease_seconds=30, limit=10)] == ["d0"]
+
+
+@case
+async def a_full_queue_does_not_hide_the_work_behind_it(store: EventStore) -> None:
+    """A limited queue's backlog, older than everything else, fills the most urgent
+    candidates: the claim looks past it for other queues' work and other tenants'."""
+    await store.set_queue(QueueConfig(name="narrow", concurrency=1))
+    await store.set_queue(QueueConfig(name="shared", key_tag="tenant", key_concurrency=1))
+    for i in range(70):
+        await new(store, f"n{i:02}", queue="narrow")
+    for i in range(70):
+        await new(store, f"a{i:02}", queue="shared", tags={"tenant": "a"},
+                  concurrency_key="a")
+    await new(store, "b", queue="shared", tags={"tenant": "b"}, concurrency_key="b")
+    await new(store, "free", queue="wide")
+    got = await store.claim("w1", lease_seconds=30, limit=4)
+    assert sorted(r.id for r in got) == ["a00", "b", "free", "n00"], [r.id for r in got]
+    assert await store.claim("w2", lease_seconds=30, limit=4) == []
+    got = await store.claim("w3", lease_seconds=30, limit=4, queues=["shared", "wide"])
+    assert got == []  # every tenant of shared is running; nothing else is left
+
+
+@case
 async def a_per_key_limit_and_a_rate_limit_hold(store: EventStore) -> None:
     await store.set_queue(QueueConfig(name="tenants", key_tag="tenant", key_concurrency=1))
     for i, tenant in enumerate(["a", "a", "b", "a", "b"]):
