@@ -15,6 +15,8 @@ naming where it came from and the path inside the value, instead of failing in t
 from __future__ import annotations
 
 import base64
+import binascii
+import contextvars
 import dataclasses
 import datetime as dt
 import decimal
@@ -35,7 +37,9 @@ from .errors import SerializationError
 __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
     "MAX_DEPTH",
+    "Unrebuilt",
     "check_text",
+    "displaying",
     "dump",
     "dumps_json",
     "load",
@@ -420,6 +424,79 @@ def dump(value: Any, *, where: str = "value",
 
 
 # load -------------------------------------------------------------------------------------
+_DISPLAYING: contextvars.ContextVar[bool] = contextvars.ContextVar("flow_displaying",
+                                                                  default=False)
+
+
+class Unrebuilt:
+    """A stored value of a type this process cannot import (``displaying`` only): its
+    type's name and its data, for showing it (``to_jsonable`` gives the data with the
+    type under ``__type__``)."""
+
+    __slots__ = ("data", "type_name")
+
+    def __init__(self, type_name: str, data: Any) -> None:
+        self.type_name = type_name
+        self.data = data
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.data if isinstance(self.data, dict) else {"value": self.data}
+        return {"__type__": self.type_name, **data}
+
+    def __repr__(self) -> str:
+        if isinstance(self.data, dict):
+            inner = ", ".join(f"{k}={v!r}" for k, v in self.data.items())
+        else:
+            inner = repr(self.data)
+        return f"{self.type_name}({inner})"
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Unrebuilt) and other.type_name == self.type_name
+                and other.data == self.data)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class displaying:
+    """Within it (``with`` or ``async with``), :func:`load` rebuilds a value whose type
+    this process cannot import as an :class:`Unrebuilt` instead of raising: for commands
+    that show stored values (``flow status``, ``flow history``), which must work without
+    the workflow's code."""
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> None:
+        self._token = _DISPLAYING.set(True)
+
+    def __exit__(self, *exc: object) -> None:
+        _DISPLAYING.reset(self._token)
+
+    async def __aenter__(self) -> None:
+        self.__enter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.__exit__()
+
+
+def _unrebuilt(tree: dict[str, Any], kind: str) -> Unrebuilt | None:
+    """An :class:`Unrebuilt` for an envelope whose type cannot be imported, while
+    ``displaying``; ``None`` otherwise (the caller rebuilds it, or raises)."""
+    if not _DISPLAYING.get() or "type" not in tree:
+        return None
+    try:
+        _find_type(tree["type"])
+        return None
+    except SerializationError:
+        pass
+    if kind == "enum":
+        data: Any = load(tree["v"])
+    elif kind in ("pydantic", "struct"):
+        data = load(tree["tree"]) if "tree" in tree else tree.get("data")
+    else:
+        data = {k: load(v) for k, v in tree.get("data", {}).items()}
+    return Unrebuilt(str(tree["type"]), data)
+
+
 def load(tree: Any) -> Any:
     """Rebuild the value :func:`dump` encoded (one Python frame per level of the tree)."""
     t = type(tree)
@@ -430,6 +507,23 @@ def load(tree: Any) -> Any:
     kind = tree.get(_TAG)
     if kind is None:
         return dict(zip(tree, map(load, tree.values()), strict=True))
+    try:
+        return _load_envelope(tree, kind)
+    except SerializationError:
+        if _DISPLAYING.get():
+            return Unrebuilt(f"<unreadable {kind}>", tree)
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError,
+            msgspec.ValidationError, binascii.Error) as exc:
+        if _DISPLAYING.get():
+            return Unrebuilt(f"<unreadable {kind}>", tree)
+        raise SerializationError(
+            f"a stored {kind!r} value cannot be read back ({type(exc).__name__}: {exc}): "
+            "the history was written by other code or damaged") from exc
+
+
+def _load_envelope(tree: dict[str, Any], kind: Any) -> Any:
+    """:func:`load` of one ``__flow__`` envelope."""
     if kind == "tuple":
         return tuple(map(load, tree["items"]))
     if kind == "dict":
@@ -462,6 +556,10 @@ def load(tree: Any) -> Any:
         return uuid.UUID(tree["v"])
     if kind == "decimal":
         return decimal.Decimal(tree["v"])
+    if kind in ("enum", "pydantic", "struct", "dataclass") and _DISPLAYING.get():
+        shown = _unrebuilt(tree, kind)
+        if shown is not None:
+            return shown
     if kind == "enum":
         return _find_type(tree["type"])(load(tree["v"]))
     cls: Any = _find_type(tree["type"]) if "type" in tree else None

@@ -17,6 +17,7 @@ import typer
 
 from agentainer_flow.engine import Outcome
 from agentainer_flow.engine.spec import SPEC_ATTR, registered_workflows
+from agentainer_flow.engine.values import displaying as shown_without_code
 from agentainer_flow.store import (
     DEFAULT_QUEUE,
     ExecutionRecord,
@@ -465,7 +466,8 @@ def status(
     (for one that is not finished)."""
 
     async def body() -> int:
-        async with connect(ctx, store, api_url, api_token) as client:
+        async with connect(ctx, store, api_url, api_token) as client, \
+                shown_without_code():
             eid = await resolve_id(client, execution_id)
             if not watch:
                 await _show_status(client, eid, as_json=as_json, steps=None)
@@ -595,7 +597,8 @@ def list_(
     """List executions, newest first."""
 
     async def body() -> int:
-        async with connect(ctx, store, api_url, api_token) as client:
+        async with connect(ctx, store, api_url, api_token) as client, \
+                shown_without_code():
             rows = await client.list_executions(
                 workflow_name=workflow, statuses=status_ or None,
                 tags=pairs(tag, "--tag") or None, limit=limit)
@@ -626,7 +629,8 @@ def logs(
     """Print an execution's log: ctx.log messages and step milestones."""
 
     async def body() -> int:
-        async with connect(ctx, store, api_url, api_token) as client:
+        async with connect(ctx, store, api_url, api_token) as client, \
+                shown_without_code():
             eid = await resolve_id(client, execution_id)
             if follow_:
                 async for line in client.stream_logs(eid):
@@ -655,7 +659,8 @@ def history(
     or error, agents), or every event with --events."""
 
     async def body() -> int:
-        async with connect(ctx, store, api_url, api_token) as client:
+        async with connect(ctx, store, api_url, api_token) as client, \
+                shown_without_code():
             eid = await resolve_id(client, execution_id)
             try:
                 shown, summaries = await _history(client, eid)
