@@ -25,6 +25,7 @@ from agentainer_flow.store.events import (
     StepStarted,
 )
 
+from . import values
 from .clock import Clock
 from .commands import StepRuntime
 from .engine import Engine
@@ -168,8 +169,11 @@ async def _check_attempt(
     outcome_now = "completed"
     detail = ""
     try:
-        await step.fn(runner.workflow, ctx, **kwargs)
+        result = await step.fn(runner.workflow, ctx, **kwargs)
         rt.check_finished()
+        # as the runner does: a result that cannot be stored failed the attempt
+        values.dump(result, where=f"result of step {step.name!r}",
+                    secrets=runner.redactor.scanner)
     except _ReplayEnd:
         return "in_flight"
     except NonDeterminismError as exc:

@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 
-from agentainer_flow import Context, NonDeterminismError, WorkflowClient, step, workflow
+from agentainer_flow import (
+    Context,
+    NonDeterminismError,
+    RetryPolicy,
+    WorkflowClient,
+    WorkflowFailedError,
+    step,
+    workflow,
+)
 from agentainer_flow.engine.clock import VirtualClock
 from agentainer_flow.engine.replayer import ReplayReport, replay_history
 from agentainer_flow.engine.runtimes.mock import MockRegistry, MockRuntime
@@ -403,3 +411,30 @@ async def test_secrets_compare_by_reference_on_resume(
         assert await ex.get_result() == 2
         resumed = await client.store.load(record.id)
     assert [s.event for s in resumed[:k]] == [s.event for s in history[:k]]
+
+
+@workflow(name="divergence_refused")
+class Refused:
+    """A step whose results the store refuses: each attempt fails (retried, then the
+    execution fails); replaying the same code must find it fails the same way."""
+
+    def __init__(self, value: str = "object") -> None:
+        self.value = value
+
+    @step(retry_policy=RetryPolicy(max_attempts=2, backoff="fixed", initial_delay="1s"))
+    async def bad(self, ctx: Context) -> dict:
+        return {"v": object() if self.value == "object" else "cut \ud83d"}
+
+
+@pytest.mark.parametrize("value", ["object", "surrogate"])
+async def test_a_refused_result_replays_as_the_failure_it_was(value: str) -> None:
+    async with WorkflowClient(store="memory://", runtime="mock", clock=VirtualClock()) as client:
+        ex = await client.run_workflow(Refused(value))
+        with pytest.raises(WorkflowFailedError):
+            await ex.get_result()
+        record, history = await client.describe(ex.id), await client.store.load(ex.id)
+    failed = [s.event for s in history if type(s.event).__name__ == "StepFailed"]
+    assert [f.error_type for f in failed] == ["SerializationError"] * 2
+    report = await replay_history(get_workflow_spec(Refused), Refused(value), record, history)
+    assert report.ok, report.error
+    assert report.attempts_checked == 2
