@@ -240,13 +240,8 @@ def read_output(
         size = len(output_file)
         if size > limit:
             raise _over("its output file ($FLOW_OUTPUT)", size, limit)
-        try:
-            value = json.loads(output_file)
-        except ValueError as exc:
-            raise AgentOutputProblem(
-                f"its output file ($FLOW_OUTPUT, {size} bytes) is not valid JSON "
-                f"({_reason(exc)}): was it cut short? Write one JSON object, e.g. "
-                '{"key": "value"}') from None
+        value = _parse(output_file, f"its output file ($FLOW_OUTPUT, {size} bytes)",
+                       "is not valid JSON", 'Write one JSON object, e.g. {"key": "value"}')
         if not isinstance(value, dict):
             raise AgentOutputProblem(
                 f"its output file ($FLOW_OUTPUT) holds a JSON {type(value).__name__}, not an "
@@ -271,13 +266,10 @@ def read_output(
             if size > limit and line.endswith(b"}"):
                 raise _over("the last line of its stdout", size, limit)
             if _looks_like_json_object(line):
-                try:
-                    value = json.loads(line)
-                except ValueError as exc:
-                    raise AgentOutputProblem(
-                        f"the last line of its stdout ({size} bytes) starts like a JSON object "
-                        f"but does not parse ({_reason(exc)}): was it cut short? Print the "
-                        "output as one complete line, or write it to $FLOW_OUTPUT") from None
+                value = _parse(line, f"the last line of its stdout ({size} bytes)",
+                               "starts like a JSON object but does not parse",
+                               "Print the output as one complete line, or write it to "
+                               "$FLOW_OUTPUT")
                 if isinstance(value, dict):
                     return value
                 continue
@@ -285,11 +277,26 @@ def read_output(
             continue
         try:
             value = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(value, dict):
             return value
     return {}
+
+
+def _parse(data: bytes, what: str, broken: str, hint: str) -> Any:
+    """``data`` parsed as JSON, or ``AgentOutputProblem`` saying why it cannot be."""
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise AgentOutputProblem(
+            f"{what} {broken} ({_reason(exc)}): was it cut short? {hint}") from None
+    except RecursionError:
+        raise AgentOutputProblem(
+            f"{what} is JSON nested too deeply to be read: keep it to a few hundred "
+            "levels") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise AgentOutputProblem(f"{what} cannot be read as JSON: {_reason(exc)}") from None
 
 
 def _reason(exc: ValueError) -> str:

@@ -180,3 +180,18 @@ async def test_a_missing_image_fails_once_naming_the_image(
     assert image in str(failed.value) and "AgentConfigurationError" == failed.value.error_type
     attempts = [e for e in history if e.type == "step_started"]
     assert len(attempts) == 1, "a configuration error must not be retried"
+
+
+def test_output_nested_too_deeply_or_unreadable_is_refused_saying_why() -> None:
+    """JSON nested deeper than Python's reader goes (which raised a bare RecursionError)
+    and a number it will not convert are refused with what is wrong, not 'cut short'."""
+    deep = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+    for file, stdout in ((deep, b""), (None, deep + b"\n")):
+        with pytest.raises(AgentOutputProblem, match="nested too deeply"):
+            read_output(file, stdout, limit=10**7)
+    assert read_output(None, deep + b"\n" + b"done\n", limit=10**7) == {}  # not its output
+    with pytest.raises(AgentOutputProblem, match="cannot be read as JSON: Exceeds") as big:
+        read_output(b'{"n": ' + b"9" * 5000 + b"}", b"", limit=10**7)
+    assert "cut short" not in str(big.value)
+    with pytest.raises(AgentOutputProblem, match="was it cut short"):
+        read_output(b'{"n": [1, 2', b"")
