@@ -442,6 +442,11 @@ class StepRuntime:
         timeout_s = parse_duration(timeout, what=f"agent {name!r} timeout")
         runner = self.runner
         redact = runner.secret_refs  # secrets are compared by reference, as recorded
+        # a name, image or network has no reason to hold a secret, and they are shown as
+        # they are (history, logs, container names): refused, naming the secret, not it
+        for what, text in (("name", name), ("image", image), ("network", network)):
+            if text is not None:
+                redact.check(text, f"deploy_agent in step {self.step.name!r}: the agent {what}")
         idx, recorded = self._command(_Call("deploy_agent", (
             ("name", name), ("image", image), ("command", _canon(redact.tree(cmd))),
             ("env", _canon(redact.tree(clean_env))), ("resources", _canon(res)))))

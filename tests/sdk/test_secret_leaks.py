@@ -237,6 +237,34 @@ async def test_child_input_agent_output_and_metric_tags_are_refused() -> None:
             assert failed.error_type in ("SecretLeakError", "SerializationError")
 
 
+@pytest.mark.parametrize("where", ["name", "image", "network"])
+async def test_a_secret_in_an_agent_name_image_or_network_is_refused(where: str) -> None:
+    """They are shown as they are (history, logs, container names): an agent launched with
+    a secret in one is refused before anything is recorded or launched."""
+
+    @workflow(name=f"leaks_agent_{where}")
+    class Deploys:
+        @step()
+        async def go(self, ctx: Context) -> Any:
+            token = ctx.secrets["token"]
+            args = {"name": "echo", "image": "e:1", "network": None}
+            args[where] = f"x-{token}"
+            agent = await ctx.deploy_agent(args["name"], args["image"],
+                                           network=args["network"])
+            return (await agent.wait_for_completion()).output
+
+    reg = MockRegistry()
+    mock_agent("*", registry=reg).returns({"ok": True})
+    async with WorkflowClient(store="memory://", runtime=MockRuntime(reg)) as client:
+        ex = await client.run_workflow(Deploys(), secrets={"token": SECRET})
+        with pytest.raises(WorkflowFailedError) as info:
+            await ex.get_result()
+        events = await _history(client, ex.id)
+    assert f"the agent {where}" in str(info.value) and "'token'" in str(info.value)
+    assert SECRET not in repr(events) + str(info.value)
+    assert not any(isinstance(e, AgentDeployRequested) for e in events)
+
+
 async def test_refusals_are_ordinary_step_errors() -> None:
     @workflow(name="leaks_caught")
     class Caught:
