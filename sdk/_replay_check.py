@@ -27,7 +27,10 @@ from types import ModuleType
 from typing import Any
 
 from agentainer_flow.engine.engine import rebuild_workflow
-from agentainer_flow.engine.errors import WorkflowNotRegisteredError
+from agentainer_flow.engine.errors import (
+    WorkflowNotRegisteredError,
+    WorkflowVersionNotRegisteredError,
+)
 from agentainer_flow.engine.replayer import replay_history
 from agentainer_flow.engine.spec import SPEC_ATTR, WorkflowSpec
 from agentainer_flow.store import (
@@ -102,8 +105,9 @@ class SkippedExecution:
 
 @dataclass(kw_only=True)
 class ReplayCheckReport:
-    """What ``check_replay`` found: ``checked`` executions replayed, the ``broken`` ones
-    (the code does not match their history), and the ``skipped`` ones."""
+    """What ``check_replay`` found: ``checked`` executions (replayed, or found unable to
+    run: the code lacks their version), the ``broken`` ones among them (the code does not
+    match their history, or cannot run them), and the ``skipped`` ones."""
 
     checked: int = 0
     broken: list[BrokenExecution] = field(default_factory=list)
@@ -229,6 +233,7 @@ async def _check_one(store: EventStore, record: ExecutionRecord,
     versions = code.get(name)
     if not versions:
         if named:
+            report.checked += 1  # checked, and found unable to run
             broken(WorkflowNotRegisteredError(
                 f"the code checked does not define workflow {name!r} (it defines: "
                 f"{', '.join(sorted(code)) or 'no workflow'}); execution {record.id} "
@@ -246,10 +251,10 @@ async def _check_one(store: EventStore, record: ExecutionRecord,
                 execution_id=record.id, workflow=name,
                 reason=f"it ran version {version!r}; the code has version(s) {has}"))
         else:
-            broken(WorkflowNotRegisteredError(
-                f"execution {record.id} was started on version {version!r} of workflow "
-                f"{name!r}, which the code checked does not declare (it has version(s) "
-                f"{has}); keep the class of version {version!r} until its executions end"))
+            report.checked += 1
+            broken(WorkflowVersionNotRegisteredError(
+                workflow=name, version=version, available=list(versions),
+                execution_id=record.id))
         return
     report.checked += 1
     try:

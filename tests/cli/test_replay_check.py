@@ -154,3 +154,38 @@ async def test_check_replay_from_python(store: tuple[Flow, dict[str, list[str]]]
     unchanged.assert_ok()
     picked = await check_replay(flow.store, [workflows_for_check], statuses=["completed"])
     assert picked.ok and picked.checked == 3
+
+
+async def test_an_execution_of_a_version_the_code_lacks_is_checked_and_broken(
+        tmp_path: Path) -> None:
+    """Running on version 1; the new code declares only version 2: the gate counts it
+    among those checked, and broken, with the error a resume would raise."""
+    from agentainer_flow import ExecutionMode, WorkflowClient, WorkflowVersionNotRegisteredError
+
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    for folder, version in ((v1, "1"), (v2, "2")):
+        folder.mkdir()
+        (folder / "versioned_gate.py").write_text(
+            "from agentainer_flow import Context, step, workflow\n"
+            f"@workflow(name='versioned_gate', version='{version}')\n"
+            "class Gate:\n"
+            "    @step()\n"
+            "    async def wait(self, ctx: Context) -> int:\n"
+            "        await ctx.sleep('1h')\n"
+            "        return 1\n")
+    url = f"sqlite:///{tmp_path / 'flow.db'}"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("versioned_gate_v1", v1 / "versioned_gate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    async with WorkflowClient(store=url) as client:
+        ex = await client.run_workflow(module.Gate(), ExecutionMode.ASYNC)
+        await asyncio.sleep(0.3)
+    report = await check_replay(url, str(v2 / "versioned_gate.py"))
+    assert report.checked == 1 and len(report.broken) == 1, report.to_dict()
+    [broken] = report.broken
+    assert broken.execution_id == ex.id
+    assert isinstance(broken.error, WorkflowVersionNotRegisteredError)
+    assert report.to_dict()["broken"][0]["error_type"] == "WorkflowVersionNotRegisteredError"
