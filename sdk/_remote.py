@@ -214,44 +214,11 @@ class RemoteWorkflowClient:
             raise _error(response)
         return response.json()
 
-    async def _events(self, path: str, params: Any = None,
-                      last_id: str | None = None) -> AsyncGenerator[tuple[str, str], None]:
+    def _events(self, path: str, params: Any = None,
+                last_id: str | None = None) -> _EventStream:
         """``(id, data)`` of a stream's messages; reconnects after a cut with
         ``Last-Event-ID``, until the stream's ``end``."""
-        import httpx
-
-        backoff = _BACKOFF_FIRST
-        progress_at = time.monotonic()
-        while True:
-            headers = {"Accept": "text/event-stream"}
-            if last_id:
-                headers["Last-Event-ID"] = last_id
-            timeout = httpx.Timeout(self.timeout, read=_STREAM_SILENCE)
-            try:
-                async with self._http().stream("GET", path, params=params, headers=headers,
-                                               timeout=timeout) as response:
-                    if response.status_code >= 400:
-                        await response.aread()
-                        raise _error(response)
-                    messages = _messages(response.aiter_lines())
-                    async with contextlib.aclosing(messages):
-                        async for event, event_id, data in messages:
-                            if event == "end":
-                                return
-                            if event_id is not None:
-                                last_id = event_id
-                            backoff, progress_at = _BACKOFF_FIRST, time.monotonic()
-                            yield event_id or "", data
-                why = "it closed before its end"
-            except httpx.TransportError as exc:
-                why = f"{type(exc).__name__}: {exc}"
-            # cut (an error, or closed without its end): resume after the last message
-            if time.monotonic() - progress_at > self.reconnect_for:
-                raise RemoteError(f"the stream from {self.api_url} was cut and could not be "
-                                  f"resumed for {self.reconnect_for:g} s ({why})",
-                                  code="server_unavailable")
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _BACKOFF_MAX)
+        return _EventStream(self, path, params, last_id)
 
     # running ----------------------------------------------------------------------------
     async def run_workflow(
@@ -591,10 +558,10 @@ class RemoteWorkflowExecution:
 
     async def stream_events(self) -> AsyncGenerator[ExecutionEvent, None]:
         """Events so far, then new ones as they land, until the execution ends."""
-        stream = self.client.stream_events(self.id)
-        async with contextlib.aclosing(stream):
-            async for event in stream:
-                yield event
+        stream = self.client._events(f"{_path(self.id)}/events")
+        async with contextlib.aclosing(stream):  # a caller's break closes the connection
+            async for _, data in stream:
+                yield _event(_json(data))
 
     async def history(self) -> list[ExecutionEvent]:
         return await self.client.get_history(self.id)
@@ -741,24 +708,128 @@ def _error(response: httpx.Response) -> FlowError:
     return exc
 
 
-async def _messages(
-        lines: AsyncIterator[str]) -> AsyncGenerator[tuple[str, str | None, str], None]:
+def _messages(lines: AsyncIterator[str]) -> _Messages:
     """``(event, id, data)`` of each Server-Sent Events message (``event`` defaults to
     ``message``; comments are skipped)."""
-    event, event_id, data = "message", None, list[str]()
-    async for line in lines:
-        if not line:
-            if data or event != "message":
-                yield event, event_id, "\n".join(data)
-            event, event_id, data = "message", None, list[str]()
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "data":
-            data.append(value)
-        elif name == "event":
-            event = value
-        elif name == "id" and "\x00" not in value:
-            event_id = value
+    return _Messages(lines)
+
+
+class _Messages:
+    """:func:`_messages`: an iterator object, not an async generator, so that nothing but
+    the public generator that reads it has to be closed at interpreter shutdown (asyncio
+    closes every unfinished async generator at once there, and one closing another that
+    it is closing too fails with 'aclose(): asynchronous generator is already running')."""
+
+    __slots__ = ("_lines",)
+
+    def __init__(self, lines: AsyncIterator[str]) -> None:
+        self._lines = lines
+
+    def __aiter__(self) -> _Messages:
+        return self
+
+    async def __anext__(self) -> tuple[str, str | None, str]:
+        event, event_id, data = "message", None, list[str]()
+        async for line in self._lines:
+            if not line:
+                if data or event != "message":
+                    return event, event_id, "\n".join(data)
+                event, event_id, data = "message", None, list[str]()
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                event = value
+            elif name == "id" and "\x00" not in value:
+                event_id = value
+        raise StopAsyncIteration
+
+
+class _EventStream:
+    """A server's event stream as ``(id, data)`` pairs: reconnects after a cut with
+    ``Last-Event-ID`` until the stream's ``end`` (or ``reconnect_for`` seconds without
+    progress). An iterator object with ``aclose``, not an async generator (see
+    ``_Messages``)."""
+
+    def __init__(self, client: RemoteWorkflowClient, path: str, params: Any,
+                 last_id: str | None) -> None:
+        self._client = client
+        self._path = path
+        self._params = params
+        self._last_id = last_id
+        self._response: Any = None  # the open streaming response's context manager
+        self._messages: _Messages | None = None
+        self._done = False
+        self._backoff = _BACKOFF_FIRST
+        self._progress_at = time.monotonic()
+
+    def __aiter__(self) -> _EventStream:
+        return self
+
+    async def __anext__(self) -> tuple[str, str]:
+        import httpx
+
+        client = self._client
+        while not self._done:
+            try:
+                if self._messages is None:
+                    await self._open()
+                assert self._messages is not None
+                try:
+                    event, event_id, data = await self._messages.__anext__()
+                except StopAsyncIteration:
+                    why = "it closed before its end"
+                else:
+                    if event == "end":
+                        await self.aclose()
+                        break
+                    if event_id is not None:
+                        self._last_id = event_id
+                    self._backoff, self._progress_at = _BACKOFF_FIRST, time.monotonic()
+                    return event_id or "", data
+            except httpx.TransportError as exc:
+                why = f"{type(exc).__name__}: {exc}"
+            await self._close_response()
+            # cut (an error, or closed without its end): resume after the last message
+            if time.monotonic() - self._progress_at > client.reconnect_for:
+                self._done = True
+                raise RemoteError(f"the stream from {client.api_url} was cut and could not be "
+                                  f"resumed for {client.reconnect_for:g} s ({why})",
+                                  code="server_unavailable")
+            await asyncio.sleep(self._backoff)
+            self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+        raise StopAsyncIteration
+
+    async def _open(self) -> None:
+        import httpx
+
+        client = self._client
+        headers = {"Accept": "text/event-stream"}
+        if self._last_id:
+            headers["Last-Event-ID"] = self._last_id
+        timeout = httpx.Timeout(client.timeout, read=_STREAM_SILENCE)
+        manager = client._http().stream("GET", self._path, params=self._params,
+                                        headers=headers, timeout=timeout)
+        response = await manager.__aenter__()
+        self._response = manager
+        if response.status_code >= 400:
+            await response.aread()
+            await self._close_response()
+            self._done = True
+            raise _error(response)
+        self._messages = _Messages(response.aiter_lines())
+
+    async def _close_response(self) -> None:
+        manager, self._response, self._messages = self._response, None, None
+        if manager is not None:
+            with contextlib.suppress(Exception):
+                await manager.__aexit__(None, None, None)
+
+    async def aclose(self) -> None:
+        """Stop: the connection is closed."""
+        self._done = True
+        await self._close_response()

@@ -135,8 +135,12 @@ def load_value(tree: Any, where: str) -> Any:
     _check(tree, where)
     try:
         return values.load(tree)
-    except SerializationError:
-        raise
+    except SerializationError as exc:
+        cause = exc.__cause__
+        if cause is None or isinstance(cause, ImportError | AttributeError):
+            raise  # e.g. a type that is not loaded: the error says which
+        raise SerializationError(f"{where}: not a value tree ({type(cause).__name__}: "
+                                 f"{cause})") from None
     except Exception as exc:
         raise SerializationError(f"{where}: not a value tree ({type(exc).__name__}: {exc})") \
             from None

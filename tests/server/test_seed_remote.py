@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agentainer_flow import AgentResult, ExecutionMode, WorkflowClient
 from tests.sdk.seed_workflows import DataWorkflow  # the seed's class, verbatim
-from tests.server.conftest import SEED_SECRET, Stack
+from tests.server.conftest import SEED_SECRET, Stack, process_env
 from tests.server.server_workflows import MonitoredWorkflow
 
 CONFIG = {"source_url": "https://api.example.com/data", "output_path": "s3://bucket/output"}
@@ -182,3 +185,45 @@ def test_seed_section_8_against_a_server(stack: Stack, capsys: pytest.CaptureFix
     assert printed[3:] == [f"{e.timestamp}: {e.type} - {e.details}" for e in seen]
     failed = [e for e in seen if e.type == "workflow_failed"]
     assert len(failed) == 1 and "the check failed" in json.dumps(failed[0].details)
+
+
+BREAKS_OUT = """
+import asyncio
+from agentainer_flow import WorkflowClient
+
+client = WorkflowClient()
+
+async def main():
+    n = 0
+    async for event in client.stream_workflow_events(workflow_name="data_workflow"):
+        n += 1
+        if n >= 2:
+            break
+    async for event in client.get_execution(EXECUTION).stream_events():
+        break
+    print("stopped")
+
+asyncio.run(main())
+"""
+
+
+def test_breaking_out_of_a_remote_stream_ends_quietly(stack: Stack, tmp_path: Path) -> None:
+    """A caller that breaks out of the remote client's streams and lets ``asyncio.run``
+    end (as section 8 does once it has seen enough) gets no errors on stderr: the streams
+    close their connections without async generators closing each other at shutdown."""
+    token = stack.token("write")
+
+    async def start() -> str:
+        async with WorkflowClient(api_url=stack.url, api_token=token) as client:
+            done = await client.run_workflow(MonitoredWorkflow(), ExecutionMode.SYNC)
+            return done.id
+
+    execution_id = asyncio.run(start())
+    script = tmp_path / "breaks_out.py"
+    script.write_text(BREAKS_OUT.replace("EXECUTION", repr(execution_id)))
+    for _ in range(2):
+        ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                             timeout=60, env=process_env(AGENTAINER_API_URL=stack.url,
+                                                         AGENTAINER_API_TOKEN=token))
+        assert ran.returncode == 0 and ran.stdout.strip() == "stopped", ran.stderr
+        assert ran.stderr == "", ran.stderr
