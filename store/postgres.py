@@ -43,6 +43,7 @@ events it wrote, it succeeded (``SQLEventStore._committed_append``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import selectors
@@ -92,6 +93,11 @@ from .sql import (
 )
 
 __all__ = ["PostgresEventStore"]
+
+# psycopg warns on its logger about what the store handles itself (a pipeline it could not
+# end on a connection that broke): without a handler of the application's, Python's
+# last-resort handler would print that on stderr, and the library prints nothing
+logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 T = TypeVar("T")
 
