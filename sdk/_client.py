@@ -33,7 +33,7 @@ from agentainer_flow.store.events import StateSet
 
 from ._context import Context
 from ._events import ExecutionEvent
-from ._queues import Queue
+from ._queues import Queue, check_priority, check_queue_name
 
 log = get_logger("agentainer_flow.client")
 
@@ -248,9 +248,10 @@ class WorkflowClient:
         another) reads it back from the store with the lease it took, and its secrets
         from the store (``FLOW_SECRETS_KEY``) or ``FLOW_SECRET_<NAME>``, as any worker does.
         """
+        priority = check_priority(priority)
         stored_queue, key = await self._queue_for(queue, start.get("tags"))
         record, created = await self.engine.start(
-            workflow, run_here=False, queue=stored_queue, priority=int(priority),
+            workflow, run_here=False, queue=stored_queue, priority=priority,
             concurrency_key=key, **start)
         if created:
             self._forget_queued(record.id)
@@ -282,9 +283,7 @@ class WorkflowClient:
             await self.store.set_queue(config)
             name = queue.name
         else:
-            name = str(queue)
-            if not name.strip():
-                raise ConfigurationError("queue= needs a queue name")
+            name = check_queue_name(queue)
             config = await self._queue_config(name)
         str_tags = {str(k): str(v) for k, v in (tags or {}).items()}
         key = str_tags.get(config.key_tag) if config.key_tag else None

@@ -41,11 +41,13 @@ from agentainer_flow.store._logging import get_logger
 from ._client import WorkflowClient
 from ._loading import ensure_registered
 from ._metrics import FlowMetrics, MetricsServer
-from ._queues import Queue, declared_queues
+from ._queues import Queue, check_queue_name, declared_queues
 
 __all__ = ["Worker"]
 
 log = get_logger("agentainer_flow.worker")
+#: most executions one worker runs at once
+MAX_CONCURRENCY = 100_000
 
 #: seconds between a worker's sweeps for agents that crashes left behind
 GC_INTERVAL = 60.0
@@ -99,8 +101,11 @@ class Worker:
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
     ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+        if not 1 <= concurrency <= MAX_CONCURRENCY:
+            raise ValueError(f"concurrency must be between 1 and {MAX_CONCURRENCY}, "
+                             f"got {concurrency}")
+        for q in queues or ():
+            check_queue_name(q.name if isinstance(q, Queue) else q)
         self.client = client
         self.queues: list[str] | None = (
             None if queues is None else [q.name if isinstance(q, Queue) else q for q in queues])

@@ -37,7 +37,7 @@ __all__ = ["gc", "queue_list", "queue_set", "worker", "workers"]
 
 def worker(
     module: ModulesOpt = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, max=100_000,
                                              help="Executions run at once.")] = 4,
     poll_interval: Annotated[float, typer.Option("--poll-interval", min=0.05,
                                                  help="Seconds between claims.")] = 1.0,
@@ -143,7 +143,8 @@ def workers(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False,
 def queue_set(
     name: Annotated[str, typer.Argument(help="Queue name.", show_default=False)],
     concurrency: Annotated[int | None, typer.Option(
-        "--concurrency", min=1, help="Executions running at once, across every worker.")
+        "--concurrency", min=1, max=2**31 - 1,
+        help="Executions running at once, across every worker.")
     ] = None,
     rate_limit: Annotated[str | None, typer.Option(
         "--rate-limit", help="Starts per period, e.g. 10/m, 5/s, 3/30s.")] = None,
@@ -151,8 +152,8 @@ def queue_set(
         "--concurrency-key", help="A tag name: limit executions per value of this tag.")
     ] = None,
     key_concurrency: Annotated[int | None, typer.Option(
-        "--key-concurrency", min=1, help="With --concurrency-key: at most this many per "
-        "value (default 1).")] = None,
+        "--key-concurrency", min=1, max=2**31 - 1,
+        help="With --concurrency-key: at most this many per value (default 1).")] = None,
     store: StoreOpt = DEFAULT_STORE,
     verbose: VerboseOpt = 0,
 ) -> None:

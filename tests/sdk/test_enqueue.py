@@ -168,3 +168,33 @@ async def test_a_worker_reads_what_it_claims_together(
     assert left_out in read_together and alone.count(left_out) == 1  # then its run loaded it
     for e in started:  # each history read once, but the one left out
         assert (e.id in read_together) + alone.count(e.id) == 1 + (e.id == left_out), e.id
+
+
+async def test_queue_names_limits_and_priorities_are_checked_where_they_enter(
+        postgres_url: str) -> None:
+    """What the stores cannot hold, or what a worker listing would garble, is refused with
+    what is wrong (it was a database error, or silently truncated, or accepted)."""
+    from agentainer_flow import ConfigurationError, Queue
+
+    for bad in ("", " q", "a,b", "tab\there", "x" * 201):
+        with pytest.raises(ConfigurationError, match="queue"):
+            Queue(bad)
+    for kwargs, match in (({"concurrency": 2**31}, "between 1 and"),
+                          ({"concurrency": 1.5}, "whole number"),
+                          ({"rate_limit": "99999999999999999999/s"}, "at most"),
+                          ({"key_concurrency": 2}, "concurrency_key")):
+        with pytest.raises(ConfigurationError, match=match):
+            Queue("checked", **kwargs)
+    with pytest.raises(ConfigurationError, match="comma"):
+        Worker(WorkflowClient(store="memory://"), queues=["a,b"])
+    async with WorkflowClient(store=postgres_url) as client:
+        for priority, match in ((2**31, "between"), (1.7, "whole number"), (True, "whole")):
+            with pytest.raises(ConfigurationError, match=match):
+                await client.run_workflow(Probe(1), ExecutionMode.ASYNC, queue="checked",
+                                          priority=priority)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="comma"):
+            await client.run_workflow(Probe(1), ExecutionMode.ASYNC, queue="a,b")
+        assert await client.list_executions() == []  # nothing was recorded
+        top = await client.run_workflow(Probe(1), ExecutionMode.ASYNC, queue="checked",
+                                        priority=2**31 - 1)
+        assert (await top.describe()).priority == 2**31 - 1
