@@ -27,6 +27,7 @@ from agentainer_flow.engine.errors import (
     ExecutionSuspended,
     WorkflowNotRegisteredError,
 )
+from agentainer_flow.engine.leases import holder_is_dead
 from agentainer_flow.engine.observe import combine
 from agentainer_flow.store import (
     ExecutionRecord,
@@ -125,6 +126,8 @@ class Worker:
         self._stop = asyncio.Event()
         self._hurry = asyncio.Event()
         self._last_gc: float | None = None
+        #: dead workers of this machine whose leases were ended (``_free_the_dead``)
+        self._freed: set[str] = set()
         self._started_at = time.time()
         #: this worker's metrics (with ``metrics_port``), else ``None``
         self.metrics: FlowMetrics | None = None
@@ -200,13 +203,32 @@ class Worker:
                           started_at=self._started_at)
 
     async def _beat(self) -> None:
-        """Tell the store this worker lives (``flow workers``), every few seconds."""
+        """Tell the store this worker lives (``flow workers``), every few seconds, and end
+        the leases of the workers of this machine that died (``_free_the_dead``)."""
         while True:
             try:
                 await self.client.store.heartbeat(self._info())
+                await self._free_the_dead()
             except FlowError as exc:  # a store outage: the claims will say so too
                 log.warning("worker_heartbeat_failed", error=str(exc))
             await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def _free_the_dead(self) -> None:
+        """A worker of this machine that died (SIGKILLed, out of memory) is known by its
+        pid and start time: its leases end now, and the claims take its executions over
+        without waiting for them to expire. Workers of other machines are left to their
+        leases' expiry."""
+        store = self.client.store
+        for other in await store.list_workers():
+            if other.id == self.worker_id or other.id in self._freed \
+                    or not holder_is_dead(other.id):
+                continue
+            expired = await store.expire_leases(other.id)
+            self._freed.add(other.id)
+            if expired:
+                log.info("dead_worker_leases_ended", worker=other.id, executions=len(expired))
+                self._say(f"worker {other.name} ({other.id}) is gone: its {len(expired)} "
+                          "executions are taken over now")
 
     async def _declare(self) -> None:
         """Write the limits of the queues declared in code that this worker serves."""

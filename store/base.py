@@ -504,6 +504,12 @@ class EventStore(ABC):
         """Give up this worker's lease on the execution."""
 
     @abstractmethod
+    async def expire_leases(self, owner: str) -> list[str]:
+        """End now every live lease ``owner`` holds on an unfinished execution (a process
+        of this machine known to be dead): they stay in its name but expired, so the next
+        claim takes them over from it without waiting. Returns their ids."""
+
+    @abstractmethod
     async def wake(self, execution_id: str) -> bool:
         """Make a suspended execution due now: set its wake-up time to now if it is
         unfinished and its wake-up time is later, and announce the change (workers waiting

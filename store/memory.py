@@ -333,6 +333,17 @@ class MemoryEventStore(EventStore):
                 row, lease_owner=None, lease_expires_at=None
             )
 
+    async def expire_leases(self, owner: str) -> list[str]:
+        t = now()
+        expired = [row.id for row in self._rows.values()
+                   if row.lease_owner == owner and not row.status.is_terminal
+                   and row.lease_live(t)]
+        for execution_id in expired:
+            self._rows[execution_id] = dataclasses.replace(
+                self._rows[execution_id], lease_expires_at=t - 1)
+            self._notify(execution_id)
+        return expired
+
     async def wake(self, execution_id: str) -> bool:
         row = self._rows.get(execution_id)
         t = now()

@@ -482,6 +482,17 @@ def _stmt_release(announce: Sequence[sa.ColumnElement[Any]]) -> sa.Update:
     )
 
 
+def _stmt_expire_leases(announce: Sequence[sa.ColumnElement[Any]]) -> sa.Update:
+    """End the live leases of one owner (a dead process): expired, the owner kept, so that
+    the next claim takes them over from it."""
+    return (
+        sa.update(_ex)
+        .where(_ex.c.lease_owner == _p("owner"), _UNFINISHED, _ex.c.lease_expires_at >= _p("t"))
+        .values(lease_expires_at=_p("expired"))
+        .returning(_ex.c.id, *announce)
+    )
+
+
 def _stmt_wake(announce: Sequence[sa.ColumnElement[Any]]) -> sa.Update:
     """Make a suspended execution due now (only if its wake-up time is later)."""
     return (
@@ -1281,6 +1292,19 @@ class SQLEventStore(EventStore):
         )
         if released:  # a worker waiting for work, or a follower waiting to take over
             self._notify(execution_id)
+
+    async def expire_leases(self, owner: str) -> list[str]:
+        expire = self._stmt("expire_leases", lambda: _stmt_expire_leases(self._announce()))
+
+        def op(tx: Tx) -> list[str]:
+            t = now()
+            return [row[0] for row in tx.rows(expire, {"owner": owner, "t": t,
+                                                       "expired": t - 1})]
+
+        expired = await self._write(op)
+        for execution_id in expired:  # a worker of this process waiting for work
+            self._notify(execution_id)
+        return expired
 
     async def wake(self, execution_id: str) -> bool:
         wake = self._stmt("wake", lambda: _stmt_wake(self._announce()))

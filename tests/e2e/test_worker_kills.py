@@ -91,3 +91,32 @@ async def test_a_worker_killed_between_claim_and_run_loses_and_repeats_nothing(
     assert all(r.lease_owner is None for r in records)
     print(f"\n{point}: {len(claimed)} claimed executions taken over, "
           f"{len(ran) - len(set(ran))} step bodies re-run")
+
+
+async def test_a_dead_worker_of_this_machine_is_taken_over_without_waiting_for_its_lease(
+        store_url: str, tmp_path: Path) -> None:
+    """Its leases last 60 s; it is SIGKILLed once it holds executions. Another worker of
+    the machine knows it is dead by its pid and start time (at its start, and at each
+    heartbeat), ends its leases and takes its executions over within seconds."""
+    bodies = tmp_path / "bodies.log"
+    async with WorkflowClient(store=store_url) as client:
+        executions = [await client.run_workflow(Counted(i, str(bodies)), ExecutionMode.ASYNC,
+                                                queue="kills") for i in range(4)]
+        doomed = worker(store_url, "doomed", FLOW_TEST_KILL_AT="worker.run_starting",
+                        FLOW_LEASE_SECONDS="60")
+        _, err = doomed.communicate(timeout=60)
+        assert doomed.returncode == -signal.SIGKILL, err
+        held = [e for e in executions if (await e.describe()).lease_owner is not None]
+        assert held, "the killed worker held nothing"
+        started = asyncio.get_running_loop().time()
+        rescuer = worker(store_url, "rescuer", FLOW_LEASE_SECONDS="60")
+        try:
+            results = [await asyncio.wait_for(e.get_result(), 40) for e in executions]
+            took = asyncio.get_running_loop().time() - started
+        finally:
+            rescuer.send_signal(signal.SIGTERM)
+            out, err = rescuer.communicate(timeout=60)
+    assert results == [i * 10 for i in range(4)], out + err
+    assert took < 30, f"waited {took:.1f} s: the dead worker's 60 s leases were waited out"
+    assert "is gone" in out + err, out + err
+    print(f"\n{len(held)} executions of a SIGKILLed worker taken over in {took:.1f} s")

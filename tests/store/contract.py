@@ -465,6 +465,25 @@ async def expired_lease_is_reclaimable_and_fences_the_old_worker(store: EventSto
 
 
 @case
+async def the_leases_of_a_dead_owner_end_at_once(store: EventStore) -> None:
+    for eid in ("held", "other", "done"):
+        await new(store, eid)
+    claimed = await store.claim("dead", lease_seconds=300, limit=3)
+    assert sorted(r.id for r in claimed) == ["done", "held", "other"]
+    await store.release("dead", "other")
+    await store.append("done", 2, [ExecutionCompleted()], status=ExecutionStatus.COMPLETED,
+                       lease_owner="dead")
+    assert [r.id for r in await store.claim("w2", lease_seconds=30, limit=5)] == ["other"]
+    assert sorted(await store.expire_leases("dead")) == ["held"]  # not released, not done
+    assert await store.expire_leases("dead") == []
+    assert await store.expire_leases("nobody") == []
+    taken = await store.claim("w2", lease_seconds=30, limit=5)
+    assert [(r.id, r.taken_over_from) for r in taken] == [("held", "dead")]
+    with pytest.raises(LeaseLostError):  # fenced, as after any takeover
+        await store.append("held", 2, steps("a"), lease_owner="dead")
+
+
+@case
 async def append_with_a_lease_never_claimed_raises(store: EventStore) -> None:
     await new(store, "e1")
     with pytest.raises(LeaseLostError):
