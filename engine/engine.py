@@ -196,6 +196,34 @@ class Engine:
         self.draining = False
         #: carried by every agent as its ``flow.store`` label (see ``store_label``)
         self.store_label = store_label(getattr(store, "url", "") or "memory://")
+        #: cancels another process asked for that this store told of before their run
+        #: here began (a claim under way): execution id -> when heard
+        self._cancels_heard: dict[str, float] = {}
+        self._looks: set[asyncio.Task[None]] = set()
+        listeners = getattr(store, "cancel_listeners", None)
+        if isinstance(listeners, list):
+            listeners.append(self._cancel_heard)
+
+    def _cancel_heard(self, execution_id: str) -> None:
+        """Another process asked to cancel ``execution_id`` (the store heard it at once):
+        its run here, if any, reads the request from the row now, and stops. One that has
+        not begun (claimed a moment ago) does so when it begins."""
+        runner = self.runners.get(execution_id)
+        if runner is not None:
+            self._look_at_row(runner)
+            return
+        now = time.monotonic()
+        if len(self._cancels_heard) > 1000:  # of executions that never ran here
+            self._cancels_heard = {k: t for k, t in self._cancels_heard.items()
+                                   if now - t < 60}
+        self._cancels_heard[execution_id] = now
+
+    def _look_at_row(self, runner: Runner) -> None:
+        if runner.finished or runner.h.cancel_requested:
+            return
+        task = asyncio.ensure_future(runner.look_at_row())
+        self._looks.add(task)
+        task.add_done_callback(self._looks.discard)
 
     @property
     def observer(self) -> Observer:
@@ -389,6 +417,8 @@ class Engine:
             self._secrets[execution_id] = resolved
             runner = Runner(self, record, spec, workflow, history, resolved)
             self.runners[execution_id] = runner
+            if self._cancels_heard.pop(execution_id, None) is not None:
+                self._look_at_row(runner)  # asked while it was being claimed
             self._ensure_renewer()
             if self.store.url != "memory://" and len(history) > 1:
                 log.info("execution_resumed", execution_id=execution_id, events=len(history))
@@ -743,7 +773,7 @@ class Engine:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        for background in (self._renewer, self._watcher):
+        for background in (self._renewer, self._watcher, *self._looks):
             if background is not None:
                 background.cancel()
                 await asyncio.gather(background, return_exceptions=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple, Self
@@ -302,6 +302,7 @@ class EventStore(ABC):
 
     def __init__(self) -> None:
         self._changed: dict[str | None, asyncio.Event] = {}
+        self.cancel_listeners = []
 
     # lifecycle --------------------------------------------------------------------------
     @abstractmethod
@@ -553,6 +554,16 @@ class EventStore(ABC):
         follows. Without it, only creates, status and timer changes, cancels and lease
         releases are announced. Only Postgres has other processes to tell."""
         return  # in one process, ``_notify`` already wakes every waiter on every append
+
+    #: called (on the event loop) with the id of an execution whose cancel another process
+    #: asked for, as soon as this store hears of it (Postgres: LISTEN/NOTIFY), so that the
+    #: process running it stops it now rather than at its next append or row check
+    cancel_listeners: list[Callable[[str], None]]
+
+    def _cancel_heard(self, execution_ids: list[str]) -> None:
+        for execution_id in execution_ids:
+            for listener in list(self.cancel_listeners):
+                listener(execution_id)
 
     def _notify(self, execution_id: str) -> None:
         """Wake in-process waiters on this execution (and on 'any execution')."""

@@ -106,6 +106,8 @@ WATCH_ALL = "*"
 
 #: the NOTIFY channel; the payload is the id of the execution that changed
 CHANNEL = "flow_events"
+#: the NOTIFY payload of a cancel request starts with this, then the execution's id
+CANCEL_PREFIX = "cancel:"
 #: advisory lock key serialising schema migrations ("flow" in ASCII)
 _MIGRATION_LOCK = 0x666C6F77
 _DRIVERS = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg_async")
@@ -1025,10 +1027,12 @@ class PostgresEventStore(SQLEventStore):
     def _dialect_insert(self, table: sa.Table) -> Any:
         return pg_insert(table)
 
-    def _announce(self, always: bool = True) -> list[sa.ColumnElement[Any]]:
-        notify: sa.ColumnElement[Any] = sa.func.pg_notify(
-            sa.literal(CHANNEL, sa.Text), executions.c.id
-        )
+    def _announce(self, always: bool = True, *,
+                  cancel: bool = False) -> list[sa.ColumnElement[Any]]:
+        payload: sa.ColumnElement[Any] = executions.c.id
+        if cancel:
+            payload = sa.literal(CANCEL_PREFIX, sa.Text) + executions.c.id
+        notify: sa.ColumnElement[Any] = sa.func.pg_notify(sa.literal(CHANNEL, sa.Text), payload)
         if not always:  # CASE evaluates pg_notify only when its condition holds
             followed = sa.exists().where(
                 watches.c.key.in_([executions.c.id, sa.literal(WATCH_ALL, sa.Text)]),
@@ -1084,12 +1088,18 @@ class PostgresEventStore(SQLEventStore):
                     while True:
                         if any(key.fileobj is stop for key, _ in selector.select()):
                             return
-                        changed = [notice.payload for notice in conn.notifies(timeout=0)]
+                        payloads = [notice.payload for notice in conn.notifies(timeout=0)]
+                        cancels = [p[len(CANCEL_PREFIX):] for p in payloads
+                                   if p.startswith(CANCEL_PREFIX)]
+                        changed = [p[len(CANCEL_PREFIX):] if p.startswith(CANCEL_PREFIX)
+                                   else p for p in payloads]
                         # Read from this thread; a waiter that starts watching just after
                         # this finds the change when it reads the store.
                         watched = self._changed
                         if changed and (None in watched or any(e in watched for e in changed)):
                             _call_soon(loop, self._notify_all, changed)
+                        if cancels and self.cancel_listeners:
+                            _call_soon(loop, self._cancel_heard, cancels)
             except Exception:  # whatever broke it: poll meanwhile, reconnect
                 pass
             finally:

@@ -610,12 +610,14 @@ class SQLEventStore(EventStore):
         """``INSERT INTO flow_executions ... ON CONFLICT DO NOTHING``, returning ``id`` and
         :meth:`_announce`."""
 
-    def _announce(self, always: bool = True) -> list[sa.ColumnElement[Any]]:
+    def _announce(self, always: bool = True, *,
+                  cancel: bool = False) -> list[sa.ColumnElement[Any]]:
         """Extra ``RETURNING`` columns of statements that change an execution's row.
 
         Postgres returns ``pg_notify(...)`` there: other processes learn of the change at
         commit, without another round trip. ``always=False`` (an append that changes
         neither status nor timer): only if someone follows the execution (``watch``).
+        ``cancel``: the change is a cancel request (told apart, see ``cancel_listeners``).
         """
         return []
 
@@ -765,7 +767,7 @@ class SQLEventStore(EventStore):
         return await self._read_core(op)
 
     async def request_cancel(self, execution_id: str, reason: str = "") -> bool:
-        cancel = self._stmt("cancel", lambda: _stmt_cancel(self._announce()))
+        cancel = self._stmt("cancel", lambda: _stmt_cancel(self._announce(cancel=True)))
 
         def op(tx: Tx) -> bool:
             values = {"id": execution_id, "t": now(), "reason": reason or None}

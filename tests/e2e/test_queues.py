@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from agentainer_flow import ExecutionMode, Queue, Worker, WorkflowClient
+from agentainer_flow import (
+    ExecutionMode,
+    ExecutionStatus,
+    Queue,
+    Worker,
+    WorkflowCancelledError,
+    WorkflowClient,
+)
 from tests.e2e.queue_workflows import Job
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX processes only")
@@ -198,3 +205,28 @@ async def test_stopping_a_worker_lets_the_running_attempt_finish_and_starts_noth
         await Worker(client, queues=["stages"], once=True).run()
         assert await client.get_execution(execution.id).get_result() == 2
     assert queue_workflows.BODIES == ["first", "second"]  # each body ran once
+
+
+@pytest.mark.postgres
+async def test_a_cancel_asked_as_a_worker_claims_is_not_lost(postgres_url: str) -> None:
+    """Cancels asked 0 to 30 ms after the start, while a worker claims and begins the run:
+    each execution ends cancelled, and at once (the worker hears the cancel through
+    LISTEN/NOTIFY, even one asked before its run began), not when its 1.5 s step ends
+    with the cancel lost (the row saying cancel requested, the history completed)."""
+    w = start_worker(postgres_url, "canceller", "cancels")
+    try:
+        async with WorkflowClient(store=postgres_url) as client:
+            await asyncio.sleep(1.5)  # the worker is up and idle
+            for i in range(12):
+                ex = await client.run_workflow(Job(i, 1.5), ExecutionMode.ASYNC,
+                                               queue="cancels")
+                await asyncio.sleep((i % 4) * 0.01)
+                assert await ex.cancel()
+                t0 = time.monotonic()
+                with pytest.raises(WorkflowCancelledError):
+                    await asyncio.wait_for(ex.get_result(), 30)
+                assert time.monotonic() - t0 < 1.2, f"execution {i}: the cancel waited"
+                record = await ex.describe()
+                assert record.status is ExecutionStatus.CANCELLED
+    finally:
+        stop([w])
