@@ -161,6 +161,8 @@ class Worker:
         returns how many executions it saw to an outcome."""
         await self.client.open()
         self.client.engine.suspend_after = self.suspend_after
+        # new work, wake-ups and cancels from other processes are heard from now on
+        self.client.store.listen()
         await self._declare()
         if self.metrics_server is not None:
             await self.metrics_server.start()

@@ -565,6 +565,10 @@ class EventStore(ABC):
             for listener in list(self.cancel_listeners):
                 listener(execution_id)
 
+    def listen(self) -> None:  # noqa: B027 (a backend without push has nothing to do)
+        """Hear other processes' changes from now on, not only once something waits for
+        one (Postgres: LISTEN); nothing to do where there is no push notification."""
+
     def _notify(self, execution_id: str) -> None:
         """Wake in-process waiters on this execution (and on 'any execution')."""
         for key in (execution_id, None):

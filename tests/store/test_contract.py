@@ -144,6 +144,7 @@ async def test_postgres_notify_wakes_another_process(postgres_url: str) -> None:
 
     async with create_store(postgres_url) as writer, create_store(postgres_url) as watcher:
         assert isinstance(watcher, PostgresEventStore)
+        watcher.listen()  # (else the first wait starts it)
         for _ in range(200):
             if watcher._listening:
                 break
@@ -176,6 +177,7 @@ async def test_postgres_announces_appends_to_followers_only(postgres_url: str) -
 
     async with create_store(postgres_url) as writer, create_store(postgres_url) as watcher:
         assert isinstance(watcher, PostgresEventStore)
+        watcher.listen()  # (else the first wait starts it)
         for _ in range(200):
             if watcher._listening:
                 break
@@ -226,6 +228,7 @@ async def test_postgres_recovers_when_its_connections_are_killed(
 
     async with create_store(postgres_url) as store:
         assert isinstance(store, PostgresEventStore)
+        store.listen()
         await store.create_execution(
             NewExecution(id="x", workflow_name="wf"), ExecutionStarted(workflow_name="wf")
         )
