@@ -216,7 +216,11 @@ async def test_a_cancel_asked_as_a_worker_claims_is_not_lost(postgres_url: str) 
     w = start_worker(postgres_url, "canceller", "cancels")
     try:
         async with WorkflowClient(store=postgres_url) as client:
-            await asyncio.sleep(1.5)  # the worker is up and idle
+            for _ in range(600):  # up (its heartbeat is written once it listens) and idle
+                if any(info.name == "canceller" for info in await client.store.list_workers()):
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)  # (its LISTEN connection is opened meanwhile)
             for i in range(12):
                 ex = await client.run_workflow(Job(i, 1.5), ExecutionMode.ASYNC,
                                                queue="cancels")
