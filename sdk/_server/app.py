@@ -248,6 +248,11 @@ def _state(request: Request) -> ServerState:
     return state
 
 
+#: what a request without a live token is told, whatever it asked for
+_UNAUTHORIZED = ("a valid API token is needed: send it as 'Authorization: Bearer <token>' "
+                 "(tokens are made with flow token create)")
+
+
 def require(scope: str) -> Callable[..., Awaitable[TokenRecord]]:
     """A dependency: the request's token, which must be live and allow ``scope``."""
 
@@ -259,9 +264,7 @@ def require(scope: str) -> Callable[..., Awaitable[TokenRecord]]:
             request.headers.get("authorization"))
         record = await state.authenticator.check(token)
         if record is None:  # missing, malformed, unknown or revoked: one answer for all
-            raise ApiProblem(401, "unauthorized",
-                             "a valid API token is needed: send it as 'Authorization: Bearer "
-                             "<token>' (tokens are made with flow token create)",
+            raise ApiProblem(401, "unauthorized", _UNAUTHORIZED,
                              headers={"WWW-Authenticate": "Bearer"})
         request.scope.setdefault("state", {})["token_id"] = record.id
         if not scope_allows(record.scope, scope):
@@ -301,6 +304,16 @@ def _install_errors(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code in (404, 405) and request.url.path != "/health":
+            # no route (or method) here: said only to a caller with a live token, so that
+            # which routes exist is not visible without one
+            state = _state(request)
+            await state.ready()
+            token = bearer_token(request.headers.get("authorization"))
+            if await state.authenticator.check(token) is None:
+                return problem_response(401, "unauthorized", _UNAUTHORIZED,
+                                        instance=request.url.path,
+                                        headers={"WWW-Authenticate": "Bearer"})
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = dict(exc.headers or {})
         if exc.status_code == 405:

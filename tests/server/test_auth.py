@@ -49,11 +49,17 @@ def test_health_needs_no_token_and_everything_else_does(server: Stack) -> None:
                          ("GET", "/v1/executions/x"), ("GET", "/v1/executions/x/events"),
                          ("GET", "/v1/events"), ("GET", "/v1/workflows"),
                          ("GET", "/openapi.json"), ("POST", "/v1/executions"),
-                         ("GET", "/v1/tokens")]:
+                         ("GET", "/v1/tokens"),
+                         # no such route, no such method: not told without a token
+                         ("GET", "/v1/bogus"), ("DELETE", "/v1/executions"),
+                         ("PUT", "/health/x")]:
         response = httpx.request(method, f"{server.url}{path}", json={})
         assert response.status_code == 401, (method, path)
         assert response.headers["www-authenticate"] == "Bearer"
         assert problem_of(response)["code"] == "unauthorized"
+    with server.http("read") as http:  # with one, they are what they are
+        assert http.get("/v1/bogus").status_code == 404
+        assert http.delete("/v1/executions").status_code == 405
 
 
 def test_missing_wrong_malformed_and_revoked_tokens_get_the_same_answer(server: Stack) -> None:
