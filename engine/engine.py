@@ -482,19 +482,18 @@ class Engine:
         if self.store.url != "memory://" and (self._watcher is None or self._watcher.done()):
             self._watcher = asyncio.ensure_future(self._watch_runs())
 
-    async def _watch_runs(self, interval: float = 1.0) -> None:
+    async def _watch_runs(self, interval: float = 0.5, min_age: float = 0.2) -> None:
         """Every ``interval``, look at the store row of each run that has gone on for at
-        least that long: a cancel requested by another process (``flow cancel``) or a
+        least ``min_age``: a cancel requested by another process (``flow cancel``) or a
         lease taken over is noticed while nothing is appended, e.g. during a long agent
-        run (appends also tell). One task for the whole engine: a run that ends within the
-        second costs nothing here, where a watcher of its own cost it a task and two turns
-        of the event loop."""
-        seen: dict[str, Runner] = {}
+        run (appends also tell; on Postgres a cancel is heard at once). One task for the
+        whole engine: a run that ends within ``min_age`` costs nothing here, where a
+        watcher of its own cost it a task and two turns of the event loop."""
         while self.runners:
             await asyncio.sleep(interval)
-            current = {eid: r for eid, r in self.runners.items() if not r.finished}
-            due = [r for eid, r in current.items() if seen.get(eid) is r]
-            seen = current
+            now = time.monotonic()
+            due = [r for r in self.runners.values()
+                   if not r.finished and now - r.began >= min_age]
             if due:  # one run's unexpected error must not end the others' watching
                 for failed in await asyncio.gather(*(r.look_at_row() for r in due),
                                                    return_exceptions=True):

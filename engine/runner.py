@@ -151,6 +151,8 @@ class Runner:
         secrets: dict[str, str],
     ) -> None:
         self.engine = engine
+        #: when this run began (``time.monotonic``), for ``Engine._watch_runs``
+        self.began = time.monotonic()
         self.store = engine.store
         self.runtime = engine.runtime
         self.clock = engine.clock
