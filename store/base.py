@@ -551,8 +551,9 @@ class EventStore(ABC):
     async def watch(self, execution_id: str | None, seconds: float = WATCH_SECONDS) -> None:
         """Ask writers in every process to announce each append to ``execution_id`` (every
         execution for ``None``) for the next ``seconds``; a follower renews it while it
-        follows. Without it, only creates, status and timer changes, cancels and lease
-        releases are announced. Only Postgres has other processes to tell."""
+        follows. Without it, only creates of executions nobody holds, status and timer
+        changes, cancels and lease releases are announced. Only Postgres has other
+        processes to tell."""
         return  # in one process, ``_notify`` already wakes every waiter on every append
 
     #: called (on the event loop) with the id of an execution whose cancel another process

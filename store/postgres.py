@@ -975,7 +975,7 @@ class PostgresEventStore(SQLEventStore):
         columns = tuple(row)
         create = self._stmt(("create_one", columns), lambda: _create_statement(columns))
         values = {**row, "ev_type": first["type"], "ev_data": first["data"],
-                  "encoding": first["encoding"]}
+                  "encoding": first["encoding"], "t": row.get("created_at") or now()}
         return tx.first(create, values) is not None
 
     async def load_many(self, execution_ids: Sequence[str]) -> dict[str, list[StoredEvent]]:
@@ -1044,11 +1044,7 @@ class PostgresEventStore(SQLEventStore):
             payload = sa.literal(CANCEL_PREFIX, sa.Text) + executions.c.id
         notify: sa.ColumnElement[Any] = sa.func.pg_notify(sa.literal(CHANNEL, sa.Text), payload)
         if not always:  # CASE evaluates pg_notify only when its condition holds
-            followed = sa.exists().where(
-                watches.c.key.in_([executions.c.id, sa.literal(WATCH_ALL, sa.Text)]),
-                watches.c.until >= sa.bindparam("t", type_=sa.Double),
-            )
-            notify = sa.case((followed, notify), else_=sa.null())
+            notify = sa.case((_followed(), notify), else_=sa.null())
         return [notify.label("announced")]
 
     async def watch(self, execution_id: str | None, seconds: float = WATCH_SECONDS) -> None:
@@ -1136,6 +1132,23 @@ class PostgresEventStore(SQLEventStore):
                 ev.set()
 
 
+def _followed() -> sa.ColumnElement[bool]:
+    """Someone follows the execution, or every execution (``watch``), at ``:t``."""
+    return sa.exists().where(
+        watches.c.key.in_([executions.c.id, sa.literal(WATCH_ALL, sa.Text)]),
+        watches.c.until >= sa.bindparam("t", type_=sa.Double),
+    )
+
+
+def _announce_created() -> sa.ColumnElement[Any]:
+    """A new execution's NOTIFY: always for one nobody holds (workers claim it), else only
+    if someone follows (one created with its creator's lease runs in its creator's process:
+    a NOTIFY would wake every worker to claim nothing)."""
+    notify = sa.func.pg_notify(sa.literal(CHANNEL, sa.Text), executions.c.id)
+    return sa.case((sa.or_(executions.c.lease_owner.is_(None), _followed()), notify),
+                   else_=sa.null())
+
+
 def _create_statement(columns: tuple[str, ...]) -> sa.Select[Any]:
     """A new execution's row (``ON CONFLICT DO NOTHING``, announced) and its first event,
     in one statement: the event is inserted only if the row was."""
@@ -1144,7 +1157,7 @@ def _create_statement(columns: tuple[str, ...]) -> sa.Select[Any]:
         .values({name: sa.bindparam(name, type_=executions.c[name].type) for name in columns})
         .on_conflict_do_nothing()
         .returning(executions.c.id, executions.c.created_at, executions.c.last_chain,
-                   sa.func.pg_notify(sa.literal(CHANNEL, sa.Text), executions.c.id))
+                   _announce_created())
         .cte("created")
     )
     first = sa.select(

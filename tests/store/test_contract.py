@@ -167,7 +167,8 @@ async def test_postgres_announces_appends_to_followers_only(postgres_url: str) -
     status or timer change, a cancel and a released lease always do."""
     from agentainer_flow.store.postgres import PostgresEventStore
 
-    async def woken(store: EventStore, eid: str, change: Callable[[], Awaitable[Any]]) -> bool:
+    async def woken(store: EventStore, eid: str | None,
+                    change: Callable[[], Awaitable[Any]]) -> bool:
         waiter = asyncio.create_task(store.wait_for_change(eid, 1.5))
         await asyncio.sleep(0.05)
         started = time.monotonic()
@@ -182,10 +183,17 @@ async def test_postgres_announces_appends_to_followers_only(postgres_url: str) -
             if watcher._listening:
                 break
             await asyncio.sleep(0.01)
-        for eid in ("x", "y"):
-            await writer.create_execution(
-                NewExecution(id=eid, workflow_name="wf"), ExecutionStarted(workflow_name="wf")
-            )
+        for eid in ("x", "y"):  # nobody holds them: workers are told
+            assert await woken(watcher, None, lambda eid=eid: writer.create_execution(
+                NewExecution(id=eid, workflow_name="wf"), ExecutionStarted(workflow_name="wf")))
+
+        def held(eid: str) -> Callable[[], Awaitable[Any]]:
+            return lambda: writer.create_execution(
+                NewExecution(id=eid, workflow_name="wf", lease_owner="creator",
+                             lease_seconds=30), ExecutionStarted(workflow_name="wf"))
+
+        # created with its creator's lease, it runs there: no worker is woken for it...
+        assert not await woken(watcher, None, held("held-1"))
         lease = await writer.acquire("x", "w1", lease_seconds=30)
         assert lease is not None
         seq = 1
@@ -205,6 +213,7 @@ async def test_postgres_announces_appends_to_followers_only(postgres_url: str) -
             "y", 2, [StepStarted(step="s")]))
         await watcher.watch(None)  # every execution
         assert await woken(watcher, "y", lambda: writer.append("y", 3, [StepStarted(step="t")]))
+        assert await woken(watcher, None, held("held-2"))  # ...unless all are followed
         assert await woken(watcher, "x", lambda: writer.release("w1", "x"))
         assert await woken(watcher, "y", lambda: writer.request_cancel("y"))
 
