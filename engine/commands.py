@@ -898,7 +898,7 @@ class AgentHandle:
                 error=values.safe_text(redact.text(
                     f"agent {self.name!r} (image {self._spec.image!r}) in step "
                     f"{rt.step.name!r}: {outcome.output_error}")),
-                log_tail=values.safe_text(redact.text(outcome.log_tail[-4000:])),
+                log_tail=values.safe_text(redact.tail(outcome.log_tail, 4000)),
                 started_at=outcome.started_at, finished_at=outcome.finished_at)
         elif outcome.exit_code == 0 and not outcome.timed_out:
             try:
@@ -909,7 +909,7 @@ class AgentHandle:
                 ev = AgentFailed(
                     **base, agent_id=self.id, exit_code=0, error_type=type(exc).__name__,
                     error=f"cannot store {exc}",
-                    log_tail=values.safe_text(redact.text(outcome.log_tail[-4000:])),
+                    log_tail=values.safe_text(redact.tail(outcome.log_tail, 4000)),
                     started_at=outcome.started_at, finished_at=outcome.finished_at)
             else:
                 ev = AgentCompleted(
@@ -924,7 +924,7 @@ class AgentHandle:
                 error = (f"agent {self.name!r} (image {self._spec.image!r}) exited with code "
                          f"{outcome.exit_code}")
             ev = AgentFailed(**base, agent_id=self.id, error=error, exit_code=outcome.exit_code,
-                             log_tail=values.safe_text(redact.text(outcome.log_tail[-4000:])),
+                             log_tail=values.safe_text(redact.tail(outcome.log_tail, 4000)),
                              started_at=outcome.started_at, finished_at=outcome.finished_at)
         ev = runner.emit(ev)
         ended = ("completed" if isinstance(ev, AgentCompleted) else

@@ -135,6 +135,18 @@ class Redactor:
                     ref.replace("\\", "\\\\"), s)
         return s
 
+    def tail(self, s: str, chars: int) -> str:
+        """The last ``chars`` characters of ``s`` (the end of a log, which its producer may
+        have cut anywhere) redacted: whole secrets as :meth:`text` does, and a secret's
+        last part (4 characters or more) that the cut left at its start."""
+        s = self.text(s)
+        for _, value, _, ref in self._pairs:
+            for k in range(len(value) - 1, 3, -1):
+                if s.startswith(value[-k:]):
+                    s = ref + s[k:]
+                    break
+        return s[-chars:] if len(s) > chars else s
+
     def tree(self, v: Any) -> Any:
         """:meth:`text` applied to the strings (and keys) of a JSON-like tree."""
         if not self._pairs:

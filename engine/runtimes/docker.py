@@ -55,6 +55,10 @@ T = TypeVar("T")
 
 FLOW_DIR = "/flow"
 OUTPUT_PATH = f"{FLOW_DIR}/output.json"
+#: the smallest limits the Docker engine accepts (a memory limit under 6 MB is refused, and
+#: a CPU quota under 1 ms per 100 ms period by the kernel)
+_MIN_MEMORY = 6 * 2**20
+_MIN_CPU = 0.01
 _MARKER = ".flow-ended"  # in FLOW_DIR: "timeout" or "stop", written before a kill
 LABEL_PREFIX = "agentainer.flow."
 #: engine label keys (``flow.*``) whose docker label name differs from ``agentainer.<key>``
@@ -277,6 +281,9 @@ class DockerRuntime(AgentRuntime):
         if cpu is not None:
             if isinstance(cpu, bool) or not isinstance(cpu, int | float) or cpu <= 0:
                 raise ConfigurationError(f"{where}: invalid cpu {cpu!r}: use cores, e.g. 0.5")
+            if cpu < _MIN_CPU:  # below it the kernel's CFS quota is refused
+                raise ConfigurationError(
+                    f"{where}: asks for {cpu} CPUs; the least Docker can give is {_MIN_CPU}")
             ncpu = int(self._engine_info().get("NCPU") or 0)
             if ncpu and cpu > ncpu:
                 raise ConfigurationError(
@@ -288,6 +295,10 @@ class DockerRuntime(AgentRuntime):
                 size = parse_memory(memory)
             except ValueError as exc:
                 raise ConfigurationError(f"{where}: {exc}") from None
+            if size < _MIN_MEMORY:
+                raise ConfigurationError(
+                    f"{where}: asks for memory {memory!r} ({size} bytes); the least Docker "
+                    f"allows is {_MIN_MEMORY // 2**20} MiB")
             total = int(self._engine_info().get("MemTotal") or 0)
             if total and size > total:
                 raise ConfigurationError(
@@ -359,10 +370,12 @@ class DockerRuntime(AgentRuntime):
             return AgentStatus(AgentState.MISSING)
         return AgentStatus(AgentState.EXITED, self._outcome(container))
 
-    def _files(self, container: Any, limit: int | None = None) -> tuple[dict[str, bytes],
-                                                                         dict[str, int]]:
-        """The files in the container's ``/flow`` (none if it has none), and the sizes of
-        those not read because they are over ``limit`` bytes."""
+    def _files(self, container: Any, limit: int | None = None,
+               wanted: tuple[str, ...] = ("output.json", _MARKER),
+               ) -> tuple[dict[str, bytes], dict[str, int]]:
+        """The ``wanted`` files of the container's ``/flow`` (none if it has none), and the
+        sizes of those not read because they are over ``limit`` bytes. Other files the
+        agent left there are streamed past, never held."""
         import docker.errors
 
         try:
@@ -376,6 +389,8 @@ class DockerRuntime(AgentRuntime):
                 if not member.isfile():
                     continue
                 name = member.name.rsplit("/", 1)[-1]
+                if name not in wanted:
+                    continue
                 if limit is not None and member.size > limit:
                     skipped[name] = member.size
                     continue
@@ -444,6 +459,14 @@ class DockerRuntime(AgentRuntime):
     async def wait(self, agent_id: str, timeout: float | None = None) -> AgentOutcome:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        if timeout is not None and timeout <= 0:
+            # past its deadline already (e.g. resumed late): a container that ended in
+            # time ended as it did; only one still running has overrun
+            status = await self.lookup(agent_id)
+            if status.state is AgentState.MISSING:
+                raise LookupError(f"no container {agent_id!r} on the Docker engine")
+            if status.outcome is not None:
+                return status.outcome
         while True:
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:

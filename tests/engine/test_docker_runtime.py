@@ -133,6 +133,39 @@ async def test_a_request_the_engine_cannot_meet_is_a_clear_error(
     with pytest.raises(ConfigurationError, match="asks for memory '64t'"):
         await rt.launch(s)
     assert (await rt.lookup(s.agent_id)).state is AgentState.MISSING
+    # below what Docker (or the kernel) accepts: refused here, not retried as a failure
+    for resources, match in (({"memory": "1m"}, "least Docker allows is 6 MiB"),
+                             ({"cpu": 0.001}, "least Docker can give is 0.01")):
+        s = spec(docker_engine.image, sh("true"), resources=resources)
+        with pytest.raises(ConfigurationError, match=match):
+            await rt.launch(s)
+
+
+async def test_a_container_that_ended_in_time_is_not_timed_out_when_waited_for_late(
+    rt: DockerRuntime, docker_engine: DockerEngine
+) -> None:
+    """An engine resumed after the agent's deadline waits with no time left: the container
+    ended within it, so its outcome is what it was, not a timeout."""
+    s = spec(docker_engine.image, sh("echo done"))
+    await rt.launch(s)
+    first = await rt.wait(s.agent_id, 30)
+    late = await rt.wait(s.agent_id, 0)
+    assert first.exit_code == late.exit_code == 0 and not late.timed_out
+    assert "done" in late.log_tail
+
+
+async def test_only_the_output_is_read_from_the_flow_directory(
+    rt: DockerRuntime, docker_engine: DockerEngine
+) -> None:
+    """Other files an agent leaves in /flow are streamed past, not held in memory."""
+    s = spec(docker_engine.image, sh(
+        "dd if=/dev/zero of=/flow/junk bs=1024 count=2048 2>/dev/null; "
+        "echo '{\"ok\": 1}' > /flow/output.json"))
+    await rt.launch(s)
+    assert (await rt.wait(s.agent_id, 60)).output == {"ok": 1}
+    container = docker_engine.client.containers.get(s.agent_id)
+    files, skipped = rt._files(container, 10**9)
+    assert set(files) == {"output.json"} and skipped == {}
 
 
 def test_parse_memory() -> None:

@@ -143,6 +143,19 @@ def test_matching_rule_short_values_match_only_whole_tokens() -> None:
         Redactor({"e": ""})
 
 
+def test_a_log_tail_cut_through_a_secret_keeps_no_part_of_it() -> None:
+    """A runtime keeps the end of a log: its cut may fall inside a secret, leaving the
+    secret's last part at the start, which no longer matches the whole value."""
+    r = Redactor({"tok": SECRET})
+    for cut in range(1, len(SECRET) - 4):
+        shown = r.tail(SECRET[cut:] + "B" * 50 + f" and {SECRET} again\n", 4000)
+        assert shown.startswith("[secret:tok]"), (cut, shown)
+        assert SECRET[cut:] not in shown and SECRET not in shown
+    assert r.tail("x" * 5000 + SECRET, 4000).endswith("[secret:tok]")
+    assert len(r.tail("y" * 5000, 4000)) == 4000
+    assert r.tail("ordinary 42-line log", 4000) == "ordinary 42-line log"
+
+
 async def test_ordinary_data_is_stored_unchanged() -> None:
     @workflow(name="leaks_plain")
     class Prod:
