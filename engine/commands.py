@@ -58,6 +58,7 @@ from .errors import (
     ChildWorkflowError,
     ConfigurationError,
     NonDeterminismError,
+    RuntimeUnavailableError,
     SerializationError,
     WorkflowDefinitionError,
 )
@@ -489,7 +490,11 @@ class StepRuntime:
                     isinstance(e, AgentStarted) for e in recorded):
                 raise _launch_error(final, name, final.error)  # as when it happened
             if final is None:
-                status = await runner.runtime.lookup(agent_id)
+                try:
+                    status = await runner.runtime.lookup(agent_id)
+                except RuntimeUnavailableError as exc:
+                    runner.halt(exc)
+                    raise
                 if any(isinstance(e, AgentStarted) for e in recorded):
                     handle.lost = status.state is AgentState.MISSING
                 else:
@@ -507,6 +512,9 @@ class StepRuntime:
         runner.check_alive()  # a runner that lost its lease launches nothing more
         try:
             await runner.runtime.launch(spec)
+        except RuntimeUnavailableError as exc:  # not the agent's failure: resumed later
+            runner.halt(exc)
+            raise
         except Exception as exc:
             msg = f"agent {spec.name!r} (image {spec.image!r}) could not be launched: {exc}"
             kind = "AgentConfigurationError" if isinstance(exc, ConfigurationError) else ""
@@ -883,7 +891,9 @@ class AgentHandle:
                     outcome = await runner.runtime.wait(self.id, timeout)
                     if recorder is not None:
                         await recorder.close(drain=True)
-            except BaseException:
+            except BaseException as exc:
+                if isinstance(exc, RuntimeUnavailableError):
+                    runner.halt(exc)  # not the agent's failure: the run stops, resumable
                 if recorder is not None:
                     await recorder.close(drain=False)
                 if not runner.leaves_agents:  # else left running, to be adopted

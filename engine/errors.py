@@ -40,6 +40,7 @@ __all__ = [
     "FlowError",
     "IdempotencyConflictError",
     "NonDeterminismError",
+    "RuntimeUnavailableError",
     "SecretLeakError",
     "SecretNotFoundError",
     "SerializationError",
@@ -320,6 +321,15 @@ class AgentConfigurationError(AgentFailedError, ConfigurationError):
     same request fails the same way until the configuration changes."""
 
     code = "agent_configuration"
+
+
+class RuntimeUnavailableError(FlowError):
+    """The agent runtime cannot be reached (the Docker engine is down or restarting) and
+    did not come back within its retry time. Not a failure of the step: the run stops where
+    it is, with nothing recorded, and the execution resumes (its agents adopted) once the
+    runtime is back, by ``flow resume``, ``recover()`` or a worker."""
+
+    code = "runtime_unavailable"
 
 
 class EngineSignal(BaseException):

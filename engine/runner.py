@@ -337,6 +337,14 @@ class Runner:
         """
         return any(type(ev) not in (StepStarted, PatchesDeclared) for ev in self._pending)
 
+    def halt(self, exc: BaseException) -> None:
+        """Stop the run where it is, with nothing more recorded and agents left running
+        (``exc``, e.g. ``RuntimeUnavailableError``, is what the run ends with): not a step
+        failure; the execution resumes later."""
+        if self._fatal is None:
+            self._fatal = exc
+            self._wakeup()
+
     def lease_lost(self, why: str) -> None:
         """Another process took the execution over: stop before the next side effect."""
         if self._fatal is None:

@@ -15,6 +15,7 @@
     ├── StepNotFoundError          a step name the workflow does not have
     ├── ExecutionBlockedError      waits for a secret (status ``blocked``); resume with it
     ├── IdempotencyConflictError   a key reused for another workflow or input
+    ├── RuntimeUnavailableError    the agent runtime (Docker) did not answer: resume later
     └── ConfigurationError
 
 Every class has a stable ``code`` attribute for scripts.
@@ -32,6 +33,7 @@ from agentainer_flow.engine.errors import (
     ExecutionBlockedError,
     IdempotencyConflictError,
     NonDeterminismError,
+    RuntimeUnavailableError,
     SecretNotFoundError,
     SerializationError,
     StepError,
@@ -70,6 +72,7 @@ __all__ = [
     "IdempotencyConflictError",
     "LeaseLostError",
     "NonDeterminismError",
+    "RuntimeUnavailableError",
     "SecretNotFoundError",
     "SerializationError",
     "StepError",

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, RuntimeUnavailableError
 from .base import (
     STDOUT_WINDOW_SLACK,
     AgentEntry,
@@ -131,6 +131,16 @@ def _dir_tar(markers: dict[str, str] | None = None) -> bytes:
     return buf.getvalue()
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the Docker engine could not be reached (connection refused or
+    cut, socket missing), as opposed to an answer it gave."""
+    import requests
+
+    if isinstance(exc, requests.exceptions.ConnectionError | ConnectionError):
+        return True
+    return isinstance(exc, FileNotFoundError) and "sock" in str(exc)
+
+
 def _tail(text: str, chars: int) -> str:
     return text[len(text) - chars :] if len(text) > chars else text
 
@@ -147,8 +157,13 @@ class DockerRuntime(AgentRuntime):
     follows_logs = True
 
     def __init__(self, *, client: Any = None, kill_grace: float = 5.0,
-                 poll_interval: float = 0.1, max_threads: int = 64) -> None:
+                 poll_interval: float = 0.1, max_threads: int = 64,
+                 retry_for: float | None = None) -> None:
         self.kill_grace = kill_grace
+        #: seconds a Docker engine that does not answer is tried again before the run
+        #: stops (``RuntimeUnavailableError``); ``FLOW_DOCKER_RETRY_FOR``, else 30
+        self.retry_for = retry_for if retry_for is not None else float(
+            os.environ.get("FLOW_DOCKER_RETRY_FOR") or 30)
         self.poll_interval = poll_interval
         self._client: Any = client
         self._host: dict[str, Any] | None = None  # engine info: CPUs and memory
@@ -160,10 +175,31 @@ class DockerRuntime(AgentRuntime):
     # -- plumbing --
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking SDK call in the runtime's thread pool."""
+        """Run a blocking SDK call in the runtime's thread pool; through a Docker engine
+        that stops answering (restarting, a socket gone), again with backoff for up to
+        ``retry_for`` seconds (every call here is idempotent), then
+        ``RuntimeUnavailableError``: the run stops, resumable, nothing recorded."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._max_threads, thread_name_prefix="flow-docker")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.retry_for
+        delay = 0.25
+        while True:
+            try:
+                return await loop.run_in_executor(self._pool, fn, *args)
+            except Exception as exc:
+                if not _unreachable(exc):
+                    raise
+                if loop.time() + delay > give_up:
+                    host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+                    reason = " ".join(str(exc).split()) or type(exc).__name__
+                    raise RuntimeUnavailableError(
+                        f"the Docker engine at {host} did not answer for "
+                        f"{self.retry_for:g} s ({reason}); the run stops here, nothing "
+                        "recorded: resume the execution (flow resume, recover() or a worker) "
+                        "once Docker is back, and its containers are adopted") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 4.0)
 
     def _docker(self) -> Any:
         """The SDK client (connected on first use)."""

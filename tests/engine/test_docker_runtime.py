@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -390,3 +391,61 @@ def test_a_log_cursor_keeps_a_line_that_reached_the_stream_after_a_later_stamped
     old: list[tuple[bytes, str] | None] = []
     _LogPosition("2026-12-03T10:00:02.000000300Z").give(stream, old.append)
     assert old[-1] is not None and old[-1][0].split() == [b"line3", b"warn3", b"line4"]
+
+
+# the docker SDK leaves the socket of a connect that failed to the garbage collector
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_a_docker_engine_that_stops_answering_stops_the_run_resumable(
+    docker_engine: DockerEngine, tmp_path: Path
+) -> None:
+    """The Docker engine stops answering while an agent runs (here: this runtime's client
+    is pointed at a socket nobody serves, so every call fails to connect, as when dockerd
+    is down). The runtime tries again for ``retry_for``, then the run stops with
+    ``RuntimeUnavailableError``: no step or agent failure is recorded, the execution stays
+    running, and a resume with Docker back adopts the container and completes."""
+    import docker
+
+    from agentainer_flow import RuntimeUnavailableError, WorkflowClient, step, workflow
+    from agentainer_flow.store import ExecutionStatus
+    from agentainer_flow.store.events import AgentFailed, AgentStarted, StepFailed
+
+    image = docker_engine.image
+
+    @workflow(name="docker_goes_away")
+    class GoesAway:
+        @step()
+        async def work(self, ctx: Any) -> int:
+            agent = await ctx.deploy_agent(
+                "sleeper", image, command=sh("sleep 6; echo '{\"v\": 7}'"))
+            return int((await agent.wait_for_completion()).output["v"])
+
+    url = f"sqlite:///{tmp_path / 'flow.db'}"
+    rt = DockerRuntime(retry_for=1.0)
+    async with WorkflowClient(store=url, runtime=rt) as client:
+        ex = await client.run_workflow(GoesAway(), ExecutionMode.ASYNC)
+        for _ in range(300):  # its container runs, and the step waits for it
+            if docker_engine.client.containers.list(filters={"name": f"flow-{ex.id}"}):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        gone = docker.DockerClient(base_url=f"unix://{tmp_path / 'no-docker.sock'}",
+                                   version=docker_engine.client.api.api_version)
+        rt._client = gone
+        started = time.monotonic()
+        with pytest.raises(RuntimeUnavailableError, match="did not answer for 1 s"):
+            await asyncio.wait_for(ex.get_result(), 60)
+        assert time.monotonic() - started < 30
+        record = await client.describe(ex.id)
+        events = [s.event for s in await client.store.load(ex.id)]
+    gone.close()
+    gc.collect()  # the sockets of its failed connects, here, under this test's filters
+    assert record.status is ExecutionStatus.RUNNING
+    assert not any(isinstance(e, StepFailed | AgentFailed) for e in events)
+    async with WorkflowClient(store=url, runtime=DockerRuntime()) as again:
+        resumed = await again.resume(ex.id)
+        assert await resumed.get_result() == 7
+        events = [s.event for s in await again.store.load(ex.id)]
+    # launched once, by the first run (its start was not yet recorded when it stopped),
+    # and adopted by the resume, not launched again
+    assert [e.adopted for e in events if isinstance(e, AgentStarted)] == [True]

@@ -11,7 +11,7 @@ PUBLIC = {
     "ExecutionBlockedError", "IdempotencyConflictError",
     "ExecutionRecord", "ExecutionStatus", "FlowError", "HistoryCorruptedError", "LeaseLostError",
     "NonDeterminismError", "ParallelContext", "Queue", "Worker", "ResourceRequirements",
-    "RetryPolicy",
+    "RetryPolicy", "RuntimeUnavailableError",
     "SecretLeakError", "SecretNotFoundError", "SecretStore", "SerializationError", "StepError",
     "StepTimeoutError", "StoreError", "StoreUnavailableError", "Workflow",
     "WorkflowCancelledError", "WorkflowClient", "WorkflowDefinitionError",
