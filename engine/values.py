@@ -450,12 +450,6 @@ class Unrebuilt:
             inner = repr(self.data)
         return f"{self.type_name}({inner})"
 
-    def __eq__(self, other: object) -> bool:
-        return (isinstance(other, Unrebuilt) and other.type_name == self.type_name
-                and other.data == self.data)
-
-    __hash__ = None  # type: ignore[assignment]
-
 
 class displaying:
     """Within it (``with`` or ``async with``), :func:`load` rebuilds a value whose type
